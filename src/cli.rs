@@ -1,0 +1,83 @@
+//! Command-line definitions (CONTRACT §1). Parsing only: each subcommand becomes a request that the
+//! library carries out.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "hyperloop",
+    version,
+    about = "Walks software tasks through composable process pipelines using AI coding agents",
+    propagate_version = true
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct GlobalArgs {
+    /// The target repository.
+    #[arg(long, global = true, value_name = "DIR", default_value = ".")]
+    pub path: PathBuf,
+    /// GitHub repository OWNER/REPO (GitHub mode).
+    #[arg(long, global = true, value_name = "OWNER/REPO")]
+    pub repo: Option<String>,
+    /// Configuration file (default: <path>/.hyperloop.yaml).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Print the configuration, the process, the agents and the planned actions; change nothing.
+    #[arg(long, global = true)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Exactly one orchestrator cycle, then exit.
+    Step(StepArgs),
+    /// Repeat `step` every poll_interval seconds until the work is done or cannot progress.
+    Run(RunArgs),
+    /// One row per task (id, status, phase, round, deps, branch, PR, last verdict).
+    Status(StatusArgs),
+    /// Clear the gate a task waits at (local mode).
+    Approve(ApproveArgs),
+    /// Write .hyperloop.yaml, specs/, an agents overlay and a GitHub workflow; never overwrite.
+    Init,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StepArgs {
+    /// Start no new worker after this many seconds (running workers finish).
+    #[arg(long, value_name = "SECONDS")]
+    pub max_duration: Option<u64>,
+    /// Print the step's report as JSON on standard output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Override the configured number of parallel workers.
+    #[arg(long, value_name = "N")]
+    pub max_workers: Option<usize>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    /// Print one JSON document instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ApproveArgs {
+    /// The task whose gate to clear.
+    pub task: String,
+    /// The gate's name; required to match when given.
+    #[arg(long, value_name = "NAME")]
+    pub gate: Option<String>,
+}

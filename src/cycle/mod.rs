@@ -1,0 +1,3 @@
+//! One orchestrator cycle: gather a snapshot, decide (pure), execute.
+
+pub mod decide;

@@ -1,0 +1,1 @@
+//! Composes the prompt a worker receives on standard input.

@@ -1,0 +1,1 @@
+//! Structured events on standard error (CONTRACT §7).

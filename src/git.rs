@@ -1,0 +1,190 @@
+//! The one door to git. Everything goes through the `git` program (worktrees, merges, rebases and
+//! authenticated pushes are what git itself does best, and the user's own git configuration and
+//! hooks-off policy apply the same way), and every failure carries the command, the directory and
+//! git's own message.
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use crate::error::{Error, Result};
+
+/// Runs git commands in one directory.
+#[derive(Debug, Clone)]
+pub struct Git {
+    dir: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+impl Git {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Git {
+            dir: dir.into(),
+            env: Vec::new(),
+        }
+    }
+
+    /// The same repository, another directory (e.g. a worktree).
+    pub fn at(&self, dir: impl Into<PathBuf>) -> Self {
+        Git {
+            dir: dir.into(),
+            env: self.env.clone(),
+        }
+    }
+
+    /// Adds an environment variable to every command (e.g. `GIT_INDEX_FILE`).
+    pub fn with_env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn command<I, S>(&self, args: I) -> (Command, String)
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut cmd = Command::new("git");
+        cmd.current_dir(&self.dir);
+        // Hyperloop's commits must not depend on the user's hooks, pager or editor.
+        cmd.args([
+            "-c",
+            "core.hooksPath=/dev/null",
+            "-c",
+            "commit.gpgsign=false",
+            "-c",
+            "core.quotepath=false",
+        ]);
+        cmd.env("GIT_TERMINAL_PROMPT", "0");
+        cmd.env("GIT_EDITOR", "true");
+        cmd.env("GIT_PAGER", "cat");
+        cmd.env("LC_ALL", "C");
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let mut shown = Vec::new();
+        for a in args {
+            shown.push(a.as_ref().to_string_lossy().into_owned());
+            cmd.arg(a);
+        }
+        (cmd, shown.join(" "))
+    }
+
+    /// Runs git and returns its output whatever the exit status.
+    pub fn output<I, S>(&self, args: I) -> Result<Output>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let (mut cmd, shown) = self.command(args);
+        cmd.stdin(Stdio::null());
+        cmd.output().map_err(|e| Error::Git {
+            args: shown,
+            dir: self.dir.clone(),
+            stderr: format!("cannot start git: {e}"),
+        })
+    }
+
+    /// Runs git with `input` on standard input.
+    pub fn run_with_input<I, S>(&self, args: I, input: &[u8]) -> Result<String>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        use std::io::Write;
+        let (mut cmd, shown) = self.command(args);
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let err = |e: std::io::Error| Error::Git {
+            args: shown.clone(),
+            dir: self.dir.clone(),
+            stderr: e.to_string(),
+        };
+        let mut child = cmd.spawn().map_err(err)?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(input).map_err(err)?;
+        }
+        let out = child.wait_with_output().map_err(err)?;
+        self.check(&shown, out)
+    }
+
+    fn check(&self, shown: &str, out: Output) -> Result<String> {
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            let mut stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+            if stderr.is_empty() {
+                stderr = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            }
+            Err(Error::Git {
+                args: shown.to_string(),
+                dir: self.dir.clone(),
+                stderr,
+            })
+        }
+    }
+
+    /// Runs git; a non-zero exit is an error. Returns standard output.
+    pub fn run<I, S>(&self, args: I) -> Result<String>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let (mut cmd, shown) = self.command(args);
+        cmd.stdin(Stdio::null());
+        let out = cmd.output().map_err(|e| Error::Git {
+            args: shown.clone(),
+            dir: self.dir.clone(),
+            stderr: format!("cannot start git: {e}"),
+        })?;
+        self.check(&shown, out)
+    }
+
+    /// Like [`Git::run`], trimmed.
+    pub fn run_trim<I, S>(&self, args: I) -> Result<String>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        Ok(self.run(args)?.trim().to_string())
+    }
+
+    /// True when git exits 0.
+    pub fn succeeds<I, S>(&self, args: I) -> Result<bool>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        Ok(self.output(args)?.status.success())
+    }
+
+    /// The commit a ref points at, or `None` when it does not exist.
+    pub fn rev_parse(&self, rev: &str) -> Result<Option<String>> {
+        let out = self.output(["rev-parse", "--verify", "--quiet", &format!("{rev}^{{commit}}")])?;
+        if out.status.success() {
+            Ok(Some(String::from_utf8_lossy(&out.stdout).trim().to_string()))
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// The repository's common git directory (shared by all worktrees), absolute.
+    pub fn common_dir(&self) -> Result<PathBuf> {
+        let p = self.run_trim(["rev-parse", "--path-format=absolute", "--git-common-dir"])?;
+        Ok(PathBuf::from(p))
+    }
+
+    /// The top of the working tree this directory belongs to.
+    pub fn toplevel(&self) -> Result<PathBuf> {
+        Ok(PathBuf::from(self.run_trim(["rev-parse", "--show-toplevel"])?))
+    }
+}
+
+/// Formats `Spec-Ref`/`Task-Ref` trailers for a commit message.
+pub fn trailers(spec_ref: &str, task_ref: &str) -> String {
+    format!("Spec-Ref: {spec_ref}\nTask-Ref: {task_ref}")
+}

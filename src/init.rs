@@ -1,0 +1,1 @@
+//! `hyperloop init`: scaffolds a repository for hyperloop without overwriting anything.

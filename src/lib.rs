@@ -1,0 +1,17 @@
+//! hyperloop: walks software tasks through composable process pipelines using AI coding agents.
+//! Each `step` reads all state from the repository, decides, executes, commits, and exits.
+
+pub mod cli;
+pub mod config;
+pub mod cycle;
+pub mod definitions;
+pub mod error;
+pub mod events;
+pub mod git;
+pub mod init;
+pub mod pipeline;
+pub mod task;
+pub mod worker;
+pub mod yaml;
+
+pub use error::{Error, Result};

@@ -1,0 +1,1 @@
+//! The task-file format: YAML front matter between `---` lines, then a Markdown body.

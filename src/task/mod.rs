@@ -1,0 +1,149 @@
+//! Tasks: the unit of work, one Markdown file with YAML front matter per task under
+//! `<specs_dir>/tasks/`. [`file`] owns the on-disk format; [`store`] finds and writes the files.
+
+pub mod file;
+pub mod store;
+
+use serde::{Deserialize, Serialize};
+
+/// A task's lifecycle state, spelled as hyperloop 0.9.2 spelled it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Status {
+    NotStarted,
+    InProgress,
+    NeedsRebase,
+    Complete,
+    Failed,
+}
+
+impl Status {
+    pub const ALL: [Status; 5] = [
+        Status::NotStarted,
+        Status::InProgress,
+        Status::NeedsRebase,
+        Status::Complete,
+        Status::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::NotStarted => "not-started",
+            Status::InProgress => "in-progress",
+            Status::NeedsRebase => "needs-rebase",
+            Status::Complete => "complete",
+            Status::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Status> {
+        Status::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Status::Complete | Status::Failed)
+    }
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A record that a step has started a worker for this task. Written (and committed) before the
+/// worker starts, cleared when its result is recorded; a claim whose holder is gone marks a worker
+/// that died with its step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Claim {
+    /// The role the worker runs.
+    pub role: String,
+    /// `host:pid` of the step that started the worker.
+    pub owner: String,
+    /// The worker's process group, when it is known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pgid: Option<i32>,
+    /// Unix seconds when the worker started.
+    pub started_at: u64,
+    /// Unix seconds after which nobody may still be running this worker (start + timeout + grace).
+    pub expires_at: u64,
+    /// A random token also written into the worker's environment, so a result file left on disk
+    /// can be matched to the claim that produced it.
+    pub nonce: String,
+}
+
+/// One finished worker run, kept in the task's history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Attempt {
+    pub round: u32,
+    pub role: String,
+    pub verdict: String,
+    #[serde(default)]
+    pub findings: u32,
+    #[serde(default)]
+    pub duration_s: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<f64>,
+}
+
+/// A task as read from (and written back to) its file. Known fields are typed; every other
+/// front-matter field is kept in `extra`, in its original order, and written back unchanged.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Task {
+    pub id: String,
+    pub title: String,
+    pub spec_ref: String,
+    pub status: Status,
+    /// Human-readable name of the current pipeline step (0.9.2 compatible).
+    pub phase: Option<String>,
+    pub deps: Vec<String>,
+    pub round: u32,
+    pub branch: Option<String>,
+    pub pr: Option<String>,
+    /// The exact pipeline position (hyperloop's own field). `None` in 0.9.2 files.
+    pub position: Option<Vec<usize>>,
+    /// Agent spend so far, as reported by the agents.
+    pub cost_usd: f64,
+    /// Consecutive merge conflicts since the last clean merge attempt.
+    pub rebase_attempts: u32,
+    /// The gate at `position` has been cleared (local approve or GitHub label).
+    pub gate_cleared: bool,
+    /// The verdict of the latest worker.
+    pub last_verdict: Option<String>,
+    /// Why the task failed, once it has.
+    pub failure_reason: Option<String>,
+    /// A worker started for this task that has not been recorded yet.
+    pub claim: Option<Claim>,
+    /// Every finished worker run.
+    pub history: Vec<Attempt>,
+    /// Front-matter fields hyperloop does not know, in file order.
+    pub extra: serde_json::Map<String, serde_json::Value>,
+    /// The Markdown body: the task's spec, then `## Findings`.
+    pub body: String,
+}
+
+impl Task {
+    pub fn new(id: impl Into<String>, title: impl Into<String>, spec_ref: impl Into<String>) -> Self {
+        Task {
+            id: id.into(),
+            title: title.into(),
+            spec_ref: spec_ref.into(),
+            status: Status::NotStarted,
+            phase: None,
+            deps: Vec::new(),
+            round: 0,
+            branch: None,
+            pr: None,
+            position: None,
+            cost_usd: 0.0,
+            rebase_attempts: 0,
+            gate_cleared: false,
+            last_verdict: None,
+            failure_reason: None,
+            claim: None,
+            history: Vec::new(),
+            extra: serde_json::Map::new(),
+            body: String::new(),
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! Workers: agent processes in git worktrees, with limits, a clean environment and a verdict.
