@@ -109,10 +109,10 @@ impl Git {
             stdin.write_all(input).map_err(err)?;
         }
         let out = child.wait_with_output().map_err(err)?;
-        self.check(&shown, out)
+        self.check(&shown, &out)
     }
 
-    fn check(&self, shown: &str, out: Output) -> Result<String> {
+    fn check(&self, shown: &str, out: &Output) -> Result<String> {
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         } else {
@@ -141,7 +141,7 @@ impl Git {
             dir: self.dir.clone(),
             stderr: format!("cannot start git: {e}"),
         })?;
-        self.check(&shown, out)
+        self.check(&shown, &out)
     }
 
     /// Like [`Git::run`], trimmed.
