@@ -147,3 +147,104 @@ impl Task {
         }
     }
 }
+
+/// The heading that starts the findings section of a task body (0.9.2 compatible).
+pub const FINDINGS_HEADING: &str = "## Findings";
+
+impl Task {
+    /// The task's own spec: the body before the findings section.
+    pub fn spec_text(&self) -> &str {
+        match find_findings(&self.body) {
+            Some(idx) => self.body[..idx].trim_end(),
+            None => self.body.trim_end(),
+        }
+    }
+
+    /// Findings recorded by earlier rounds (empty when none).
+    pub fn findings(&self) -> &str {
+        match find_findings(&self.body) {
+            Some(idx) => self.body[idx + FINDINGS_HEADING.len()..].trim(),
+            None => "",
+        }
+    }
+
+    /// Appends one round's findings under the findings heading, marked with round and role.
+    pub fn append_findings(&mut self, round: u32, role: &str, verdict: &str, detail: &str) {
+        if find_findings(&self.body).is_none() {
+            let spec = self.body.trim_end().to_string();
+            self.body = if spec.is_empty() {
+                format!("{FINDINGS_HEADING}\n")
+            } else {
+                format!("{spec}\n\n{FINDINGS_HEADING}\n")
+            };
+        }
+        if !self.body.ends_with('\n') {
+            self.body.push('\n');
+        }
+        let detail = detail.trim();
+        let detail = if detail.is_empty() {
+            "(no detail given)"
+        } else {
+            detail
+        };
+        self.body
+            .push_str(&format!("\n### Round {round} — {role}: {verdict}\n\n{detail}\n"));
+    }
+
+    /// Removes the findings section (the task passed its pipeline).
+    pub fn clear_findings(&mut self) {
+        if let Some(idx) = find_findings(&self.body) {
+            let spec = self.body[..idx].trim_end().to_string();
+            self.body = if spec.is_empty() {
+                String::new()
+            } else {
+                format!("{spec}\n")
+            };
+        }
+    }
+}
+
+/// Byte offset of the findings heading when it starts a line.
+fn find_findings(body: &str) -> Option<usize> {
+    let mut offset = 0;
+    for line in body.split_inclusive('\n') {
+        if line.trim_end() == FINDINGS_HEADING {
+            return Some(offset);
+        }
+        offset += line.len();
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn findings_append_and_clear() {
+        let mut t = Task::new("task-001", "T", "specs/a.md");
+        t.body = "Do the thing.\n".into();
+        assert_eq!(t.findings(), "");
+        t.append_findings(0, "verifier", "fail", "tests missing");
+        t.append_findings(1, "verifier", "error", "");
+        assert_eq!(t.spec_text(), "Do the thing.");
+        assert!(
+            t.findings()
+                .contains("### Round 0 — verifier: fail\n\ntests missing")
+        );
+        assert!(
+            t.findings()
+                .contains("### Round 1 — verifier: error\n\n(no detail given)")
+        );
+        t.clear_findings();
+        assert_eq!(t.body, "Do the thing.\n");
+    }
+
+    #[test]
+    fn findings_heading_must_start_a_line() {
+        let mut t = Task::new("t", "T", "s");
+        t.body = "Mentions ## Findings inline\n## Findings\nold\n".into();
+        assert_eq!(t.findings(), "old");
+        assert_eq!(t.spec_text(), "Mentions ## Findings inline");
+    }
+}
