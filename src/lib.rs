@@ -10,6 +10,7 @@ pub mod events;
 pub mod git;
 pub mod init;
 pub mod pipeline;
+pub mod state;
 pub mod task;
 pub mod worker;
 pub mod yaml;

@@ -293,13 +293,13 @@ pub fn render(task: &Task) -> String {
     }
     for name in OWN_FIELDS {
         let value = match name {
-            "position" => task.position.as_ref().map(|p| json(p)),
+            "position" => task.position.as_ref().map(json),
             "cost_usd" => (task.cost_usd != 0.0).then(|| format_cost(task.cost_usd)),
             "rebase_attempts" => (task.rebase_attempts != 0).then(|| task.rebase_attempts.to_string()),
             "gate_cleared" => task.gate_cleared.then(|| "true".to_string()),
             "last_verdict" => task.last_verdict.as_deref().map(scalar),
             "failure_reason" => task.failure_reason.as_deref().map(scalar),
-            "claim" => task.claim.as_ref().map(|c| json(c)),
+            "claim" => task.claim.as_ref().map(json),
             _ => (!task.history.is_empty()).then(|| {
                 let mut s = String::new();
                 for a in &task.history {
@@ -339,8 +339,7 @@ fn json<T: serde::Serialize + ?Sized>(v: &T) -> String {
 fn format_cost(c: f64) -> String {
     let s = format!("{c:.6}");
     let s = s.trim_end_matches('0');
-    let s = s.strip_suffix('.').map_or_else(|| s.to_string(), |t| format!("{t}.0"));
-    s
+    s.strip_suffix('.').map_or_else(|| s.to_string(), |t| format!("{t}.0"))
 }
 
 fn opt_scalar(v: Option<&str>) -> String {

@@ -1,0 +1,331 @@
+//! Task state in git, without a checkout: tasks and specs are read from a commit's tree, changes
+//! are written as blobs into a private index and committed with `commit-tree`, and the branch
+//! moves by compare-and-swap. Nothing here touches a working tree, so a step killed at any
+//! instant leaves either the old branch tip or the new one — the commit is the unit of truth.
+//!
+//! When the user has the branch checked out, [`Repo::publish`] carries their checkout along the
+//! way a fast-forward would, keeping their uncommitted changes.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use crate::error::{Error, Result};
+use crate::git::Git;
+use crate::task::{Task, file};
+
+/// A spec file as committed: path and content hash (git blob id).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpecBlob {
+    pub path: String,
+    pub hash: String,
+}
+
+/// The repository hyperloop works on.
+#[derive(Debug, Clone)]
+pub struct Repo {
+    pub git: Git,
+    /// Top of the user's working tree.
+    pub root: PathBuf,
+    /// The shared git directory.
+    pub common_dir: PathBuf,
+}
+
+/// What a commit's tree holds that a step needs.
+#[derive(Debug, Clone, Default)]
+pub struct TreeState {
+    pub tasks: Vec<Task>,
+    pub specs: Vec<SpecBlob>,
+    pub intake_record: BTreeMap<String, String>,
+    /// Every path under the tasks folder, with its blob id (to detect what changed).
+    pub task_blobs: BTreeMap<String, String>,
+}
+
+/// A set of file changes to commit on top of a parent.
+#[derive(Debug, Clone, Default)]
+pub struct Changes {
+    /// path → new content (`None` deletes the path).
+    pub files: BTreeMap<String, Option<Vec<u8>>>,
+}
+
+impl Changes {
+    pub fn put(&mut self, path: impl Into<String>, content: impl Into<Vec<u8>>) {
+        self.files.insert(path.into(), Some(content.into()));
+    }
+
+    pub fn delete(&mut self, path: impl Into<String>) {
+        self.files.insert(path.into(), None);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty()
+    }
+
+    pub fn put_task(&mut self, tasks_rel: &str, task: &Task) {
+        self.put(format!("{tasks_rel}/{}.md", task.id), file::render(task));
+    }
+}
+
+/// Outcome of moving a branch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Publish {
+    Moved,
+    /// The branch was not where we expected: it is at this commit now.
+    Raced(String),
+}
+
+impl Repo {
+    /// Opens the repository that contains `path`.
+    pub fn open(path: &Path) -> Result<Repo> {
+        if !path.exists() {
+            return Err(Error::usage(format!("--path {}: no such directory", path.display())));
+        }
+        let probe = Git::new(path);
+        let root = probe.toplevel().map_err(|_| {
+            Error::usage(format!("--path {}: not a git repository", path.display()))
+        })?;
+        let git = Git::new(&root);
+        let common_dir = git.common_dir()?;
+        Ok(Repo { git, root, common_dir })
+    }
+
+    /// Where hyperloop keeps local, uncommitted state (worktrees, logs, locks).
+    pub fn local_dir(&self) -> PathBuf {
+        self.root.join(".hyperloop")
+    }
+
+    /// The commit a branch points at.
+    pub fn branch_tip(&self, branch: &str) -> Result<Option<String>> {
+        self.git.rev_parse(&format!("refs/heads/{branch}"))
+    }
+
+    /// Reads tasks, specs and the intake record from `commit`'s tree.
+    pub fn read_tree_state(&self, commit: &str, specs_dir: &str) -> Result<TreeState> {
+        let specs_dir = specs_dir.trim_end_matches('/');
+        let tasks_prefix = format!("{specs_dir}/tasks/");
+        let listing = self.git.run(["ls-tree", "-r", "-z", "--full-tree", commit, "--", specs_dir])?;
+        let mut state = TreeState::default();
+        let mut wanted: Vec<(String, String)> = Vec::new();
+        for entry in listing.split('\0').filter(|e| !e.is_empty()) {
+            // "<mode> <type> <oid>\t<path>"
+            let Some((meta, path)) = entry.split_once('\t') else { continue };
+            let mut parts = meta.split(' ');
+            let (_mode, kind, oid) = (parts.next(), parts.next(), parts.next());
+            let (Some("blob"), Some(oid)) = (kind, oid) else { continue };
+            if let Some(rest) = path.strip_prefix(&tasks_prefix) {
+                state.task_blobs.insert(path.to_string(), oid.to_string());
+                if (rest.ends_with(".md") && !rest.contains('/')) || rest == crate::task::store::INTAKE_RECORD {
+                    wanted.push((path.to_string(), oid.to_string()));
+                }
+                continue;
+            }
+            if is_spec_path(path, specs_dir) {
+                state.specs.push(SpecBlob { path: path.to_string(), hash: oid.to_string() });
+            }
+        }
+        let contents = self.cat_blobs(wanted.iter().map(|(_, oid)| oid.as_str()))?;
+        for ((path, _), bytes) in wanted.iter().zip(contents) {
+            let text = String::from_utf8(bytes)
+                .map_err(|_| Error::invalid(path, "document", "the file is not valid UTF-8"))?;
+            if path.ends_with(crate::task::store::INTAKE_RECORD) {
+                state.intake_record = serde_json::from_str(&text).map_err(|e| {
+                    Error::invalid(path, "document", e.to_string())
+                        .with_hint("delete the file to make the next step take every spec in again")
+                })?;
+            } else {
+                state.tasks.push(file::parse(Path::new(path), &text)?);
+            }
+        }
+        state.tasks.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(state)
+    }
+
+    /// Reads blobs by id with one `git cat-file --batch`.
+    pub fn cat_blobs<'a>(&self, oids: impl Iterator<Item = &'a str>) -> Result<Vec<Vec<u8>>> {
+        let oids: Vec<&str> = oids.collect();
+        if oids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let fail = |e: std::io::Error| Error::Git {
+            args: "cat-file --batch".into(),
+            dir: self.root.clone(),
+            stderr: e.to_string(),
+        };
+        let mut child = Command::new("git")
+            .current_dir(&self.root)
+            .args(["cat-file", "--batch"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(fail)?;
+        let mut input = String::with_capacity(oids.len() * 41);
+        for oid in &oids {
+            input.push_str(oid);
+            input.push('\n');
+        }
+        let mut stdin = child.stdin.take().ok_or_else(|| Error::other("git cat-file: no stdin"))?;
+        // Feed from another thread so a large batch cannot deadlock on full pipes.
+        let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
+        let stdout = child.stdout.take().ok_or_else(|| Error::other("git cat-file: no stdout"))?;
+        let mut reader = BufReader::new(stdout);
+        let mut out = Vec::with_capacity(oids.len());
+        let mut header = String::new();
+        for oid in &oids {
+            header.clear();
+            reader.read_line(&mut header).map_err(fail)?;
+            let size: usize = header
+                .split(' ')
+                .nth(2)
+                .and_then(|s| s.trim().parse().ok())
+                .ok_or_else(|| Error::other(format!("git cat-file: cannot read object {oid}: {}", header.trim())))?;
+            let mut buf = vec![0u8; size + 1];
+            reader.read_exact(&mut buf).map_err(fail)?;
+            buf.truncate(size);
+            out.push(buf);
+        }
+        let _ = writer.join();
+        let _ = child.wait();
+        Ok(out)
+    }
+
+    /// Writes `changes` on top of `tree_of` (a commit or tree) and returns the new tree id.
+    pub fn write_tree(&self, tree_of: &str, changes: &Changes) -> Result<String> {
+        let index = self.common_dir.join(format!("hyperloop-index-{}", std::process::id()));
+        let git = self.git.clone().with_env("GIT_INDEX_FILE", index.display().to_string());
+        let result = (|| {
+            git.run(["read-tree", tree_of])?;
+            let mut index_info = String::new();
+            for (path, content) in &changes.files {
+                match content {
+                    Some(bytes) => {
+                        let oid = self.git.run_with_input(["hash-object", "-w", "--stdin"], bytes)?;
+                        index_info.push_str(&format!("100644 {}\t{}\n", oid.trim(), path));
+                    }
+                    None => {
+                        index_info.push_str(&format!("0 {}\t{}\n", "0".repeat(40), path));
+                    }
+                }
+            }
+            if !index_info.is_empty() {
+                git.run_with_input(["update-index", "--index-info"], index_info.as_bytes())?;
+            }
+            git.run_trim(["write-tree"])
+        })();
+        let _ = std::fs::remove_file(&index);
+        result
+    }
+
+    /// Creates a commit of `tree` with `parents` and `message`; returns its id.
+    pub fn commit_tree(&self, tree: &str, parents: &[&str], message: &str) -> Result<String> {
+        let mut args = vec!["commit-tree".to_string(), tree.to_string()];
+        for p in parents {
+            args.push("-p".into());
+            args.push((*p).to_string());
+        }
+        self.git.run_with_input(&args, message.as_bytes()).map(|s| s.trim().to_string())
+    }
+
+    /// The tree id of a commit.
+    pub fn tree_of(&self, commit: &str) -> Result<String> {
+        self.git.run_trim(["rev-parse", &format!("{commit}^{{tree}}")])
+    }
+
+    /// Commits `changes` on top of `parent`. Returns `None` when they change nothing (hyperloop
+    /// makes no empty commits).
+    pub fn commit_changes(&self, parent: &str, changes: &Changes, message: &str) -> Result<Option<String>> {
+        let tree = self.write_tree(parent, changes)?;
+        if tree == self.tree_of(parent)? {
+            return Ok(None);
+        }
+        self.commit_tree(&tree, &[parent], message).map(Some)
+    }
+
+    /// Moves `branch` from `old` to `new` if it is still at `old`, carrying along a checkout of
+    /// the branch (the user's, or any worktree's) the way a fast-forward would.
+    pub fn publish(&self, branch: &str, old: &str, new: &str) -> Result<Publish> {
+        let refname = format!("refs/heads/{branch}");
+        match self.git.rev_parse(&refname)? {
+            Some(cur) if cur == old => {}
+            Some(cur) => return Ok(Publish::Raced(cur)),
+            None => return Ok(Publish::Raced(String::new())),
+        }
+        if let Some(wt) = self.worktree_on(&refname)? {
+            // Bring the checkout's index and files from `old` to `new`; refuses (and changes
+            // nothing) if an uncommitted change of the user's touches a file that changed.
+            let g = self.git.at(&wt);
+            let out = g.output(["read-tree", "-m", "-u", old, new])?;
+            if !out.status.success() {
+                return Err(Error::Other {
+                    message: format!(
+                        "cannot update the checkout of `{branch}` at {}: {}\n  hint: commit or stash your changes to these files, then run the step again",
+                        wt.display(),
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    ),
+                });
+            }
+        }
+        let out = self.git.output(["update-ref", "-m", "hyperloop", &refname, new, old])?;
+        if out.status.success() {
+            Ok(Publish::Moved)
+        } else {
+            let cur = self.git.rev_parse(&refname)?.unwrap_or_default();
+            Ok(Publish::Raced(cur))
+        }
+    }
+
+    /// The worktree (if any) that has `refname` checked out.
+    pub fn worktree_on(&self, refname: &str) -> Result<Option<PathBuf>> {
+        let list = self.git.run(["worktree", "list", "--porcelain"])?;
+        let mut current: Option<PathBuf> = None;
+        for line in list.lines() {
+            if let Some(p) = line.strip_prefix("worktree ") {
+                current = Some(PathBuf::from(p));
+            } else if let Some(b) = line.strip_prefix("branch ")
+                && b == refname
+                && let Some(p) = &current
+            {
+                if line_is_bare(p) {
+                    return Ok(None);
+                }
+                return Ok(Some(p.clone()));
+            }
+        }
+        Ok(None)
+    }
+}
+
+fn line_is_bare(p: &Path) -> bool {
+    !p.join(".git").exists() && p.join("HEAD").exists() && p.join("objects").exists()
+}
+
+/// True for Markdown specs people write: under the specs folder, not in its tasks, reviews or
+/// prompts folders.
+pub fn is_spec_path(path: &str, specs_dir: &str) -> bool {
+    let Some(rest) = path.strip_prefix(specs_dir).and_then(|r| r.strip_prefix('/')) else {
+        return false;
+    };
+    if !rest.ends_with(".md") {
+        return false;
+    }
+    let first = rest.split('/').next().unwrap_or_default();
+    !(rest.contains('/') && matches!(first, "tasks" | "reviews" | "prompts"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_spec_path;
+
+    #[test]
+    fn spec_paths() {
+        assert!(is_spec_path("specs/auth.md", "specs"));
+        assert!(is_spec_path("specs/area/billing.md", "specs"));
+        assert!(!is_spec_path("specs/tasks/task-001.md", "specs"));
+        assert!(!is_spec_path("specs/reviews/task-001.md", "specs"));
+        assert!(!is_spec_path("specs/prompts/x.md", "specs"));
+        assert!(!is_spec_path("specs/notes.txt", "specs"));
+        assert!(!is_spec_path("other/auth.md", "specs"));
+        assert!(!is_spec_path("specsx/auth.md", "specs"));
+    }
+}
