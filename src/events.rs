@@ -1,1 +1,181 @@
-//! Structured events on standard error (CONTRACT §7).
+//! Structured events on standard error (CONTRACT §7): one line per event, console text or one
+//! JSON object (`timestamp`, `level`, `event`, then the fields). Events are `tracing` events with
+//! an `event` field naming them; [`init`] installs the formatter that renders them.
+
+use std::fmt::Write as _;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tracing::field::{Field, Visit};
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, format::Writer};
+use tracing_subscriber::registry::LookupSpan;
+
+use crate::config::{LogFormat, LogLevel};
+
+/// Emits a named event with fields: `emit!(INFO, "worker_reaped", task_id = id, verdict = v)`.
+#[macro_export]
+macro_rules! emit {
+    ($level:ident, $name:expr $(, $($fields:tt)*)?) => {
+        ::tracing::event!(target: "hyperloop::events", ::tracing::Level::$level, event = $name $(, $($fields)*)?)
+    };
+}
+
+/// Installs the global subscriber for this process. Later calls do nothing.
+pub fn init(format: LogFormat, level: LogLevel) {
+    let max = match level {
+        LogLevel::Debug => Level::DEBUG,
+        LogLevel::Info => Level::INFO,
+        LogLevel::Warning => Level::WARN,
+        LogLevel::Error => Level::ERROR,
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(max)
+        .event_format(Formatter { json: format == LogFormat::Json })
+        .try_init();
+}
+
+/// Renders events as CONTRACT §7 lines.
+#[derive(Debug, Clone, Copy)]
+pub struct Formatter {
+    pub json: bool,
+}
+
+#[derive(Default)]
+struct Fields {
+    event: Option<String>,
+    message: Option<String>,
+    values: Vec<(String, serde_json::Value)>,
+}
+
+impl Visit for Fields {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.put(field, serde_json::Value::String(value.to_string()));
+    }
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.put(field, serde_json::Value::Bool(value));
+    }
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.put(field, serde_json::Value::from(value));
+    }
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.put(field, serde_json::Value::from(value));
+    }
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        // Durations and costs read better rounded; JSON keeps a number.
+        let rounded = (value * 1000.0).round() / 1000.0;
+        self.put(field, serde_json::Value::from(rounded));
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        self.put(field, serde_json::Value::String(format!("{value:?}")));
+    }
+}
+
+impl Fields {
+    fn put(&mut self, field: &Field, value: serde_json::Value) {
+        match field.name() {
+            "event" => self.event = value.as_str().map(str::to_string),
+            "message" => self.message = Some(value.as_str().map_or_else(|| value.to_string(), str::to_string)),
+            name => self.values.push((name.to_string(), value)),
+        }
+    }
+}
+
+fn level_name(level: &Level) -> &'static str {
+    match *level {
+        Level::ERROR => "error",
+        Level::WARN => "warning",
+        Level::INFO => "info",
+        Level::DEBUG => "debug",
+        Level::TRACE => "trace",
+    }
+}
+
+impl<S, N> FormatEvent<S, N> for Formatter
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(&self, _ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> std::fmt::Result {
+        let mut f = Fields::default();
+        event.record(&mut f);
+        let name = f.event.clone().or_else(|| f.message.clone()).unwrap_or_else(|| "log".to_string());
+        let level = level_name(event.metadata().level());
+        let ts = timestamp(SystemTime::now());
+        if self.json {
+            let mut obj = serde_json::Map::new();
+            obj.insert("timestamp".into(), ts.into());
+            obj.insert("level".into(), level.into());
+            obj.insert("event".into(), name.into());
+            if f.event.is_some()
+                && let Some(m) = f.message
+            {
+                obj.insert("message".into(), m.into());
+            }
+            for (k, v) in f.values {
+                obj.insert(k, v);
+            }
+            let line = serde_json::to_string(&obj).map_err(|_| std::fmt::Error)?;
+            writeln!(writer, "{line}")
+        } else {
+            let mut line = format!("{ts} [{level:<7}] {name:<18}");
+            if f.event.is_some()
+                && let Some(m) = f.message
+            {
+                let _ = write!(line, " {m}");
+            }
+            for (k, v) in f.values {
+                match v {
+                    serde_json::Value::String(s) if !s.contains(char::is_whitespace) && !s.is_empty() => {
+                        let _ = write!(line, " {k}={s}");
+                    }
+                    other => {
+                        let _ = write!(line, " {k}={other}");
+                    }
+                }
+            }
+            writeln!(writer, "{}", line.trim_end())
+        }
+    }
+}
+
+/// RFC 3339 UTC timestamp with seconds precision.
+pub fn timestamp(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    let (y, m, d) = civil_from_days(i64::try_from(days).unwrap_or(0));
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = u32::try_from(doy - (153 * mp + 2) / 5 + 1).unwrap_or(1);
+    let m = u32::try_from(if mp < 10 { mp + 3 } else { mp - 9 }).unwrap_or(1);
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_unix() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn timestamps() {
+        assert_eq!(timestamp(UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        assert_eq!(timestamp(UNIX_EPOCH + Duration::from_secs(1_776_263_381)), "2026-04-15T14:29:41Z");
+        assert_eq!(timestamp(UNIX_EPOCH + Duration::from_secs(951_782_400)), "2000-02-29T00:00:00Z");
+    }
+}
