@@ -9,6 +9,7 @@ pub mod error;
 pub mod events;
 pub mod git;
 pub mod init;
+pub mod lock;
 pub mod pipeline;
 pub mod state;
 pub mod task;
