@@ -31,7 +31,9 @@ pub fn init(format: LogFormat, level: LogLevel) {
     let _ = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_max_level(max)
-        .event_format(Formatter { json: format == LogFormat::Json })
+        .event_format(Formatter {
+            json: format == LogFormat::Json,
+        })
         .try_init();
 }
 
@@ -75,7 +77,9 @@ impl Fields {
     fn put(&mut self, field: &Field, value: serde_json::Value) {
         match field.name() {
             "event" => self.event = value.as_str().map(str::to_string),
-            "message" => self.message = Some(value.as_str().map_or_else(|| value.to_string(), str::to_string)),
+            "message" => {
+                self.message = Some(value.as_str().map_or_else(|| value.to_string(), str::to_string))
+            }
             name => self.values.push((name.to_string(), value)),
         }
     }
@@ -96,10 +100,19 @@ where
     S: Subscriber + for<'a> LookupSpan<'a>,
     N: for<'a> FormatFields<'a> + 'static,
 {
-    fn format_event(&self, _ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> std::fmt::Result {
+    fn format_event(
+        &self,
+        _ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> std::fmt::Result {
         let mut f = Fields::default();
         event.record(&mut f);
-        let name = f.event.clone().or_else(|| f.message.clone()).unwrap_or_else(|| "log".to_string());
+        let name = f
+            .event
+            .clone()
+            .or_else(|| f.message.clone())
+            .unwrap_or_else(|| "log".to_string());
         let level = level_name(event.metadata().level());
         let ts = timestamp(SystemTime::now());
         if self.json {
@@ -145,7 +158,12 @@ pub fn timestamp(t: SystemTime) -> String {
     let days = secs / 86_400;
     let rem = secs % 86_400;
     let (y, m, d) = civil_from_days(i64::try_from(days).unwrap_or(0));
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 /// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
@@ -164,7 +182,10 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 
 /// Seconds since the Unix epoch.
 pub fn now_unix() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -175,7 +196,13 @@ mod tests {
     #[test]
     fn timestamps() {
         assert_eq!(timestamp(UNIX_EPOCH), "1970-01-01T00:00:00Z");
-        assert_eq!(timestamp(UNIX_EPOCH + Duration::from_secs(1_776_263_381)), "2026-04-15T14:29:41Z");
-        assert_eq!(timestamp(UNIX_EPOCH + Duration::from_secs(951_782_400)), "2000-02-29T00:00:00Z");
+        assert_eq!(
+            timestamp(UNIX_EPOCH + Duration::from_secs(1_776_263_381)),
+            "2026-04-15T14:29:41Z"
+        );
+        assert_eq!(
+            timestamp(UNIX_EPOCH + Duration::from_secs(951_782_400)),
+            "2000-02-29T00:00:00Z"
+        );
     }
 }

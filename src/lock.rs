@@ -31,13 +31,23 @@ impl StepLock {
         if rc != 0 {
             let mut holder = String::new();
             let _ = file.read_to_string(&mut holder);
-            let pid = holder.split_whitespace().next().and_then(|p| p.parse().ok()).unwrap_or(0);
-            return Err(Error::Busy { path: path.to_path_buf(), pid });
+            let pid = holder
+                .split_whitespace()
+                .next()
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(0);
+            return Err(Error::Busy {
+                path: path.to_path_buf(),
+                pid,
+            });
         }
         let _ = file.set_len(0);
         let _ = file.rewind();
         let _ = writeln!(file, "{} {}", std::process::id(), crate::events::now_unix());
-        Ok(StepLock { file, path: path.to_path_buf() })
+        Ok(StepLock {
+            file,
+            path: path.to_path_buf(),
+        })
     }
 
     pub fn path(&self) -> &Path {

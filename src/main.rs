@@ -1,6 +1,7 @@
 //! The `hyperloop` binary: parse arguments, set up logging, call the library, map errors to exit
-//! statuses.
+//! statuses (0 ran, 1 failed, 2 bad input, 3 `run` stopped with work left).
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -16,6 +17,22 @@ fn main() -> ExitCode {
             return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
         }
     };
-    let _ = cli;
-    ExitCode::from(1)
+    match hyperloop::app::run(&cli.command, &cli.global) {
+        Ok(outcome) => {
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(outcome.stdout.as_bytes());
+            let _ = out.flush();
+            ExitCode::from(u8::try_from(outcome.exit_code).unwrap_or(1))
+        }
+        Err(e) => {
+            let code = e.exit_code();
+            let mut err = std::io::stderr().lock();
+            if code == 0 {
+                let _ = writeln!(err, "hyperloop: {e}");
+            } else {
+                let _ = writeln!(err, "error: {e}");
+            }
+            ExitCode::from(u8::try_from(code).unwrap_or(1))
+        }
+    }
 }

@@ -79,15 +79,22 @@ impl Repo {
     /// Opens the repository that contains `path`.
     pub fn open(path: &Path) -> Result<Repo> {
         if !path.exists() {
-            return Err(Error::usage(format!("--path {}: no such directory", path.display())));
+            return Err(Error::usage(format!(
+                "--path {}: no such directory",
+                path.display()
+            )));
         }
         let probe = Git::new(path);
-        let root = probe.toplevel().map_err(|_| {
-            Error::usage(format!("--path {}: not a git repository", path.display()))
-        })?;
+        let root = probe
+            .toplevel()
+            .map_err(|_| Error::usage(format!("--path {}: not a git repository", path.display())))?;
         let git = Git::new(&root);
         let common_dir = git.common_dir()?;
-        Ok(Repo { git, root, common_dir })
+        Ok(Repo {
+            git,
+            root,
+            common_dir,
+        })
     }
 
     /// Where hyperloop keeps local, uncommitted state (worktrees, logs, locks).
@@ -104,24 +111,34 @@ impl Repo {
     pub fn read_tree_state(&self, commit: &str, specs_dir: &str) -> Result<TreeState> {
         let specs_dir = specs_dir.trim_end_matches('/');
         let tasks_prefix = format!("{specs_dir}/tasks/");
-        let listing = self.git.run(["ls-tree", "-r", "-z", "--full-tree", commit, "--", specs_dir])?;
+        let listing = self
+            .git
+            .run(["ls-tree", "-r", "-z", "--full-tree", commit, "--", specs_dir])?;
         let mut state = TreeState::default();
         let mut wanted: Vec<(String, String)> = Vec::new();
         for entry in listing.split('\0').filter(|e| !e.is_empty()) {
             // "<mode> <type> <oid>\t<path>"
-            let Some((meta, path)) = entry.split_once('\t') else { continue };
+            let Some((meta, path)) = entry.split_once('\t') else {
+                continue;
+            };
             let mut parts = meta.split(' ');
             let (_mode, kind, oid) = (parts.next(), parts.next(), parts.next());
-            let (Some("blob"), Some(oid)) = (kind, oid) else { continue };
+            let (Some("blob"), Some(oid)) = (kind, oid) else {
+                continue;
+            };
             if let Some(rest) = path.strip_prefix(&tasks_prefix) {
                 state.task_blobs.insert(path.to_string(), oid.to_string());
-                if (rest.ends_with(".md") && !rest.contains('/')) || rest == crate::task::store::INTAKE_RECORD {
+                if (rest.ends_with(".md") && !rest.contains('/')) || rest == crate::task::store::INTAKE_RECORD
+                {
                     wanted.push((path.to_string(), oid.to_string()));
                 }
                 continue;
             }
             if is_spec_path(path, specs_dir) {
-                state.specs.push(SpecBlob { path: path.to_string(), hash: oid.to_string() });
+                state.specs.push(SpecBlob {
+                    path: path.to_string(),
+                    hash: oid.to_string(),
+                });
             }
         }
         let contents = self.cat_blobs(wanted.iter().map(|(_, oid)| oid.as_str()))?;
@@ -165,10 +182,16 @@ impl Repo {
             input.push_str(oid);
             input.push('\n');
         }
-        let mut stdin = child.stdin.take().ok_or_else(|| Error::other("git cat-file: no stdin"))?;
+        let mut stdin = child
+            .stdin
+            .take()
+            .ok_or_else(|| Error::other("git cat-file: no stdin"))?;
         // Feed from another thread so a large batch cannot deadlock on full pipes.
         let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
-        let stdout = child.stdout.take().ok_or_else(|| Error::other("git cat-file: no stdout"))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| Error::other("git cat-file: no stdout"))?;
         let mut reader = BufReader::new(stdout);
         let mut out = Vec::with_capacity(oids.len());
         let mut header = String::new();
@@ -179,7 +202,12 @@ impl Repo {
                 .split(' ')
                 .nth(2)
                 .and_then(|s| s.trim().parse().ok())
-                .ok_or_else(|| Error::other(format!("git cat-file: cannot read object {oid}: {}", header.trim())))?;
+                .ok_or_else(|| {
+                    Error::other(format!(
+                        "git cat-file: cannot read object {oid}: {}",
+                        header.trim()
+                    ))
+                })?;
             let mut buf = vec![0u8; size + 1];
             reader.read_exact(&mut buf).map_err(fail)?;
             buf.truncate(size);
@@ -192,8 +220,13 @@ impl Repo {
 
     /// Writes `changes` on top of `tree_of` (a commit or tree) and returns the new tree id.
     pub fn write_tree(&self, tree_of: &str, changes: &Changes) -> Result<String> {
-        let index = self.common_dir.join(format!("hyperloop-index-{}", std::process::id()));
-        let git = self.git.clone().with_env("GIT_INDEX_FILE", index.display().to_string());
+        let index = self
+            .common_dir
+            .join(format!("hyperloop-index-{}", std::process::id()));
+        let git = self
+            .git
+            .clone()
+            .with_env("GIT_INDEX_FILE", index.display().to_string());
         let result = (|| {
             git.run(["read-tree", tree_of])?;
             let mut index_info = String::new();
@@ -224,7 +257,9 @@ impl Repo {
             args.push("-p".into());
             args.push((*p).to_string());
         }
-        self.git.run_with_input(&args, message.as_bytes()).map(|s| s.trim().to_string())
+        self.git
+            .run_with_input(&args, message.as_bytes())
+            .map(|s| s.trim().to_string())
     }
 
     /// The tree id of a commit.
@@ -266,7 +301,9 @@ impl Repo {
                 });
             }
         }
-        let out = self.git.output(["update-ref", "-m", "hyperloop", &refname, new, old])?;
+        let out = self
+            .git
+            .output(["update-ref", "-m", "hyperloop", &refname, new, old])?;
         if out.status.success() {
             Ok(Publish::Moved)
         } else {

@@ -14,7 +14,9 @@ use crate::error::{Error, Result};
 use crate::task::{Attempt, Claim, Status, Task};
 
 /// The front-matter fields hyperloop 0.9.2 wrote, in its order.
-const LEGACY_FIELDS: [&str; 9] = ["id", "title", "spec_ref", "status", "phase", "deps", "round", "branch", "pr"];
+const LEGACY_FIELDS: [&str; 9] = [
+    "id", "title", "spec_ref", "status", "phase", "deps", "round", "branch", "pr",
+];
 /// Fields of hyperloop's own.
 const OWN_FIELDS: [&str; 8] = [
     "position",
@@ -34,8 +36,10 @@ fn split(file: &Path, text: &str) -> Result<(String, usize, String)> {
     let mut lines = text.split_inclusive('\n');
     let first = lines.next().unwrap_or_default();
     if first.trim_end() != "---" {
-        return Err(Error::invalid(file, "line 1", "a task file must start with a `---` line")
-            .with_hint("put the task's YAML front matter between two `---` lines at the top of the file"));
+        return Err(
+            Error::invalid(file, "line 1", "a task file must start with a `---` line")
+                .with_hint("put the task's YAML front matter between two `---` lines at the top of the file"),
+        );
     }
     let mut front = String::new();
     let mut consumed = first.len();
@@ -47,7 +51,11 @@ fn split(file: &Path, text: &str) -> Result<(String, usize, String)> {
         }
         front.push_str(line);
     }
-    Err(Error::invalid(file, "front matter", "the front matter is not closed by a `---` line"))
+    Err(Error::invalid(
+        file,
+        "front matter",
+        "the front matter is not closed by a `---` line",
+    ))
 }
 
 /// Parses a task file's text. `file` is used in error messages and to check the id.
@@ -59,7 +67,11 @@ pub fn parse(file: &Path, text: &str) -> Result<Task> {
         serde_saphyr_value(file, &front, first_line)?
     };
     let Value::Object(mut map) = value else {
-        return Err(Error::invalid(file, "front matter", "the front matter must be a YAML mapping"));
+        return Err(Error::invalid(
+            file,
+            "front matter",
+            "the front matter must be a YAML mapping",
+        ));
     };
 
     let field = |name: &str| format!("field `{name}`");
@@ -92,7 +104,11 @@ pub fn parse(file: &Path, text: &str) -> Result<Task> {
         match map.shift_remove(name) {
             None | Some(Value::Null) => Ok(0),
             Some(Value::Number(n)) => n.as_u64().and_then(|v| u32::try_from(v).ok()).ok_or_else(|| {
-                Error::invalid(file, field(name), format!("must be a whole number ≥ 0, found {n}"))
+                Error::invalid(
+                    file,
+                    field(name),
+                    format!("must be a whole number ≥ 0, found {n}"),
+                )
             }),
             Some(other) => Err(Error::invalid(
                 file,
@@ -145,9 +161,10 @@ pub fn parse(file: &Path, text: &str) -> Result<Task> {
 
     let position = match map.shift_remove("position") {
         None | Some(Value::Null) => None,
-        Some(v) => Some(serde_json::from_value::<Vec<usize>>(v).map_err(|_| {
-            Error::invalid(file, field("position"), "must be a list of step indices")
-        })?),
+        Some(v) => Some(
+            serde_json::from_value::<Vec<usize>>(v)
+                .map_err(|_| Error::invalid(file, field("position"), "must be a list of step indices"))?,
+        ),
     };
     let cost_usd = match map.shift_remove("cost_usd") {
         None | Some(Value::Null) => 0.0,
@@ -196,7 +213,9 @@ pub fn parse(file: &Path, text: &str) -> Result<Task> {
             field("id"),
             format!("the id `{id}` does not match the file name `{stem}.md`"),
         )
-        .with_hint(format!("rename the file to `{id}.md` or change the id to `{stem}`")));
+        .with_hint(format!(
+            "rename the file to `{id}.md` or change the id to `{stem}`"
+        )));
     }
 
     Ok(Task {
@@ -225,7 +244,12 @@ pub fn parse(file: &Path, text: &str) -> Result<Task> {
 fn serde_saphyr_value(file: &Path, front: &str, first_line: usize) -> Result<Value> {
     match crate::yaml::parse::<Value>(file, front) {
         Ok(v) => Ok(v),
-        Err(Error::Invalid { file, location, message, hint }) => {
+        Err(Error::Invalid {
+            file,
+            location,
+            message,
+            hint,
+        }) => {
             // The parser counts lines from the start of the front matter; the user counts from
             // the top of the file, where the opening `---` is line 1.
             let location = shift_line(&location.0, first_line - 1);
@@ -339,7 +363,8 @@ fn json<T: serde::Serialize + ?Sized>(v: &T) -> String {
 fn format_cost(c: f64) -> String {
     let s = format!("{c:.6}");
     let s = s.trim_end_matches('0');
-    s.strip_suffix('.').map_or_else(|| s.to_string(), |t| format!("{t}.0"))
+    s.strip_suffix('.')
+        .map_or_else(|| s.to_string(), |t| format!("{t}.0"))
 }
 
 fn opt_scalar(v: Option<&str>) -> String {
@@ -356,8 +381,9 @@ fn is_plain_safe(s: &str) -> bool {
         return false;
     }
     let lower = s.to_ascii_lowercase();
-    const RESERVED: [&str; 13] =
-        ["null", "~", "true", "false", "yes", "no", "on", "off", "y", "n", ".nan", ".inf", "-.inf"];
+    const RESERVED: [&str; 13] = [
+        "null", "~", "true", "false", "yes", "no", "on", "off", "y", "n", ".nan", ".inf", "-.inf",
+    ];
     if RESERVED.contains(&lower.as_str()) {
         return false;
     }
@@ -453,7 +479,11 @@ mod tests {
         let e = parse(&p("t"), "---\ntitle: T\nspec_ref: s\nstatus: complete\n---\n").unwrap_err();
         assert!(e.to_string().contains("field `id`"), "{e}");
 
-        let e = parse(&p("other"), "---\nid: t\ntitle: T\nspec_ref: s\nstatus: complete\n---\n").unwrap_err();
+        let e = parse(
+            &p("other"),
+            "---\nid: t\ntitle: T\nspec_ref: s\nstatus: complete\n---\n",
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("does not match the file name"), "{e}");
 
         let e = parse(&p("t"), "no front matter").unwrap_err();
@@ -462,7 +492,11 @@ mod tests {
         let e = parse(&p("t"), "---\nid: t\n").unwrap_err();
         assert!(e.to_string().contains("not closed"), "{e}");
 
-        let e = parse(&p("t"), "---\nid: t\ntitle: T\nspec_ref: s\nstatus: complete\nround: -1\n---\n").unwrap_err();
+        let e = parse(
+            &p("t"),
+            "---\nid: t\ntitle: T\nspec_ref: s\nstatus: complete\nround: -1\n---\n",
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("field `round`"), "{e}");
     }
 
@@ -475,10 +509,16 @@ mod tests {
 
     #[test]
     fn scalars_quote_when_needed() {
-        for s in ["null", "yes", "No", "1.5", "0x1F", "-3", "a: b", "#x", "", " lead", "- item", "x #c"] {
+        for s in [
+            "null", "yes", "No", "1.5", "0x1F", "-3", "a: b", "#x", "", " lead", "- item", "x #c",
+        ] {
             let yaml = format!("v: {}\n", scalar(s));
             let v: Value = crate::yaml::parse(Path::new("x"), &yaml).expect("valid yaml");
-            assert_eq!(v["v"], Value::String(s.to_string()), "round trip of {s:?} via {yaml:?}");
+            assert_eq!(
+                v["v"],
+                Value::String(s.to_string()),
+                "round trip of {s:?} via {yaml:?}"
+            );
         }
         assert_eq!(scalar("task-001"), "task-001");
         assert_eq!(scalar("specs/auth.md"), "specs/auth.md");

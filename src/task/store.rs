@@ -21,7 +21,10 @@ pub const INTAKE_RECORD: &str = ".intake.json";
 
 impl TaskStore {
     pub fn new(root: impl Into<PathBuf>, specs_dir: impl Into<String>) -> Self {
-        TaskStore { root: root.into(), specs_dir: specs_dir.into() }
+        TaskStore {
+            root: root.into(),
+            specs_dir: specs_dir.into(),
+        }
     }
 
     /// The tasks folder, relative to the checkout root.
@@ -81,8 +84,12 @@ impl TaskStore {
         let path = self.tasks_dir().join(INTAKE_RECORD);
         match std::fs::read_to_string(&path) {
             Ok(text) => serde_json::from_str(&text).map_err(|e| {
-                Error::invalid(path.strip_prefix(&self.root).unwrap_or(&path), "document", e.to_string())
-                    .with_hint("delete the file to make the next step take every spec in again")
+                Error::invalid(
+                    path.strip_prefix(&self.root).unwrap_or(&path),
+                    "document",
+                    e.to_string(),
+                )
+                .with_hint("delete the file to make the next step take every spec in again")
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
             Err(e) => Err(Error::io(&path, e)),

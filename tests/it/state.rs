@@ -6,7 +6,9 @@ use hyperloop::task::{Status, Task};
 use crate::harness::TestEnv;
 
 fn task_text(id: &str, status: &str) -> String {
-    format!("---\nid: {id}\ntitle: Task {id}\nspec_ref: specs/a.md\nstatus: {status}\nphase: null\ndeps: []\nround: 0\nbranch: null\npr: null\n---\nDo {id}.\n")
+    format!(
+        "---\nid: {id}\ntitle: Task {id}\nspec_ref: specs/a.md\nstatus: {status}\nphase: null\ndeps: []\nround: 0\nbranch: null\npr: null\n---\nDo {id}.\n"
+    )
 }
 
 #[test]
@@ -32,9 +34,15 @@ fn reads_tasks_specs_and_commits_changes_without_a_checkout() {
     t.status = Status::InProgress;
     let mut ch = Changes::default();
     ch.put_task("specs/tasks", &t);
-    let new = repo.commit_changes(&tip, &ch, "state\n\nTask-Ref: task-001\n").expect("commit").expect("non-empty");
+    let new = repo
+        .commit_changes(&tip, &ch, "state\n\nTask-Ref: task-001\n")
+        .expect("commit")
+        .expect("non-empty");
     // Nothing moved yet: the commit exists but the branch is untouched.
-    assert_eq!(repo.branch_tip("main").expect("tip").as_deref(), Some(tip.as_str()));
+    assert_eq!(
+        repo.branch_tip("main").expect("tip").as_deref(),
+        Some(tip.as_str())
+    );
     let again = repo.read_tree_state(&new, "specs").expect("read new");
     assert_eq!(again.tasks[0].status, Status::InProgress);
 
@@ -58,15 +66,24 @@ fn publish_carries_the_users_checkout_and_keeps_their_changes() {
     let mut ch = Changes::default();
     let t = Task::new("task-001", "T", "specs/a.md");
     ch.put_task("specs/tasks", &t);
-    let new = repo.commit_changes(&tip, &ch, "state").expect("commit").expect("non-empty");
+    let new = repo
+        .commit_changes(&tip, &ch, "state")
+        .expect("commit")
+        .expect("non-empty");
     assert_eq!(repo.publish("main", &tip, &new).expect("publish"), Publish::Moved);
 
     assert_eq!(env.git(&r.path, &["rev-parse", "HEAD"]), new);
-    assert!(r.path.join("specs/tasks/task-001.md").exists(), "new file appears in the checkout");
+    assert!(
+        r.path.join("specs/tasks/task-001.md").exists(),
+        "new file appears in the checkout"
+    );
     assert_eq!(r.read("notes.txt"), "edited but not committed\n");
     assert_eq!(r.read("scratch.txt"), "untracked\n");
     let status = env.git(&r.path, &["status", "--porcelain"]);
-    assert_eq!(status, "M notes.txt\n?? scratch.txt", "only the user's changes remain");
+    assert_eq!(
+        status, "M notes.txt\n?? scratch.txt",
+        "only the user's changes remain"
+    );
 }
 
 #[test]
@@ -77,12 +94,22 @@ fn publish_detects_a_moved_branch() {
     let tip = repo.branch_tip("main").expect("tip").expect("exists");
     let mut ch = Changes::default();
     ch.put("specs/tasks/x.md", "x");
-    let ours = repo.commit_changes(&tip, &ch, "ours").expect("commit").expect("non-empty");
+    let ours = repo
+        .commit_changes(&tip, &ch, "ours")
+        .expect("commit")
+        .expect("non-empty");
     // Someone else commits first.
     r.write("other.txt", "other\n");
     env.git(&r.path, &["add", "-A"]);
     env.git(&r.path, &["commit", "-qm", "other"]);
     let theirs = env.git(&r.path, &["rev-parse", "HEAD"]);
-    assert_eq!(repo.publish("main", &tip, &ours).expect("publish"), Publish::Raced(theirs.clone()));
-    assert_eq!(env.git(&r.path, &["rev-parse", "HEAD"]), theirs, "their commit is untouched");
+    assert_eq!(
+        repo.publish("main", &tip, &ours).expect("publish"),
+        Publish::Raced(theirs.clone())
+    );
+    assert_eq!(
+        env.git(&r.path, &["rev-parse", "HEAD"]),
+        theirs,
+        "their commit is untouched"
+    );
 }
