@@ -42,20 +42,38 @@ pub struct TreeState {
     pub task_blobs: BTreeMap<String, String>,
 }
 
+/// One path's new state in a [`Changes`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Entry {
+    /// A regular file with this content.
+    Content(Vec<u8>),
+    /// An object already in the repository (e.g. from an agent's commit), with its file mode.
+    Blob { mode: String, oid: String },
+    Delete,
+}
+
 /// A set of file changes to commit on top of a parent.
 #[derive(Debug, Clone, Default)]
 pub struct Changes {
-    /// path → new content (`None` deletes the path).
-    pub files: BTreeMap<String, Option<Vec<u8>>>,
+    pub files: BTreeMap<String, Entry>,
 }
 
 impl Changes {
     pub fn put(&mut self, path: impl Into<String>, content: impl Into<Vec<u8>>) {
-        self.files.insert(path.into(), Some(content.into()));
+        self.files.insert(path.into(), Entry::Content(content.into()));
+    }
+
+    pub fn put_blob(&mut self, path: impl Into<String>, mode: impl Into<String>, oid: impl Into<String>) {
+        self.files.insert(path.into(), Entry::Blob { mode: mode.into(), oid: oid.into() });
     }
 
     pub fn delete(&mut self, path: impl Into<String>) {
-        self.files.insert(path.into(), None);
+        self.files.insert(path.into(), Entry::Delete);
+    }
+
+    /// Adds every change another set makes (later wins).
+    pub fn extend(&mut self, other: Changes) {
+        self.files.extend(other.files);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -65,6 +83,13 @@ impl Changes {
     pub fn put_task(&mut self, tasks_rel: &str, task: &Task) {
         self.put(format!("{tasks_rel}/{}.md", task.id), file::render(task));
     }
+}
+
+/// Result of a merge computed without a checkout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MergeTree {
+    Clean(String),
+    Conflict(Vec<String>),
 }
 
 /// Outcome of moving a branch.
@@ -230,13 +255,16 @@ impl Repo {
         let result = (|| {
             git.run(["read-tree", tree_of])?;
             let mut index_info = String::new();
-            for (path, content) in &changes.files {
-                match content {
-                    Some(bytes) => {
+            for (path, entry) in &changes.files {
+                match entry {
+                    Entry::Content(bytes) => {
                         let oid = self.git.run_with_input(["hash-object", "-w", "--stdin"], bytes)?;
                         index_info.push_str(&format!("100644 {}\t{}\n", oid.trim(), path));
                     }
-                    None => {
+                    Entry::Blob { mode, oid } => {
+                        index_info.push_str(&format!("{mode} {oid}\t{path}\n"));
+                    }
+                    Entry::Delete => {
                         index_info.push_str(&format!("0 {}\t{}\n", "0".repeat(40), path));
                     }
                 }
@@ -310,6 +338,64 @@ impl Repo {
             let cur = self.git.rev_parse(&refname)?.unwrap_or_default();
             Ok(Publish::Raced(cur))
         }
+    }
+
+    /// Files that differ between two commits under `prefix`, as entries ready to commit.
+    pub fn diff_entries(&self, from: &str, to: &str, prefix: &str) -> Result<Vec<(String, Entry)>> {
+        let out = self.git.run(["diff-tree", "-r", "-z", "--no-renames", from, to, "--", prefix])?;
+        let mut fields = out.split('\0').filter(|f| !f.is_empty());
+        let mut entries = Vec::new();
+        // -z output: ":<old mode> <new mode> <old oid> <new oid> <status>" NUL "<path>" NUL
+        while let (Some(meta), Some(path)) = (fields.next(), fields.next()) {
+            let parts: Vec<&str> = meta.trim_start_matches(':').split(' ').collect();
+            let (Some(mode), Some(oid), Some(status)) = (parts.get(1), parts.get(3), parts.get(4)) else {
+                continue;
+            };
+            let entry = if status.starts_with('D') {
+                Entry::Delete
+            } else {
+                Entry::Blob { mode: (*mode).to_string(), oid: (*oid).to_string() }
+            };
+            entries.push((path.to_string(), entry));
+        }
+        Ok(entries)
+    }
+
+    /// Merges `theirs` into `ours` without a checkout. Clean: the merged tree. Conflicts: the
+    /// conflicting paths.
+    pub fn merge_tree(&self, ours: &str, theirs: &str) -> Result<MergeTree> {
+        let out = self.git.output(["merge-tree", "--write-tree", "--name-only", "--no-messages", ours, theirs])?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let mut lines = stdout.lines();
+        let tree = lines.next().unwrap_or_default().trim().to_string();
+        match out.status.code() {
+            Some(0) => Ok(MergeTree::Clean(tree)),
+            Some(1) => Ok(MergeTree::Conflict(lines.filter(|l| !l.is_empty()).map(str::to_string).collect())),
+            _ => Err(Error::Git {
+                args: format!("merge-tree --write-tree {ours} {theirs}"),
+                dir: self.root.clone(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            }),
+        }
+    }
+
+    /// Replays the commit `commit` (whose parent is `onto_old`) onto `onto_new`. `None` when
+    /// the two conflict.
+    pub fn replay(&self, commit: &str, onto_old: &str, onto_new: &str) -> Result<Option<String>> {
+        let out = self.git.output([
+            "merge-tree",
+            "--write-tree",
+            "--no-messages",
+            &format!("--merge-base={onto_old}"),
+            onto_new,
+            commit,
+        ])?;
+        if !out.status.success() {
+            return Ok(None);
+        }
+        let tree = String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or_default().trim().to_string();
+        let message = self.git.run(["log", "-1", "--format=%B", commit])?;
+        self.commit_tree(&tree, &[onto_new], &message).map(Some)
     }
 
     /// The worktree (if any) that has `refname` checked out.
