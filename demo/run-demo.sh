@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Builds hyperloop, makes a demo repository with two specs, and runs hyperloop on it with the
+# scripted agent standing in for Claude: no GitHub account, no API key.
+#   demo/run-demo.sh [DIR]     (default: a new temporary directory)
+set -euo pipefail
+here="$(cd "$(dirname "$0")/.." && pwd)"
+cargo build --release --quiet --manifest-path "$here/Cargo.toml" --bins
+bin="$here/target/release"
+demo="${1:-$(mktemp -d -t hyperloop-demo-XXXXXX)}"
+mkdir -p "$demo"
+cd "$demo"
+
+git init -q -b main
+git config user.name "Demo User"
+git config user.email "demo@example.com"
+mkdir -p specs
+cat > specs/greeting.md <<'SPEC'
+# Greeting
+
+Print a friendly greeting.
+
+## Acceptance criteria
+- `impl/` holds the implementation
+SPEC
+cat > specs/farewell.md <<'SPEC'
+# Farewell
+
+Print a polite farewell.
+
+## Acceptance criteria
+- `impl/` holds the implementation
+SPEC
+cat > .hyperloop.yaml <<YAML
+runtime:
+  max_workers: 2
+  agent_command: ["$bin/hyperloop-scripted-agent", "--script", "$here/demo/agent-script.yaml"]
+  worker_timeout: 120
+poll_interval: 0
+max_cycles: 20
+YAML
+git add -A
+git commit -q -m "Specs for the demo"
+
+echo "== hyperloop run in $demo"
+"$bin/hyperloop" run
+echo
+echo "== hyperloop status"
+"$bin/hyperloop" status
+echo
+echo "== git log"
+git log --oneline --decorate -n 12
