@@ -172,6 +172,16 @@ impl Git {
         }
     }
 
+    /// The object id a revision expression names (`<commit>:<path>` for a file), or `None`.
+    pub fn rev_parse_object(&self, rev: &str) -> Result<Option<String>> {
+        let out = self.output(["rev-parse", "--verify", "--quiet", rev])?;
+        if out.status.success() {
+            Ok(Some(String::from_utf8_lossy(&out.stdout).trim().to_string()))
+        } else {
+            Ok(None)
+        }
+    }
+
     /// The repository's common git directory (shared by all worktrees), absolute.
     pub fn common_dir(&self) -> Result<PathBuf> {
         let p = self.run_trim(["rev-parse", "--path-format=absolute", "--git-common-dir"])?;
