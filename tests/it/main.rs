@@ -1,3 +1,5 @@
 //! The integration tests: one binary, a module per area.
 
+mod definitions;
 mod harness;
+mod prompts;
