@@ -1,4 +1,6 @@
 //! The integration tests: one binary, a module per area.
 
+mod definitions;
 mod harness;
+mod prompts;
 mod state;
