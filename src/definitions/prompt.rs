@@ -122,23 +122,24 @@ pub fn read_role_overlay(repo_dir: &Path, specs_dir: &str, role: &str) -> Result
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(Error::io(&path, e)),
     };
+    parse_role_overlay(&path, &text)
+}
+
+/// The overlay text of a role-overlay file's content (`file` names it in errors).
+pub fn parse_role_overlay(file: &Path, text: &str) -> Result<Option<String>> {
     if text.trim().is_empty() {
         return Ok(None);
     }
-    let value: Value = crate::yaml::parse(&path, &text)?;
+    let value: Value = crate::yaml::parse(file, text)?;
     let chosen = match value.get("prompt") {
         Some(Value::String(p)) => p.clone(),
         Some(Value::Null) => return Ok(None),
         Some(_) => {
-            return Err(Error::invalid(&path, "prompt", "expected text"));
+            return Err(Error::invalid(file, "prompt", "expected text"));
         }
-        None => text,
+        None => text.to_string(),
     };
-    Ok(if chosen.trim().is_empty() {
-        None
-    } else {
-        Some(chosen)
-    })
+    Ok(if chosen.trim().is_empty() { None } else { Some(chosen) })
 }
 
 #[cfg(test)]
