@@ -304,8 +304,7 @@ impl Config {
             commented,
         };
         if commented {
-            r.raw("# hyperloop configuration. Every key is optional; the values shown are the defaults");
-            r.raw("# unless you changed them. Reference: CONTRACT §2 and the hyperloop README.");
+            r.raw("# hyperloop configuration. Every key is optional; a key left out takes its default.");
             r.raw("");
         }
         r.opt(
@@ -411,13 +410,19 @@ impl Config {
             bool_str(self.merge.auto_merge),
             "Merge when the pipeline reaches merge-pr; false: the task waits there.",
         );
-        r.key(1, "strategy", self.merge.strategy.as_str(), "squash | merge");
+        r.key(
+            1,
+            "strategy",
+            self.merge.strategy.as_str(),
+            "How merge-pr merges: squash (one commit per task) | merge (a merge commit).",
+        );
         r.key(
             1,
             "delete_branch",
             bool_str(self.merge.delete_branch),
             "Delete the worker branch after its merge.",
         );
+        r.blank();
         r.key(
             0,
             "poll_interval",
@@ -533,6 +538,12 @@ impl Renderer {
         self.out.push('\n');
     }
 
+    fn blank(&mut self) {
+        if self.commented {
+            self.out.push('\n');
+        }
+    }
+
     fn doc(&mut self, depth: usize, doc: &str) {
         if self.commented {
             let _ = writeln!(self.out, "{}# {doc}", "  ".repeat(depth));
@@ -540,8 +551,8 @@ impl Renderer {
     }
 
     fn section(&mut self, depth: usize, name: &str, doc: &str) {
-        if self.commented && depth == 0 {
-            self.out.push('\n');
+        if depth == 0 {
+            self.blank();
         }
         self.doc(depth, doc);
         let _ = writeln!(self.out, "{}{name}:", "  ".repeat(depth));
@@ -763,6 +774,12 @@ impl Walker<'_> {
         match s.get(name) {
             None => Ok(None),
             Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(other @ Value::String(_)) => Err(self
+                .err(
+                    &s.key(name),
+                    format!("expected true or false, found {}", describe(other)),
+                )
+                .with_hint("only true and false are booleans (YAML 1.2); yes, no, on and off are text")),
             Some(other) => Err(self.err(
                 &s.key(name),
                 format!("expected true or false, found {}", describe(other)),
@@ -993,12 +1010,16 @@ impl Walker<'_> {
                 ));
             };
             self.env_name(&k, name)?;
-            if FORBIDDEN_AGENT_ENV.contains(&name.as_str()) || name.starts_with("HYPERLOOP_") {
+            if FORBIDDEN_AGENT_ENV.contains(&name.as_str()) {
                 return Err(self.err(
                     &k,
-                    format!(
-                        "{name} is one of hyperloop's own credentials or settings; workers never receive it"
-                    ),
+                    format!("{name} is a forge credential; workers never receive it"),
+                ));
+            }
+            if name.starts_with("HYPERLOOP_") {
+                return Err(self.err(
+                    &k,
+                    format!("{name} is one of hyperloop's own variables; workers never receive it"),
                 ));
             }
             if !names.contains(name) {
@@ -1233,7 +1254,8 @@ fn suggest(prefix: &str, unknown: &str, known: &[&str]) -> Option<String> {
         .map(|k| format!("did you mean `{k}`? it belongs in another section"))
 }
 
-/// The candidate closest to `word`, if any is close enough to be a plausible slip.
+/// The candidate closest to `word`, if any is close enough to be a plausible slip: a typo, a
+/// known key with a word left out or added, or an abbreviation (`warn` → `warning`).
 fn closest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
     let words = |s: &str| -> Vec<String> {
         s.to_ascii_lowercase()
@@ -1251,8 +1273,10 @@ fn closest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
             let subset = mine.len() >= 2
                 && (mine.iter().all(|w| theirs.contains(w))
                     || theirs.len() >= 2 && theirs.iter().all(|w| mine.contains(w)));
+            let lower = word.to_ascii_lowercase();
+            let abbreviated = lower.len() >= 3 && c.starts_with(lower.as_str());
             let close = d <= 2 + word.len() / 5;
-            (close || subset).then_some((d, *c))
+            (close || subset || abbreviated).then_some((d, *c))
         })
         .min()
         .map(|(_, c)| c)
