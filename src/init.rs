@@ -1,28 +1,305 @@
-//! `hyperloop init`: scaffolds a repository for hyperloop without overwriting anything.
+//! `hyperloop init`: scaffolds a repository for hyperloop without overwriting anything. It writes
+//! a commented `.hyperloop.yaml`, an example spec (only into a specs folder that has none), an
+//! in-repo agents overlay, and a GitHub workflow that runs one step at a time; and it appends the
+//! ignore rules for hyperloop's local state to `.gitignore`. Every file is created with
+//! `create_new`, so a file that appears between the check and the write is still never replaced.
 
+use std::fmt;
+use std::io::Write as _;
 use std::path::Path;
 
+use crate::config::{self, Config};
 use crate::error::{Error, Result};
 
-/// What `init` wrote and what it left alone.
-#[derive(Debug, Default)]
+/// Where the written configuration points `overlay`, relative to the repository.
+pub const OVERLAY_DIR: &str = ".hyperloop/agents";
+
+/// The `.gitignore` lines that keep hyperloop's local state out of git but not the overlay.
+/// `/.hyperloop/*` (not `/.hyperloop/`) matters: git cannot re-include a path whose parent folder
+/// is itself ignored.
+pub const GITIGNORE_LINES: [&str; 2] = ["/.hyperloop/*", "!/.hyperloop/agents/"];
+
+/// What `init` wrote and what it left alone, as paths relative to the repository, in the order
+/// it looked at them; plus warnings about existing files it could not fix without overwriting.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct InitReport {
+    /// Files that did not exist and were written.
     pub written: Vec<String>,
+    /// Existing files that missing lines were appended to (`.gitignore` only).
+    pub appended: Vec<String>,
+    /// Files that already existed and were left untouched; `<specs_dir>/` when the specs folder
+    /// already held a spec, so no example was written.
     pub skipped: Vec<String>,
+    pub warnings: Vec<String>,
 }
 
-impl std::fmt::Display for InitReport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl fmt::Display for InitReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for w in &self.written {
             writeln!(f, "wrote {w}")?;
         }
+        for a in &self.appended {
+            writeln!(f, "appended ignore rules to {a}")?;
+        }
         for s in &self.skipped {
             writeln!(f, "kept existing {s}")?;
+        }
+        for w in &self.warnings {
+            writeln!(f, "warning: {w}")?;
         }
         Ok(())
     }
 }
 
-pub fn init(_repo: &Path) -> Result<InitReport> {
-    Err(Error::NotAvailable { what: "init".into() })
+/// Scaffolds `repo`. Never replaces an existing file; an existing `.hyperloop.yaml` must be valid,
+/// since its `specs_dir` decides where the example spec goes.
+pub fn init(repo: &Path) -> Result<InitReport> {
+    if !repo.is_dir() {
+        return Err(Error::usage(format!(
+            "{}: no such directory to initialise",
+            repo.display()
+        )));
+    }
+    let mut report = InitReport::default();
+
+    let config_file = repo.join(config::FILE_NAME);
+    let existing = Config::load(&config_file, repo)?;
+    let written_config = Config {
+        overlay: Some(OVERLAY_DIR.to_string()),
+        ..Config::default()
+    };
+    write_new(
+        repo,
+        config::FILE_NAME,
+        &written_config.render_commented(),
+        &mut report,
+    )?;
+
+    let specs_dir = existing.target.specs_dir.trim_end_matches('/').to_string();
+    if has_spec(&repo.join(&specs_dir))? {
+        report.skipped.push(format!("{specs_dir}/"));
+    } else {
+        write_new(
+            repo,
+            &format!("{specs_dir}/example.md"),
+            EXAMPLE_SPEC,
+            &mut report,
+        )?;
+    }
+
+    write_new(
+        repo,
+        &format!("{OVERLAY_DIR}/kustomization.yaml"),
+        KUSTOMIZATION,
+        &mut report,
+    )?;
+    write_new(
+        repo,
+        &format!("{OVERLAY_DIR}/implementer-patch.yaml"),
+        IMPLEMENTER_PATCH,
+        &mut report,
+    )?;
+    write_new(repo, ".github/workflows/hyperloop.yml", WORKFLOW, &mut report)?;
+    gitignore(repo, &mut report)?;
+    Ok(report)
 }
+
+/// Creates `rel` under `repo` with `text` unless something (even a dangling symlink) is there.
+fn write_new(repo: &Path, rel: &str, text: &str, report: &mut InitReport) -> Result<()> {
+    let path = repo.join(rel);
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path);
+    match file {
+        Ok(mut f) => {
+            f.write_all(text.as_bytes()).map_err(|e| Error::io(&path, e))?;
+            report.written.push(rel.to_string());
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            report.skipped.push(rel.to_string());
+        }
+        Err(e) => return Err(Error::io(&path, e)),
+    }
+    Ok(())
+}
+
+/// True when the specs folder already holds a spec: a `.md` file outside the folders hyperloop
+/// itself writes (CONTRACT §3). Symlinks are not followed.
+fn has_spec(specs: &Path) -> Result<bool> {
+    fn walk(dir: &Path, top: bool) -> Result<bool> {
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(Error::io(dir, e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io(dir, e))?;
+            let kind = entry.file_type().map_err(|e| Error::io(entry.path(), e))?;
+            let name = entry.file_name();
+            if kind.is_dir() {
+                let own = top && matches!(name.to_str(), Some("tasks" | "reviews" | "prompts"));
+                if !own && walk(&entry.path(), false)? {
+                    return Ok(true);
+                }
+            } else if Path::new(&name).extension().is_some_and(|x| x == "md") {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+    walk(specs, true)
+}
+
+/// Appends whichever of [`GITIGNORE_LINES`] `.gitignore` lacks; the only change `init` makes to
+/// an existing file, because ignoring the state folder is needed and losing a user's rules is not.
+fn gitignore(repo: &Path, report: &mut InitReport) -> Result<()> {
+    const REL: &str = ".gitignore";
+    let path = repo.join(REL);
+    let existing = match std::fs::read_to_string(&path) {
+        Ok(t) => Some(t),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(Error::io(&path, e)),
+    };
+    let text = existing.as_deref().unwrap_or("");
+    let present: Vec<&str> = text.lines().map(str::trim).collect();
+    for line in &present {
+        if matches!(
+            *line,
+            ".hyperloop" | ".hyperloop/" | "/.hyperloop" | "/.hyperloop/"
+        ) {
+            report.warnings.push(format!(
+                ".gitignore line `{line}` ignores the whole .hyperloop folder, so the agents \
+                 overlay cannot be committed; replace it with `/.hyperloop/*`"
+            ));
+        }
+    }
+    let missing: Vec<&str> = GITIGNORE_LINES
+        .into_iter()
+        .filter(|l| !present.contains(l))
+        .collect();
+    if missing.is_empty() {
+        report.skipped.push(REL.to_string());
+        return Ok(());
+    }
+    let mut add = String::new();
+    if !text.is_empty() && !text.ends_with('\n') {
+        add.push('\n');
+    }
+    add.push_str("# hyperloop: local state stays out of git; the agents overlay is committed\n");
+    for l in missing {
+        add.push_str(l);
+        add.push('\n');
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(&path)
+        .map_err(|e| Error::io(&path, e))?;
+    f.write_all(add.as_bytes()).map_err(|e| Error::io(&path, e))?;
+    if existing.is_some() {
+        report.appended.push(REL.to_string());
+    } else {
+        report.written.push(REL.to_string());
+    }
+    Ok(())
+}
+
+const EXAMPLE_SPEC: &str = r#"# Example spec: a greeting script
+
+<!--
+This is an example. hyperloop turns every spec in this folder into tasks on its next step, so
+replace this file with a spec of your own (or delete it) before you run `hyperloop step`.
+A good spec says what should exist when the work is done and how to tell that it does.
+-->
+
+## Goal
+
+Add a script `scripts/greet.sh` that prints a greeting for the name it is given.
+
+## Behaviour
+
+- `scripts/greet.sh Ada` prints `Hello, Ada!` and exits 0.
+- Without an argument it prints `usage: greet.sh NAME` on standard error and exits 2.
+
+## Acceptance criteria
+
+- [ ] `scripts/greet.sh Ada` prints exactly `Hello, Ada!` followed by a newline.
+- [ ] `scripts/greet.sh` with no argument exits with status 2 and prints the usage line on
+      standard error.
+- [ ] A test under `tests/` checks both cases and passes.
+- [ ] The README has a one-line description of the script.
+"#;
+
+const KUSTOMIZATION: &str = r#"# The in-repo agents overlay: patches applied to hyperloop's built-in agents and process.
+# The resource below names the built-in base; hyperloop resolves it without network access.
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+resources:
+  - github.com/jsell-rh/hyperloop//base?ref=main
+patches:
+  - path: implementer-patch.yaml
+    target:
+      kind: Agent
+      name: implementer
+  # Change the pipeline with a Process patch, for example:
+  # - path: process-patch.yaml
+  #   target:
+  #     kind: Process
+  #     name: default
+"#;
+
+const IMPLEMENTER_PATCH: &str = r#"# Tells the implementer about this project. Maps merge into the built-in agent; lists and
+# plain values replace what is there.
+apiVersion: hyperloop.io/v1
+kind: Agent
+metadata:
+  name: implementer
+annotations:
+  ambient.io/persona: |
+    You work on this repository. Describe it here: the language, how to build it
+    (e.g. `make build`), how to test it (`make test`), how to lint it (`make lint`),
+    and the conventions a change must follow.
+"#;
+
+const WORKFLOW: &str = r#"# Runs one hyperloop step at a time: on a schedule, when a pull request gets the `lgtm`
+# label (which clears a gate), and on demand. Runs never overlap and never cancel each other;
+# every step reads all its state from the repository, so a queued run simply continues.
+name: hyperloop
+
+on:
+  schedule:
+    - cron: "*/15 * * * *"
+  pull_request:
+    types: [labeled]
+  issues:
+    types: [labeled]
+  workflow_dispatch:
+
+concurrency:
+  group: hyperloop
+  cancel-in-progress: false
+
+permissions:
+  contents: write
+  pull-requests: write
+  issues: write
+
+jobs:
+  step:
+    if: github.event_name != 'pull_request' || github.event.label.name == 'lgtm'
+    runs-on: ubuntu-latest
+    timeout-minutes: 120
+    steps:
+      - uses: actions/checkout@11bd71901bbe5b1630ceea73d27597364c9af683 # v4.2.2
+        with:
+          fetch-depth: 0
+      - uses: hyperloop-dev/hyperloop@v1
+        with:
+          command: step
+          anthropic-api-key: ${{ secrets.ANTHROPIC_API_KEY }}
+          github-token: ${{ secrets.GITHUB_TOKEN }}
+"#;

@@ -48,7 +48,10 @@ pub enum Entry {
     /// A regular file with this content.
     Content(Vec<u8>),
     /// An object already in the repository (e.g. from an agent's commit), with its file mode.
-    Blob { mode: String, oid: String },
+    Blob {
+        mode: String,
+        oid: String,
+    },
     Delete,
 }
 
@@ -64,7 +67,13 @@ impl Changes {
     }
 
     pub fn put_blob(&mut self, path: impl Into<String>, mode: impl Into<String>, oid: impl Into<String>) {
-        self.files.insert(path.into(), Entry::Blob { mode: mode.into(), oid: oid.into() });
+        self.files.insert(
+            path.into(),
+            Entry::Blob {
+                mode: mode.into(),
+                oid: oid.into(),
+            },
+        );
     }
 
     pub fn delete(&mut self, path: impl Into<String>) {
@@ -342,7 +351,9 @@ impl Repo {
 
     /// Files that differ between two commits under `prefix`, as entries ready to commit.
     pub fn diff_entries(&self, from: &str, to: &str, prefix: &str) -> Result<Vec<(String, Entry)>> {
-        let out = self.git.run(["diff-tree", "-r", "-z", "--no-renames", from, to, "--", prefix])?;
+        let out = self
+            .git
+            .run(["diff-tree", "-r", "-z", "--no-renames", from, to, "--", prefix])?;
         let mut fields = out.split('\0').filter(|f| !f.is_empty());
         let mut entries = Vec::new();
         // -z output: ":<old mode> <new mode> <old oid> <new oid> <status>" NUL "<path>" NUL
@@ -354,7 +365,10 @@ impl Repo {
             let entry = if status.starts_with('D') {
                 Entry::Delete
             } else {
-                Entry::Blob { mode: (*mode).to_string(), oid: (*oid).to_string() }
+                Entry::Blob {
+                    mode: (*mode).to_string(),
+                    oid: (*oid).to_string(),
+                }
             };
             entries.push((path.to_string(), entry));
         }
@@ -364,13 +378,22 @@ impl Repo {
     /// Merges `theirs` into `ours` without a checkout. Clean: the merged tree. Conflicts: the
     /// conflicting paths.
     pub fn merge_tree(&self, ours: &str, theirs: &str) -> Result<MergeTree> {
-        let out = self.git.output(["merge-tree", "--write-tree", "--name-only", "--no-messages", ours, theirs])?;
+        let out = self.git.output([
+            "merge-tree",
+            "--write-tree",
+            "--name-only",
+            "--no-messages",
+            ours,
+            theirs,
+        ])?;
         let stdout = String::from_utf8_lossy(&out.stdout);
         let mut lines = stdout.lines();
         let tree = lines.next().unwrap_or_default().trim().to_string();
         match out.status.code() {
             Some(0) => Ok(MergeTree::Clean(tree)),
-            Some(1) => Ok(MergeTree::Conflict(lines.filter(|l| !l.is_empty()).map(str::to_string).collect())),
+            Some(1) => Ok(MergeTree::Conflict(
+                lines.filter(|l| !l.is_empty()).map(str::to_string).collect(),
+            )),
             _ => Err(Error::Git {
                 args: format!("merge-tree --write-tree {ours} {theirs}"),
                 dir: self.root.clone(),
@@ -393,7 +416,12 @@ impl Repo {
         if !out.status.success() {
             return Ok(None);
         }
-        let tree = String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or_default().trim().to_string();
+        let tree = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_string();
         let message = self.git.run(["log", "-1", "--format=%B", commit])?;
         self.commit_tree(&tree, &[onto_new], &message).map(Some)
     }
