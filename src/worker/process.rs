@@ -351,7 +351,19 @@ pub async fn run_worker(spec: &WorkerSpec, mut cancel: watch::Receiver<bool>) ->
         },
     }
 
-    match result::settle_branch(&wt, &pre_head, &spec.role, &spec.spec_ref, &spec.task_id) {
+    // A few git commands; off the async threads so that other workers' output keeps flowing.
+    let settled = {
+        let (wt, pre_head) = (wt.clone(), pre_head.clone());
+        let (role, spec_ref, task_id) = (spec.role.clone(), spec.spec_ref.clone(), spec.task_id.clone());
+        tokio::task::spawn_blocking(move || result::settle_branch(&wt, &pre_head, &role, &spec_ref, &task_id))
+            .await
+            .unwrap_or_else(|e| {
+                Err(crate::error::Error::other(format!(
+                    "settling the branch failed: {e}"
+                )))
+            })
+    };
+    match settled {
         Ok(report) => {
             if outcome.verdict == Verdict::Pass && spec.role == "implementer" {
                 if report.commits.is_empty() {
@@ -524,6 +536,9 @@ pub fn proc_state(pid: i32) -> Option<(char, i32)> {
     Some((state, pgrp))
 }
 
+/// The kernel sends the signal when the *thread* that forked the agent exits, so this relies on
+/// the agent being spawned from a long-lived runtime thread (as `run_worker` is, being async),
+/// never from a short-lived blocking-pool thread.
 #[cfg(target_os = "linux")]
 fn set_parent_death_signal(cmd: &mut Command) {
     let parent = libc::pid_t::try_from(std::process::id()).unwrap_or(0);
