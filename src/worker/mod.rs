@@ -1,1 +1,187 @@
 //! Workers: agent processes in git worktrees, with limits, a clean environment and a verdict.
+//!
+//! This module owns everything between "this task needs a worker for role X" and "here is what the
+//! worker did": the task's worktree ([`worktree`]), the agent's environment ([`env`]), the process
+//! itself with its process group, timeouts and cancellation ([`process`]), the result file and the
+//! clean-up of what the agent left on its branch ([`result`]), the cost report in claude's
+//! stream-json output ([`stream_json`]), and the bound on how many workers run at once
+//! ([`WorkerPool`]). It decides nothing about pipelines: a [`WorkerOutcome`] is handed back to the
+//! cycle, which turns it into task state.
+//!
+//! An outcome's `suspicious` note (an implementer that reported `pass` without changing its
+//! branch) does not change the verdict; the cycle records it as a finding on the task so that a
+//! person or the verifier sees it.
+
+pub mod env;
+pub mod process;
+pub mod result;
+pub mod stream_json;
+pub mod worktree;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+pub use process::{WorkerSpec, run_worker};
+pub use worktree::{ensure_base_worktree, ensure_task_worktree, remove_worktree};
+
+/// The name of the result file at a worktree's root (CONTRACT §4).
+pub const RESULT_FILE: &str = ".worker-result.json";
+
+/// What a worker run amounted to. Agents may only write `pass` or `fail`; `error` and `timeout`
+/// are hyperloop's own judgements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Pass,
+    Fail,
+    Error,
+    Timeout,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Pass => "pass",
+            Verdict::Fail => "fail",
+            Verdict::Error => "error",
+            Verdict::Timeout => "timeout",
+        }
+    }
+
+    pub fn is_pass(self) -> bool {
+        self == Verdict::Pass
+    }
+}
+
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Everything a finished (or killed) worker tells the cycle.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerOutcome {
+    pub verdict: Verdict,
+    pub findings: u32,
+    /// The agent's own detail, or hyperloop's reason for `error`/`timeout`.
+    pub detail: String,
+    /// The agent's exit status; `None` when it was killed by a signal or never started.
+    pub exit_code: Option<i32>,
+    pub duration: Duration,
+    /// Everything the agent printed, kept after the run.
+    pub log_file: PathBuf,
+    /// From claude's stream-json `result` event, when the agent printed one.
+    pub cost_usd: Option<f64>,
+    pub num_turns: Option<u32>,
+    pub session_id: Option<String>,
+    pub is_error: Option<bool>,
+    /// A reason to distrust a `pass` (recorded as a finding by the cycle; the verdict stands).
+    pub suspicious: Option<String>,
+    /// Commits added to the worktree's HEAD during the run, oldest first, including the ones
+    /// hyperloop made for the agent (left-over work, dropping the result file).
+    pub commits: Vec<String>,
+    /// The agent's process group, once it was started.
+    pub pgid: Option<i32>,
+}
+
+impl WorkerOutcome {
+    /// An outcome for a worker that never produced anything.
+    pub(crate) fn error(detail: impl Into<String>, log_file: PathBuf, duration: Duration) -> Self {
+        WorkerOutcome {
+            verdict: Verdict::Error,
+            findings: 0,
+            detail: detail.into(),
+            exit_code: None,
+            duration,
+            log_file,
+            cost_usd: None,
+            num_turns: None,
+            session_id: None,
+            is_error: None,
+            suspicious: None,
+            commits: Vec::new(),
+            pgid: None,
+        }
+    }
+}
+
+/// Bounds how many workers run at once. Every worker start takes a permit and holds it until the
+/// worker has been reaped, whichever path (task worker, rebase-resolver, intake) started it.
+#[derive(Debug, Clone)]
+pub struct WorkerPool {
+    permits: Arc<Semaphore>,
+    max: usize,
+}
+
+impl WorkerPool {
+    /// A pool of `max_workers` slots (at least one).
+    pub fn new(max_workers: usize) -> Self {
+        let max = max_workers.max(1);
+        WorkerPool {
+            permits: Arc::new(Semaphore::new(max)),
+            max,
+        }
+    }
+
+    pub fn max_workers(&self) -> usize {
+        self.max
+    }
+
+    /// Slots free right now.
+    pub fn available(&self) -> usize {
+        self.permits.available_permits()
+    }
+
+    /// Waits for a free slot; the slot is released when the permit is dropped.
+    pub async fn acquire(&self) -> WorkerPermit {
+        // The semaphore is never closed, so acquiring cannot fail; a closed pool would be a bug
+        // here, and waiting forever is then the wrong answer, so fall back to an unbounded slot.
+        match Arc::clone(&self.permits).acquire_owned().await {
+            Ok(p) => WorkerPermit { _permit: Some(p) },
+            Err(_) => WorkerPermit { _permit: None },
+        }
+    }
+
+    /// Runs `spec` once a slot is free.
+    pub async fn run(&self, spec: &WorkerSpec, cancel: tokio::sync::watch::Receiver<bool>) -> WorkerOutcome {
+        let _permit = self.acquire().await;
+        run_worker(spec, cancel).await
+    }
+}
+
+/// A held slot of a [`WorkerPool`].
+#[derive(Debug)]
+pub struct WorkerPermit {
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdict_spelling() {
+        for v in [Verdict::Pass, Verdict::Fail, Verdict::Error, Verdict::Timeout] {
+            let json = serde_json::to_string(&v).unwrap_or_default();
+            assert_eq!(json, format!("\"{}\"", v.as_str()));
+        }
+    }
+
+    #[tokio::test]
+    async fn pool_never_hands_out_more_than_max() {
+        let pool = WorkerPool::new(2);
+        let a = pool.acquire().await;
+        let _b = pool.acquire().await;
+        assert_eq!(pool.available(), 0);
+        let third = tokio::time::timeout(Duration::from_millis(50), pool.acquire()).await;
+        assert!(third.is_err(), "a third permit was handed out");
+        drop(a);
+        let third = tokio::time::timeout(Duration::from_millis(500), pool.acquire()).await;
+        assert!(third.is_ok());
+    }
+}

@@ -1,8 +1,11 @@
 //! The integration tests: one binary, a module per area.
 
+mod claude_cli;
 mod config;
 mod definitions;
 mod harness;
 mod init;
 mod prompts;
 mod state;
+mod support;
+mod worker;

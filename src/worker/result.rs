@@ -1,0 +1,264 @@
+//! The worker's verdict and the state of its branch afterwards.
+//!
+//! The verdict comes only from `.worker-result.json`, which must be a fresh file (a stale one is
+//! removed before the worker starts) holding `{"verdict": "pass"|"fail", "findings": <int>,
+//! "detail": "<text>"}`. Anything else is an `error` whose detail says what was wrong, so a
+//! worker that did nothing can never pass by accident.
+//!
+//! After the run the branch is made to hold only the agent's work: a result file the agent
+//! committed is removed by a new commit (history is never rewritten: the branch may be pushed
+//! already), and uncommitted work is committed for the agent, both with trailers.
+
+use std::io::Read;
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::git::{Git, trailers};
+
+use super::worktree::{commit_all, committing};
+use super::{RESULT_FILE, Verdict};
+
+/// Result files larger than this are not a verdict but a mistake.
+const MAX_RESULT_BYTES: u64 = 1 << 20;
+
+/// What the result file said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResultFile {
+    Missing,
+    Invalid(String),
+    Valid {
+        verdict: Verdict,
+        findings: u32,
+        detail: String,
+    },
+}
+
+/// Removes a result file left by an earlier run, so that only this run's file is read.
+pub fn remove_stale(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(path, e)),
+    }
+}
+
+/// Reads and validates the result file.
+pub fn read(path: &Path) -> ResultFile {
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return ResultFile::Missing,
+        Err(e) => return ResultFile::Invalid(format!("cannot read {RESULT_FILE}: {e}")),
+    };
+    let mut bytes = Vec::new();
+    if let Err(e) = file.take(MAX_RESULT_BYTES + 1).read_to_end(&mut bytes) {
+        return ResultFile::Invalid(format!("cannot read {RESULT_FILE}: {e}"));
+    }
+    if bytes.len() as u64 > MAX_RESULT_BYTES {
+        return ResultFile::Invalid(format!("{RESULT_FILE} is larger than {MAX_RESULT_BYTES} bytes"));
+    }
+    parse(&bytes)
+}
+
+/// Validates the bytes of a result file.
+pub fn parse(bytes: &[u8]) -> ResultFile {
+    let value: Value = match serde_json::from_slice(bytes) {
+        Ok(v) => v,
+        Err(e) => return ResultFile::Invalid(format!("{RESULT_FILE} is not valid JSON: {e}")),
+    };
+    let Some(obj) = value.as_object() else {
+        return ResultFile::Invalid(format!("{RESULT_FILE} must hold a JSON object"));
+    };
+    let verdict = match obj.get("verdict").and_then(Value::as_str) {
+        Some("pass") => Verdict::Pass,
+        Some("fail") => Verdict::Fail,
+        Some(other) => {
+            return ResultFile::Invalid(format!(
+                "{RESULT_FILE}: verdict must be \"pass\" or \"fail\", not {other:?}"
+            ));
+        }
+        None => return ResultFile::Invalid(format!("{RESULT_FILE}: no \"verdict\" string")),
+    };
+    let findings = match obj.get("findings") {
+        None | Some(Value::Null) => 0,
+        Some(v) => match v.as_u64() {
+            Some(n) => u32::try_from(n).unwrap_or(u32::MAX),
+            None => {
+                return ResultFile::Invalid(format!(
+                    "{RESULT_FILE}: findings must be a non-negative integer, not {v}"
+                ));
+            }
+        },
+    };
+    let detail = match obj.get("detail") {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(s)) => s.clone(),
+        Some(v) => {
+            return ResultFile::Invalid(format!("{RESULT_FILE}: detail must be a string, not {v}"));
+        }
+    };
+    ResultFile::Valid {
+        verdict,
+        findings,
+        detail,
+    }
+}
+
+/// What hyperloop did to the branch after the run.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BranchReport {
+    /// New commits on HEAD since the run started, oldest first.
+    pub commits: Vec<String>,
+    /// Commits the agent made itself (before hyperloop's own).
+    pub agent_commits: usize,
+    /// hyperloop committed work the agent left uncommitted.
+    pub committed_leftovers: bool,
+    /// hyperloop removed a result file the agent had committed.
+    pub dropped_result_file: bool,
+    /// HEAD's tree differs from the tree at the start of the run.
+    pub tree_changed: bool,
+}
+
+/// Cleans up the worktree's branch after a run that started at `pre_head`.
+pub fn settle_branch(
+    wt: &Git,
+    pre_head: &str,
+    role: &str,
+    spec_ref: &str,
+    task_id: &str,
+) -> Result<BranchReport> {
+    let mut report = BranchReport {
+        agent_commits: rev_list(wt, pre_head)?.len(),
+        ..BranchReport::default()
+    };
+    // The index may still be locked by a git the agent's group was running when it was killed.
+    let gitdir = std::path::PathBuf::from(wt.run_trim(["rev-parse", "--absolute-git-dir"])?);
+    let lock = gitdir.join("index.lock");
+    if lock.exists() {
+        std::fs::remove_file(&lock).map_err(|e| Error::io(&lock, e))?;
+    }
+
+    let tracked = !wt
+        .run(["ls-tree", "--name-only", "HEAD", "--", RESULT_FILE])?
+        .trim()
+        .is_empty();
+    if tracked {
+        drop_result_file(wt, &gitdir, spec_ref, task_id)?;
+        report.dropped_result_file = true;
+    }
+
+    if super::worktree::is_dirty(wt)? {
+        let subject = format!("{role}: uncommitted work left by the agent");
+        report.committed_leftovers = commit_all(wt, &subject, spec_ref, task_id)?.is_some();
+    }
+
+    report.commits = rev_list(wt, pre_head)?;
+    let before = wt.run_trim(["rev-parse", &format!("{pre_head}^{{tree}}")])?;
+    let after = wt.run_trim(["rev-parse", "HEAD^{tree}"])?;
+    report.tree_changed = before != after;
+    Ok(report)
+}
+
+/// Commits the removal of the result file, and nothing else: whatever the agent staged stays
+/// staged for the left-over commit. Built on a scratch index so the agent's index is not touched.
+fn drop_result_file(wt: &Git, gitdir: &Path, spec_ref: &str, task_id: &str) -> Result<()> {
+    let head = wt.run_trim(["rev-parse", "HEAD"])?;
+    let scratch = gitdir.join("hyperloop-drop-result.index");
+    let g = wt
+        .clone()
+        .with_env("GIT_INDEX_FILE", scratch.to_string_lossy().into_owned());
+    let built = (|| -> Result<String> {
+        g.run(["read-tree", "HEAD"])?;
+        g.run(["rm", "--cached", "-q", "--", RESULT_FILE])?;
+        let tree = g.run_trim(["write-tree"])?;
+        let message = format!(
+            "chore: drop orchestrator result file\n\n{}\n",
+            trailers(spec_ref, task_id)
+        );
+        let commit = committing(wt)?.run_with_input(
+            ["commit-tree", tree.as_str(), "-p", head.as_str(), "-F", "-"],
+            message.as_bytes(),
+        )?;
+        Ok(commit.trim().to_string())
+    })();
+    let _ = std::fs::remove_file(&scratch);
+    let commit = built?;
+    wt.run([
+        "update-ref",
+        "-m",
+        "hyperloop: drop orchestrator result file",
+        "HEAD",
+        commit.as_str(),
+        head.as_str(),
+    ])?;
+    wt.run(["rm", "--cached", "-q", "--ignore-unmatch", "--", RESULT_FILE])?;
+    Ok(())
+}
+
+/// Commits reachable from HEAD but not from `since`, oldest first.
+fn rev_list(wt: &Git, since: &str) -> Result<Vec<String>> {
+    let out = wt.run(["rev-list", "--reverse", &format!("{since}..HEAD")])?;
+    Ok(out.lines().map(str::to_string).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid(v: Verdict, findings: u32, detail: &str) -> ResultFile {
+        ResultFile::Valid {
+            verdict: v,
+            findings,
+            detail: detail.to_string(),
+        }
+    }
+
+    #[test]
+    fn accepts_the_contract_shape() {
+        assert_eq!(
+            parse(br#"{"verdict":"pass","findings":0,"detail":"ok"}"#),
+            valid(Verdict::Pass, 0, "ok")
+        );
+        assert_eq!(
+            parse(br#"{"verdict":"fail","findings":3}"#),
+            valid(Verdict::Fail, 3, "")
+        );
+        assert_eq!(
+            parse(br#"{"verdict":"pass","findings":null,"detail":null,"extra":1}"#),
+            valid(Verdict::Pass, 0, "")
+        );
+    }
+
+    #[test]
+    fn refuses_everything_else() {
+        for (bytes, needle) in [
+            (&b"garbage"[..], "not valid JSON"),
+            (b"[1]", "JSON object"),
+            (br#"{"findings":1}"#, "no \"verdict\""),
+            (br#"{"verdict":"error"}"#, "\"error\""),
+            (br#"{"verdict":"timeout"}"#, "\"timeout\""),
+            (br#"{"verdict":"PASS"}"#, "\"PASS\""),
+            (br#"{"verdict":"pass","findings":-1}"#, "non-negative"),
+            (br#"{"verdict":"pass","findings":1.5}"#, "non-negative"),
+            (br#"{"verdict":"pass","findings":"2"}"#, "non-negative"),
+            (
+                br#"{"verdict":"pass","detail":{"a":1}}"#,
+                "detail must be a string",
+            ),
+        ] {
+            match parse(bytes) {
+                ResultFile::Invalid(reason) => {
+                    assert!(reason.contains(needle), "{reason:?} lacks {needle:?}")
+                }
+                other => panic!("{:?} gave {other:?}", String::from_utf8_lossy(bytes)),
+            }
+        }
+    }
+
+    #[test]
+    fn missing_file() {
+        let dir = std::env::temp_dir().join("hyperloop-result-missing-check");
+        assert_eq!(read(&dir.join("nope.json")), ResultFile::Missing);
+    }
+}

@@ -1,0 +1,381 @@
+//! Worktrees workers run in: one per task at `<repo>/.hyperloop/worktrees/<task id>`, checked out
+//! on the task's branch, and detached ones for intake and process improvement under
+//! `<repo>/.hyperloop/worktrees/.base/<name>`.
+//!
+//! A step can be killed at any moment, so whatever a previous step left behind — a registration
+//! whose directory is gone, a directory git no longer knows, an `index.lock`, a half-done rebase,
+//! uncommitted work of a dead agent — is repaired here and is never a reason to fail. The task
+//! branch is never reset: it holds the agent's commits. Uncommitted work found in a task worktree
+//! is committed (with trailers) rather than thrown away.
+//!
+//! hyperloop's local state must not show up in `git status`, and the user's `.gitignore` is theirs,
+//! so the ignores go into the repository's `info/exclude`.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::git::{Git, trailers};
+
+use super::RESULT_FILE;
+
+/// Lines hyperloop keeps in `info/exclude` (shared by every worktree of the repository).
+pub const LOCAL_EXCLUDES: &[&str] = &[
+    "/.hyperloop/worktrees/",
+    "/.hyperloop/logs/",
+    "/.hyperloop/state/",
+    "/.worker-result.json",
+];
+
+/// `<repo>/.hyperloop/worktrees`.
+pub fn worktrees_dir(repo_root: &Path) -> PathBuf {
+    repo_root.join(".hyperloop").join("worktrees")
+}
+
+/// `<repo>/.hyperloop/logs`.
+pub fn logs_dir(repo_root: &Path) -> PathBuf {
+    repo_root.join(".hyperloop").join("logs")
+}
+
+/// The log of one worker run: `<repo>/.hyperloop/logs/<task>-<role>-r<round>.log`.
+pub fn worker_log_path(repo_root: &Path, task_id: &str, role: &str, round: u32) -> PathBuf {
+    logs_dir(repo_root).join(format!("{task_id}-{role}-r{round}.log"))
+}
+
+/// Where a task's worktree lives.
+pub fn task_worktree_path(repo_root: &Path, task_id: &str) -> PathBuf {
+    worktrees_dir(repo_root).join(task_id)
+}
+
+/// Where a detached base worktree lives. Task ids cannot start with a dot, so `.base` never
+/// collides with a task's worktree.
+pub fn base_worktree_path(repo_root: &Path, name: &str) -> PathBuf {
+    worktrees_dir(repo_root).join(".base").join(name)
+}
+
+/// Rejects ids that cannot safely name a directory (separators, `..`, a leading dot).
+fn check_name(what: &str, name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::other(format!(
+            "{what} {name:?} cannot name a worktree: use letters, digits, '-', '_' and '.', not starting with '.'"
+        )))
+    }
+}
+
+/// Makes sure `info/exclude` ignores hyperloop's local state and the result file.
+pub fn ensure_local_excludes(git: &Git) -> Result<()> {
+    let info = git.common_dir()?.join("info");
+    let file = info.join("exclude");
+    let current = match std::fs::read_to_string(&file) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(Error::io(&file, e)),
+    };
+    let have: Vec<&str> = current.lines().map(str::trim).collect();
+    let missing: Vec<&str> = LOCAL_EXCLUDES
+        .iter()
+        .copied()
+        .filter(|l| !have.contains(l))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let mut text = current.clone();
+    if !text.is_empty() && !text.ends_with('\n') {
+        text.push('\n');
+    }
+    text.push_str("# hyperloop's local state\n");
+    for l in missing {
+        text.push_str(l);
+        text.push('\n');
+    }
+    std::fs::create_dir_all(&info).map_err(|e| Error::io(&info, e))?;
+    std::fs::write(&file, text).map_err(|e| Error::io(&file, e))
+}
+
+/// One entry of `git worktree list --porcelain`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Registered {
+    path: PathBuf,
+    branch: Option<String>,
+}
+
+fn registered_worktrees(git: &Git) -> Result<Vec<Registered>> {
+    let text = git.run(["worktree", "list", "--porcelain"])?;
+    let mut out = Vec::new();
+    let mut current: Option<Registered> = None;
+    for line in text.lines() {
+        if let Some(p) = line.strip_prefix("worktree ") {
+            if let Some(r) = current.take() {
+                out.push(r);
+            }
+            current = Some(Registered {
+                path: PathBuf::from(p),
+                branch: None,
+            });
+        } else if let Some(b) = line.strip_prefix("branch ")
+            && let Some(r) = current.as_mut()
+        {
+            r.branch = Some(b.to_string());
+        }
+    }
+    if let Some(r) = current {
+        out.push(r);
+    }
+    Ok(out)
+}
+
+/// Compares paths after resolving symlinks where the path exists (git records real paths on
+/// some systems and the given ones on others).
+fn same_path(a: &Path, b: &Path) -> bool {
+    let norm = |p: &Path| {
+        std::fs::canonicalize(p).unwrap_or_else(|_| {
+            // A missing directory: resolve its parent, which usually still exists.
+            match (p.parent(), p.file_name()) {
+                (Some(parent), Some(name)) => std::fs::canonicalize(parent)
+                    .map(|pp| pp.join(name))
+                    .unwrap_or_else(|_| p.to_path_buf()),
+                _ => p.to_path_buf(),
+            }
+        })
+    };
+    norm(a) == norm(b)
+}
+
+/// Returns a git that can commit even when the repository has no identity configured (a fresh
+/// CI runner): hyperloop then commits as itself.
+pub fn committing(git: &Git) -> Result<Git> {
+    let mut g = git.clone();
+    if !git.succeeds(["config", "--get", "user.name"])? {
+        g = g
+            .with_env("GIT_AUTHOR_NAME", "hyperloop")
+            .with_env("GIT_COMMITTER_NAME", "hyperloop");
+    }
+    if !git.succeeds(["config", "--get", "user.email"])? {
+        g = g
+            .with_env("GIT_AUTHOR_EMAIL", "hyperloop@localhost")
+            .with_env("GIT_COMMITTER_EMAIL", "hyperloop@localhost");
+    }
+    Ok(g)
+}
+
+/// Stages everything in the worktree `git` runs in (ignored files and the result file excepted)
+/// and commits it with trailers. Returns the new commit, or `None` when there was nothing to
+/// commit (hyperloop makes no empty commits).
+pub fn commit_all(git: &Git, subject: &str, spec_ref: &str, task_ref: &str) -> Result<Option<String>> {
+    git.run(["add", "-A"])?;
+    // A result file that is tracked already (an older orchestrator committed it) is not work.
+    git.run(["rm", "--cached", "-q", "--ignore-unmatch", "--", RESULT_FILE])?;
+    if git.succeeds(["diff", "--cached", "--quiet"])? {
+        return Ok(None);
+    }
+    let message = format!("{subject}\n\n{}", trailers(spec_ref, task_ref));
+    committing(git)?.run(["commit", "-q", "--no-verify", "-m", &message])?;
+    git.rev_parse("HEAD")
+}
+
+/// True when the worktree has changes `git add -A` would stage.
+pub fn is_dirty(git: &Git) -> Result<bool> {
+    let s = git.run(["status", "--porcelain", "--untracked-files=all"])?;
+    Ok(!s.trim().is_empty())
+}
+
+/// Clears what a killed git or agent leaves behind in a worktree: a lock file and a rebase,
+/// merge, cherry-pick or revert in progress.
+fn clear_interrupted_operations(wt: &Git) -> Result<()> {
+    let gitdir = PathBuf::from(wt.run_trim(["rev-parse", "--absolute-git-dir"])?);
+    let lock = gitdir.join("index.lock");
+    if lock.exists() {
+        std::fs::remove_file(&lock).map_err(|e| Error::io(&lock, e))?;
+    }
+    let rebasing = gitdir.join("rebase-merge").exists() || gitdir.join("rebase-apply").exists();
+    if rebasing && !wt.succeeds(["rebase", "--abort"])? {
+        for d in ["rebase-merge", "rebase-apply"] {
+            let p = gitdir.join(d);
+            if p.exists() {
+                std::fs::remove_dir_all(&p).map_err(|e| Error::io(&p, e))?;
+            }
+        }
+    }
+    for (head, cmd) in [
+        ("MERGE_HEAD", "merge"),
+        ("CHERRY_PICK_HEAD", "cherry-pick"),
+        ("REVERT_HEAD", "revert"),
+    ] {
+        if gitdir.join(head).exists() && !wt.succeeds([cmd, "--abort"])? {
+            let p = gitdir.join(head);
+            std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes a worktree directory and its registration, however broken either is. The branch is
+/// kept.
+pub fn remove_worktree(git: &Git, path: &Path) -> Result<()> {
+    let listed = registered_worktrees(git)?
+        .into_iter()
+        .any(|r| same_path(&r.path, path));
+    if listed {
+        let shown = path.to_string_lossy().into_owned();
+        // Twice --force: also removes a locked or dirty worktree.
+        let _ = git.output(["worktree", "remove", "--force", "--force", shown.as_str()])?;
+    }
+    if path.exists() {
+        std::fs::remove_dir_all(path).map_err(|e| Error::io(path, e))?;
+    }
+    git.run(["worktree", "prune"])?;
+    Ok(())
+}
+
+/// Checks out the task's branch in its worktree, creating the branch from `base_commit` the first
+/// time, and returns the worktree's path. Reuses a healthy worktree, repairs a broken one, and
+/// commits uncommitted work a dead agent left in it (`spec_ref` and `task_id` go into the
+/// trailers).
+pub fn ensure_task_worktree(
+    git: &Git,
+    repo_root: &Path,
+    task_id: &str,
+    spec_ref: &str,
+    branch: &str,
+    base_commit: &str,
+) -> Result<PathBuf> {
+    check_name("task id", task_id)?;
+    if !git.succeeds(["check-ref-format", "--branch", branch])? {
+        return Err(Error::other(format!("{branch:?} is not a valid branch name")));
+    }
+    ensure_local_excludes(git)?;
+    let path = task_worktree_path(repo_root, task_id);
+    git.run(["worktree", "prune"])?;
+
+    let branch_ref = format!("refs/heads/{branch}");
+    if git.rev_parse(&branch_ref)?.is_none() {
+        let Some(base) = git.rev_parse(base_commit)? else {
+            return Err(Error::other(format!(
+                "cannot create branch {branch}: {base_commit} is not a commit"
+            )));
+        };
+        git.run(["branch", "--no-track", branch, base.as_str()])?;
+    }
+
+    let registered = registered_worktrees(git)?;
+    // Our own worktree of another task id (a renamed task) holding the branch is stale; anybody
+    // else's checkout of it is the user's business.
+    for r in &registered {
+        if r.branch.as_deref() == Some(branch_ref.as_str()) && !same_path(&r.path, &path) {
+            if r.path.starts_with(worktrees_dir(repo_root)) || !r.path.exists() {
+                remove_worktree(git, &r.path)?;
+            } else {
+                return Err(Error::other(format!(
+                    "branch {branch} is checked out at {}; hyperloop needs it for task {task_id}",
+                    r.path.display()
+                )));
+            }
+        }
+    }
+
+    let ours = registered.iter().find(|r| same_path(&r.path, &path));
+    if ours.is_some() && path.join(".git").exists() {
+        let wt = git.at(&path);
+        if repair_task_worktree(&wt, task_id, spec_ref, branch).is_ok() {
+            return Ok(path);
+        }
+        // Beyond repair (e.g. its git files are damaged): start it afresh from the branch.
+        remove_worktree(git, &path)?;
+    } else if ours.is_some() || path.exists() {
+        remove_worktree(git, &path)?;
+    }
+    add_worktree(git, &path, &[branch])?;
+    Ok(path)
+}
+
+fn repair_task_worktree(wt: &Git, task_id: &str, spec_ref: &str, branch: &str) -> Result<()> {
+    clear_interrupted_operations(wt)?;
+    if is_dirty(wt)? {
+        commit_all(
+            wt,
+            "hyperloop: uncommitted work left by an interrupted worker",
+            spec_ref,
+            task_id,
+        )?;
+    }
+    let head = wt.output(["symbolic-ref", "-q", "HEAD"])?;
+    let on = String::from_utf8_lossy(&head.stdout).trim().to_string();
+    if on != format!("refs/heads/{branch}") {
+        wt.run(["checkout", "-q", "--force", branch])?;
+    }
+    Ok(())
+}
+
+/// `git worktree add`, falling back to the forced forms that override stale registrations.
+fn add_worktree(git: &Git, path: &Path, rest: &[&str]) -> Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    }
+    let p = path.to_string_lossy().into_owned();
+    let mut args = vec!["worktree", "add", "-q", p.as_str()];
+    args.extend_from_slice(rest);
+    if git.succeeds(&args)? {
+        return Ok(());
+    }
+    git.run(["worktree", "prune"])?;
+    if path.exists() {
+        std::fs::remove_dir_all(path).map_err(|e| Error::io(path, e))?;
+    }
+    let mut forced = vec!["worktree", "add", "-q", "--force", "--force", p.as_str()];
+    forced.extend_from_slice(rest);
+    git.run(&forced)?;
+    Ok(())
+}
+
+/// A clean worktree detached at `commit`, for workers that do not belong to a task (intake,
+/// process improvement). Whatever a previous run left in it is discarded: its results were
+/// taken from its commits, which the caller records.
+pub fn ensure_base_worktree(git: &Git, repo_root: &Path, name: &str, commit: &str) -> Result<PathBuf> {
+    check_name("worktree name", name)?;
+    ensure_local_excludes(git)?;
+    let Some(commit) = git.rev_parse(commit)? else {
+        return Err(Error::other(format!(
+            "cannot check out {commit} for {name}: not a commit"
+        )));
+    };
+    let path = base_worktree_path(repo_root, name);
+    git.run(["worktree", "prune"])?;
+    let registered = registered_worktrees(git)?;
+    let ours = registered.iter().any(|r| same_path(&r.path, &path));
+    if ours && path.join(".git").exists() {
+        let wt = git.at(&path);
+        let reset = clear_interrupted_operations(&wt)
+            .and_then(|()| wt.run(["checkout", "-q", "--force", "--detach", commit.as_str()]))
+            .and_then(|_| wt.run(["clean", "-q", "-ffd"]));
+        if reset.is_ok() {
+            return Ok(path);
+        }
+        remove_worktree(git, &path)?;
+    } else if ours || path.exists() {
+        remove_worktree(git, &path)?;
+    }
+    add_worktree(git, &path, &["--detach", commit.as_str()])?;
+    Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_that_cannot_be_directories() {
+        for bad in ["", ".base", "..", "a/b", "a b", "x\n"] {
+            assert!(check_name("task id", bad).is_err(), "{bad:?} accepted");
+        }
+        for good in ["task-001", "T_2.x", "intake"] {
+            assert!(check_name("task id", good).is_ok(), "{good:?} refused");
+        }
+    }
+}
