@@ -3,11 +3,17 @@
 
 use std::path::{Path, PathBuf};
 
+use std::time::Duration;
+
 use crate::cli::{Command, GlobalArgs};
 use crate::config::Config;
+use crate::cycle::execute::{StepOptions, StepReport};
+use crate::emit;
 use crate::error::{Error, Result};
-use crate::state::Repo;
-use crate::task::Task;
+use crate::lock::StepLock;
+use crate::pipeline::Step;
+use crate::state::{Changes, Publish, Repo};
+use crate::task::{Status, Task};
 
 /// Everything a command needs to know about its target.
 #[derive(Debug)]
@@ -97,9 +103,297 @@ pub fn run(command: &Command, global: &GlobalArgs) -> Result<Outcome> {
             };
             Ok(Outcome::ok(text))
         }
-        Command::Step(_) | Command::Run(_) | Command::Approve(_) => Err(Error::NotAvailable {
-            what: "this command".into(),
-        }),
+        Command::Step(args) => {
+            let target = Target::load(global)?;
+            start_logging(&target.config);
+            if global.dry_run {
+                return Ok(Outcome::ok(crate::cycle::execute::dry_run(&target)?));
+            }
+            let opts = StepOptions {
+                max_duration: args.max_duration.map(Duration::from_secs),
+                cycle: 1,
+            };
+            emit_started(&target);
+            let report = match block_on(crate::cycle::execute::step(&target, &opts))? {
+                Ok(r) => r,
+                Err(Error::Busy { path, pid }) => {
+                    emit!(
+                        INFO,
+                        "step_skipped",
+                        reason = "another step holds the repository",
+                        lock = path.display().to_string().as_str(),
+                        holder_pid = pid
+                    );
+                    let text = if args.json {
+                        "{\"skipped\": true}\n".to_string()
+                    } else {
+                        format!(
+                            "another hyperloop step (pid {pid}) is working on this repository; nothing done\n"
+                        )
+                    };
+                    return Ok(Outcome::ok(text));
+                }
+                Err(e) => return Err(e),
+            };
+            let text = if args.json {
+                let mut s = serde_json::to_string_pretty(&report).map_err(|e| Error::other(e.to_string()))?;
+                s.push('\n');
+                s
+            } else {
+                summary(&report)
+            };
+            Ok(Outcome::ok(text))
+        }
+        Command::Run(args) => {
+            let mut target = Target::load(global)?;
+            if let Some(n) = args.max_workers {
+                if n == 0 {
+                    return Err(Error::usage("--max-workers must be at least 1"));
+                }
+                target.config.runtime.max_workers = n;
+            }
+            start_logging(&target.config);
+            if global.dry_run {
+                return Ok(Outcome::ok(crate::cycle::execute::dry_run(&target)?));
+            }
+            emit_started(&target);
+            block_on(run_loop(&target))?
+        }
+        Command::Approve(args) => {
+            if global.dry_run {
+                return Err(Error::usage("--dry-run applies to step and run"));
+            }
+            let target = Target::load(global)?;
+            start_logging(&target.config);
+            approve(&target, &args.task, args.gate.as_deref())
+        }
+    }
+}
+
+fn start_logging(config: &Config) {
+    crate::events::init(config.observability.log_format, config.observability.log_level);
+}
+
+fn emit_started(target: &Target) {
+    emit!(
+        INFO,
+        "orchestrator_started",
+        repo = target.repo.root.display().to_string().as_str(),
+        branch = target.config.target.base_branch.as_str(),
+        max_workers = target.config.runtime.max_workers,
+        max_rounds = target.config.max_task_rounds,
+        overlay = target.config.overlay.as_deref().unwrap_or("-"),
+        mode = if target.config.target.repo.is_some() {
+            "github"
+        } else {
+            "local"
+        }
+    );
+}
+
+fn block_on<F: std::future::Future>(fut: F) -> Result<F::Output> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| Error::other(format!("cannot start the async runtime: {e}")))?;
+    Ok(rt.block_on(fut))
+}
+
+/// One line per step for people; `--json` has everything.
+fn summary(r: &StepReport) -> String {
+    let mut s = format!(
+        "step: {} started, {} finished, {} merged; {}/{} tasks complete",
+        r.spawned.len(),
+        r.reaped.len(),
+        r.merged.len(),
+        r.tasks_complete,
+        r.tasks_total
+    );
+    if r.tasks_failed > 0 {
+        s.push_str(&format!(", {} failed", r.tasks_failed));
+    }
+    if !r.blocked.is_empty() {
+        s.push_str(&format!(", blocked: {}", r.blocked.join(", ")));
+    }
+    if !r.waiting.is_empty() {
+        s.push_str(&format!(", waiting for approval: {}", r.waiting.join(", ")));
+    }
+    s.push_str(&format!(" ({})\n", r.progress));
+    s
+}
+
+/// `run`: steps until the work is done, cannot progress, or `max_cycles` ran out.
+async fn run_loop(target: &Target) -> Result<Outcome> {
+    let config = &target.config;
+    let mut hinted_waiting = false;
+    let mut last = StepReport::default();
+    for cycle in 1..=u64::from(config.max_cycles) {
+        let opts = StepOptions {
+            max_duration: None,
+            cycle,
+        };
+        match crate::cycle::execute::step(target, &opts).await {
+            Ok(report) => last = report,
+            Err(Error::Busy { pid, .. }) => {
+                emit!(
+                    INFO,
+                    "step_skipped",
+                    reason = "another step holds the repository",
+                    holder_pid = pid,
+                    cycle = cycle
+                );
+                tokio::time::sleep(Duration::from_secs(config.poll_interval.max(1))).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
+        match last.progress.as_str() {
+            "all-complete" | "idle" => {
+                let reason = if last.progress == "idle" {
+                    "nothing to do: no specs and no tasks"
+                } else {
+                    "all tasks complete"
+                };
+                emit!(
+                    INFO,
+                    "orchestrator_halted",
+                    reason = reason,
+                    total_cycles = cycle,
+                    completed_tasks = last.tasks_complete,
+                    failed_tasks = last.tasks_failed
+                );
+                return Ok(Outcome {
+                    stdout: summary(&last),
+                    exit_code: 0,
+                });
+            }
+            "stuck" => {
+                emit!(
+                    ERROR,
+                    "orchestrator_halted",
+                    reason =
+                        "no task can progress: the rest failed or are blocked behind a failed dependency",
+                    total_cycles = cycle,
+                    completed_tasks = last.tasks_complete,
+                    failed_tasks = last.tasks_failed,
+                    blocked = last.blocked.join(",").as_str()
+                );
+                return Ok(Outcome {
+                    stdout: summary(&last),
+                    exit_code: 3,
+                });
+            }
+            "waiting" if !hinted_waiting => {
+                hinted_waiting = true;
+                emit!(
+                    INFO,
+                    "waiting_for_approval",
+                    tasks = last.waiting.join(",").as_str(),
+                    hint = "run `hyperloop approve TASK` to clear a gate"
+                );
+            }
+            _ => {}
+        }
+        if cycle < u64::from(config.max_cycles) {
+            tokio::time::sleep(Duration::from_secs(config.poll_interval)).await;
+        }
+    }
+    emit!(
+        WARN,
+        "orchestrator_halted",
+        reason = format!("max_cycles exhausted ({})", config.max_cycles).as_str(),
+        total_cycles = config.max_cycles,
+        completed_tasks = last.tasks_complete,
+        failed_tasks = last.tasks_failed
+    );
+    Ok(Outcome {
+        stdout: summary(&last),
+        exit_code: 3,
+    })
+}
+
+/// `approve TASK`: records that the gate TASK waits at is cleared (local mode).
+fn approve(target: &Target, task_id: &str, gate: Option<&str>) -> Result<Outcome> {
+    let repo = &target.repo;
+    let _lock = loop {
+        match StepLock::acquire(&repo.common_dir.join("hyperloop.lock")) {
+            Ok(l) => break l,
+            // A running step holds the lock; approvals are quick, so wait for it.
+            Err(Error::Busy { .. }) => std::thread::sleep(Duration::from_millis(200)),
+            Err(e) => return Err(e),
+        }
+    };
+    let defs = crate::definitions::load(&target.config, &repo.root)?;
+    let branch = target.config.state_branch();
+    let Some(tip) = repo.branch_tip(branch)? else {
+        return Err(Error::usage(format!(
+            "no task {task_id}: branch `{branch}` does not exist"
+        )));
+    };
+    let tree = repo.read_tree_state(&tip, &target.config.target.specs_dir)?;
+    let Some(mut task) = tree.tasks.into_iter().find(|t| t.id == task_id) else {
+        return Err(Error::usage(format!(
+            "no task {task_id} in {}",
+            target.config.target.specs_dir
+        )));
+    };
+    let Some(name) = waiting_gate(&task, &defs.process.pipeline, target.config.merge.auto_merge) else {
+        return Err(Error::usage(format!(
+            "{task_id} waits at no gate (it is {} at {})",
+            task.status,
+            task.phase.as_deref().unwrap_or("no step")
+        )));
+    };
+    if let Some(g) = gate
+        && g != name
+    {
+        return Err(Error::usage(format!(
+            "{task_id} waits at gate `{name}`, not `{g}`"
+        )));
+    }
+    if task.gate_cleared {
+        return Ok(Outcome::ok(format!(
+            "{task_id}: gate `{name}` was already approved\n"
+        )));
+    }
+    task.gate_cleared = true;
+    let mut changes = Changes::default();
+    changes.put_task(
+        &format!("{}/tasks", target.config.target.specs_dir.trim_end_matches('/')),
+        &task,
+    );
+    let message = crate::cycle::execute::commit_message(
+        &format!("hyperloop: approve {task_id} at {name}"),
+        "",
+        &[&task.spec_ref],
+        task_id,
+    );
+    let Some(commit) = repo.commit_changes(&tip, &changes, &message)? else {
+        return Ok(Outcome::ok(format!("{task_id}: nothing to change\n")));
+    };
+    match repo.publish(branch, &tip, &commit)? {
+        Publish::Moved => {}
+        Publish::Raced(_) => {
+            return Err(Error::other(format!(
+                "branch `{branch}` moved while approving; run the command again"
+            )));
+        }
+    }
+    emit!(INFO, "gate_approved", task_id = task_id, gate = name.as_str());
+    Ok(Outcome::ok(format!("{task_id}: approved gate `{name}`\n")))
+}
+
+/// The gate a task waits at: a gate step, or `merge-pr` when merges need a person.
+pub fn waiting_gate(task: &Task, pipeline: &[Step], auto_merge: bool) -> Option<String> {
+    if task.status != Status::InProgress {
+        return None;
+    }
+    let located = crate::cycle::transition::locate(task, pipeline)?;
+    match crate::pipeline::step_at(pipeline, &located.position)? {
+        Step::Gate { name } => Some(name.clone()),
+        Step::Action { name } if name == crate::pipeline::MERGE_PR && !auto_merge => Some(name.clone()),
+        _ => None,
     }
 }
 

@@ -3,5 +3,6 @@
 //! [`plan::Plan`] of actions for the executor.
 
 pub mod decide;
+pub mod execute;
 pub mod plan;
 pub mod transition;

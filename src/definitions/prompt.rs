@@ -139,7 +139,11 @@ pub fn parse_role_overlay(file: &Path, text: &str) -> Result<Option<String>> {
         }
         None => text.to_string(),
     };
-    Ok(if chosen.trim().is_empty() { None } else { Some(chosen) })
+    Ok(if chosen.trim().is_empty() {
+        None
+    } else {
+        Some(chosen)
+    })
 }
 
 #[cfg(test)]

@@ -53,8 +53,10 @@ impl TestEnv {
         self.root().join("home")
     }
 
+    /// The global git configuration; in HOME so that worker processes, which get HOME but
+    /// not GIT_CONFIG_GLOBAL, see the same identity.
     pub fn gitconfig(&self) -> PathBuf {
-        self.root().join("gitconfig")
+        self.home().join(".gitconfig")
     }
 
     /// The environment every command in a test runs with: nothing inherited but PATH.

@@ -5,6 +5,7 @@ mod config;
 mod definitions;
 mod harness;
 mod init;
+mod local;
 mod prompts;
 mod state;
 mod support;

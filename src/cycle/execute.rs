@@ -1,0 +1,1704 @@
+//! The one place that sequences I/O for a step: recover what a killed step left, then decide and
+//! act until nothing more can start — start workers (at most `max_workers` at once), record each
+//! result the moment it arrives (one commit per change of state), clear gates, merge — and exit.
+//!
+//! Every change of task state is a commit made without a checkout ([`crate::state`]) and moved
+//! onto the branch by compare-and-swap. A step killed at any instant loses at most the worker runs
+//! in flight, whose branches keep every commit the agents made.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::app::Target;
+use crate::config::{Config, MergeStrategy};
+use crate::cycle::decide::{self, Snapshot, SpecInfo};
+use crate::cycle::plan::{Action, FailureNote, Plan, Progress};
+use crate::cycle::transition::{self, ChangeEvent, TaskChange};
+use crate::definitions::prompt::{self, PromptInput};
+use crate::definitions::{self, Definitions};
+use crate::emit;
+use crate::error::{Error, Result};
+use crate::events::now_unix;
+use crate::git::{Git, trailers};
+use crate::lock::StepLock;
+use crate::pipeline::{self, MARK_PR_READY, MERGE_PR, Position, Step, Verdict};
+use crate::state::{Changes, MergeTree, Publish, Repo};
+use crate::task::{Attempt, Status, Task, store::INTAKE_RECORD};
+use crate::worker::{self, WorkerOutcome, WorkerSpec, result::ResultFile, worktree};
+
+/// Task id used for the intake worker (CONTRACT §4).
+pub const INTAKE_ID: &str = "intake";
+/// Task id used for the process improver (CONTRACT §4).
+pub const IMPROVER_ID: &str = "process-improvement";
+
+/// Options of one step.
+#[derive(Debug, Clone, Default)]
+pub struct StepOptions {
+    /// Start no new worker after this long.
+    pub max_duration: Option<Duration>,
+    /// The cycle number (for events), when `run` drives the step.
+    pub cycle: u64,
+}
+
+/// One worker run, as the report shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkerRun {
+    pub task_id: String,
+    pub role: String,
+    pub round: u32,
+    pub verdict: Option<String>,
+    pub duration_s: f64,
+    pub cost_usd: Option<f64>,
+}
+
+/// What a step did, for `--json` and for `run`'s stop decision.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StepReport {
+    pub cycle: u64,
+    pub spawned: Vec<WorkerRun>,
+    pub reaped: Vec<WorkerRun>,
+    pub merged: Vec<String>,
+    pub completed: Vec<String>,
+    pub failed: Vec<String>,
+    pub blocked: Vec<String>,
+    pub waiting: Vec<String>,
+    pub intake_ran: bool,
+    pub improver_ran: bool,
+    pub commits: u32,
+    pub tasks_total: usize,
+    pub tasks_complete: usize,
+    pub tasks_failed: usize,
+    /// `all-complete`, `working`, `waiting`, `stuck` or `idle`.
+    pub progress: String,
+    pub work_remaining: bool,
+    pub duration_s: f64,
+    pub cost_usd: f64,
+}
+
+/// What kind of worker a running entry is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum Kind {
+    Task,
+    Intake,
+    Improver,
+}
+
+/// A worker started by this step; also written to disk so a later step can find it if this one
+/// dies.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RunRecord {
+    key: String,
+    kind: Kind,
+    task_id: String,
+    role: String,
+    round: u32,
+    nonce: String,
+    started_at: u64,
+    worktree: PathBuf,
+    /// The worktree's HEAD when the worker started.
+    start_head: String,
+    /// For intake: the spec hashes it was asked to take in.
+    #[serde(default)]
+    specs: BTreeMap<String, String>,
+    /// For the improver: the failures it was shown.
+    #[serde(default)]
+    failures: Vec<String>,
+}
+
+/// Runs one step on `target`.
+pub async fn step(target: &Target, opts: &StepOptions) -> Result<StepReport> {
+    let repo = target.repo.clone();
+    if target.config.target.repo.is_some() {
+        return Err(Error::NotAvailable {
+            what: "GitHub mode (--repo / target.repo)".into(),
+        });
+    }
+    if target.config.state_branch() != target.config.target.base_branch {
+        return Err(Error::NotAvailable {
+            what: "a target.state_branch other than the base branch".into(),
+        });
+    }
+    let lock = StepLock::acquire(&repo.common_dir.join("hyperloop.lock"))?;
+    let defs = definitions::load(&target.config, &repo.root)?;
+    let mut stepper = Stepper::new(repo, target.config.clone(), defs, opts)?;
+    let result = stepper.run().await;
+    drop(lock);
+    result
+}
+
+/// Prints what the next step would do, changing nothing.
+pub fn dry_run(target: &Target) -> Result<String> {
+    let defs = definitions::load(&target.config, &target.repo.root)?;
+    let mut out = String::new();
+    out.push_str(&format!("# configuration ({})\n", target.config_file.display()));
+    out.push_str(&target.config.render());
+    out.push_str("\n# definitions\n");
+    out.push_str(&defs.render());
+    let branch = target.config.state_branch();
+    out.push_str("\n# plan\n");
+    match target.repo.branch_tip(branch)? {
+        None => out.push_str(&format!("branch `{branch}` does not exist yet: nothing to do\n")),
+        Some(tip) => {
+            let tree = target
+                .repo
+                .read_tree_state(&tip, &target.config.target.specs_dir)?;
+            let snapshot = Snapshot {
+                tasks: tree.tasks,
+                specs: tree
+                    .specs
+                    .iter()
+                    .map(|s| SpecInfo {
+                        path: s.path.clone(),
+                        hash: s.hash.clone(),
+                    })
+                    .collect(),
+                intake_record: tree.intake_record,
+                running: BTreeSet::new(),
+                pending_failures: Vec::new(),
+                intake_running: false,
+                github_mode: target.config.target.repo.is_some(),
+            };
+            let plan = decide::decide(&snapshot, &target.config, &defs.process, now_unix())?;
+            out.push_str(&plan.to_string());
+        }
+    }
+    Ok(out)
+}
+
+struct Running {
+    record: RunRecord,
+    started: Instant,
+}
+
+struct Stepper {
+    repo: Repo,
+    config: Config,
+    defs: Definitions,
+    branch: String,
+    tip: String,
+    tasks: BTreeMap<String, Task>,
+    specs: Vec<SpecInfo>,
+    intake_record: BTreeMap<String, String>,
+    running: HashMap<String, Running>,
+    workers: JoinSet<(String, WorkerOutcome)>,
+    pending_failures: Vec<FailureNote>,
+    improver_ran: bool,
+    intake_attempted: bool,
+    /// Actions already tried in this step at a given position, so a failed one is not retried
+    /// in a tight loop.
+    attempted: HashSet<(String, Vec<usize>, String)>,
+    report: StepReport,
+    cancel_tx: watch::Sender<bool>,
+    cancel_rx: watch::Receiver<bool>,
+    deadline: Option<Instant>,
+    started: Instant,
+    nonce_counter: u64,
+}
+
+impl Stepper {
+    fn new(repo: Repo, config: Config, defs: Definitions, opts: &StepOptions) -> Result<Stepper> {
+        let branch = config.state_branch().to_string();
+        let tip = repo.branch_tip(&branch)?.ok_or_else(|| Error::Other {
+            message: format!(
+                "branch `{branch}` does not exist in {}; commit something to it first (hyperloop works on target.base_branch)",
+                repo.root.display()
+            ),
+        })?;
+        let (cancel_tx, cancel_rx) = watch::channel(false);
+        let started = Instant::now();
+        Ok(Stepper {
+            repo,
+            branch,
+            tip,
+            tasks: BTreeMap::new(),
+            specs: Vec::new(),
+            intake_record: BTreeMap::new(),
+            running: HashMap::new(),
+            workers: JoinSet::new(),
+            pending_failures: Vec::new(),
+            improver_ran: false,
+            intake_attempted: false,
+            attempted: HashSet::new(),
+            report: StepReport {
+                cycle: opts.cycle,
+                ..StepReport::default()
+            },
+            cancel_tx,
+            cancel_rx,
+            deadline: opts.max_duration.map(|d| started + d),
+            started,
+            nonce_counter: 0,
+            config,
+            defs,
+        })
+    }
+
+    fn specs_dir(&self) -> &str {
+        &self.config.target.specs_dir
+    }
+
+    fn tasks_rel(&self) -> String {
+        format!("{}/tasks", self.specs_dir().trim_end_matches('/'))
+    }
+
+    fn pipeline(&self) -> &[Step] {
+        &self.defs.process.pipeline
+    }
+
+    fn running_dir(&self) -> PathBuf {
+        self.repo.local_dir().join("state").join("running")
+    }
+
+    fn reload(&mut self) -> Result<()> {
+        let tree = self
+            .repo
+            .read_tree_state(&self.tip, &self.config.target.specs_dir)?;
+        self.tasks = tree.tasks.into_iter().map(|t| (t.id.clone(), t)).collect();
+        self.specs = tree
+            .specs
+            .into_iter()
+            .map(|s| SpecInfo {
+                path: s.path,
+                hash: s.hash,
+            })
+            .collect();
+        self.intake_record = tree.intake_record;
+        Ok(())
+    }
+
+    async fn run(&mut self) -> Result<StepReport> {
+        self.reload()?;
+        emit!(
+            INFO,
+            "cycle_started",
+            cycle = self.report.cycle,
+            tasks = self.tasks.len(),
+            max_workers = self.config.runtime.max_workers
+        );
+        self.recover()?;
+        self.cleanup_merged_branches();
+
+        let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(|e| Error::other(format!("cannot watch for SIGTERM: {e}")))?;
+        let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+            .map_err(|e| Error::other(format!("cannot watch for SIGINT: {e}")))?;
+
+        let mut cancelled = false;
+        let outcome = loop {
+            if !cancelled {
+                match self.act().await {
+                    Ok(_) => {}
+                    Err(e) => break Err(e),
+                }
+            }
+            if self.workers.is_empty() {
+                if cancelled {
+                    break Err(Error::other(
+                        "the step was interrupted; running workers were stopped",
+                    ));
+                }
+                // Nothing running: act() found nothing more to do.
+                break Ok(());
+            }
+            tokio::select! {
+                joined = self.workers.join_next() => {
+                    let Some(joined) = joined else { continue };
+                    match joined {
+                        Ok((key, outcome)) => {
+                            if cancelled {
+                                self.forget(&key);
+                            } else if let Err(e) = self.on_worker_done(&key, &outcome) {
+                                break Err(e);
+                            }
+                        }
+                        Err(e) => break Err(Error::other(format!("a worker task failed: {e}"))),
+                    }
+                }
+                _ = sigterm.recv() => { cancelled = true; let _ = self.cancel_tx.send(true); }
+                _ = sigint.recv() => { cancelled = true; let _ = self.cancel_tx.send(true); }
+            }
+        };
+        if outcome.is_err() {
+            // Stop what still runs: their tasks stay where they are and run again next step.
+            let _ = self.cancel_tx.send(true);
+            while let Some(joined) = self.workers.join_next().await {
+                if let Ok((key, _)) = joined {
+                    self.forget(&key);
+                }
+            }
+        }
+        outcome?;
+        self.finish()
+    }
+
+    /// Decides and performs everything that can happen now. Returns whether anything did.
+    async fn act(&mut self) -> Result<bool> {
+        let mut any = false;
+        loop {
+            let plan = self.plan()?;
+            let mut progressed = false;
+            for action in &plan.actions {
+                if self.perform(action)? {
+                    progressed = true;
+                }
+            }
+            if !progressed {
+                self.note_plan(&plan);
+                return Ok(any);
+            }
+            any = true;
+        }
+    }
+
+    fn plan(&self) -> Result<Plan> {
+        let snapshot = Snapshot {
+            tasks: self.tasks.values().cloned().collect(),
+            specs: self.specs.clone(),
+            intake_record: self.intake_record.clone(),
+            running: self
+                .running
+                .values()
+                .filter(|r| r.record.kind == Kind::Task)
+                .map(|r| r.record.task_id.clone())
+                .collect(),
+            pending_failures: if self.improver_ran {
+                Vec::new()
+            } else {
+                self.pending_failures.clone()
+            },
+            intake_running: self.intake_attempted,
+            github_mode: false,
+        };
+        let mut plan = decide::decide(&snapshot, &self.config, &self.defs.process, now_unix())?;
+        // Intake and the improver are workers too; decide counts task workers only through
+        // `running`, so make room for them here.
+        let others = self
+            .running
+            .values()
+            .filter(|r| r.record.kind != Kind::Task)
+            .count();
+        if others > 0 {
+            let mut budget = self.config.runtime.max_workers.saturating_sub(self.running.len());
+            plan.actions.retain(|a| match a {
+                Action::Spawn { .. }
+                | Action::Start { .. }
+                | Action::RunIntake { .. }
+                | Action::RunImprover { .. } => {
+                    if budget == 0 {
+                        false
+                    } else {
+                        budget -= 1;
+                        true
+                    }
+                }
+                _ => true,
+            });
+        }
+        Ok(plan)
+    }
+
+    fn note_plan(&mut self, plan: &Plan) {
+        self.report.blocked = plan.blocked.iter().map(|b| b.task_id.clone()).collect();
+    }
+
+    fn past_deadline(&self) -> bool {
+        self.deadline.is_some_and(|d| Instant::now() >= d)
+    }
+
+    /// Performs one planned action. Returns whether it changed anything.
+    fn perform(&mut self, action: &Action) -> Result<bool> {
+        match action {
+            Action::RunIntake { specs, .. } => {
+                if self.intake_attempted || self.past_deadline() {
+                    return Ok(false);
+                }
+                self.intake_attempted = true;
+                self.spawn_intake(specs)?;
+                Ok(true)
+            }
+            Action::RunImprover { failures } => {
+                if self.improver_ran || self.past_deadline() {
+                    return Ok(false);
+                }
+                self.improver_ran = true;
+                self.spawn_improver(failures)?;
+                Ok(true)
+            }
+            Action::Start { task_id, .. } => {
+                if self.past_deadline() || self.running.contains_key(task_id) {
+                    return Ok(false);
+                }
+                let Some(task) = self.tasks.get(task_id).cloned() else {
+                    return Ok(false);
+                };
+                let mut t = task;
+                let change = transition::start(&mut t, self.pipeline());
+                self.save_task(t, &change, &format!("hyperloop: start {task_id}"))?;
+                Ok(true)
+            }
+            Action::Spawn { task_id, role, .. } => {
+                if self.past_deadline() || self.running.contains_key(task_id) {
+                    return Ok(false);
+                }
+                self.spawn_task(task_id, role)?;
+                Ok(true)
+            }
+            Action::ClearGate { task_id, .. } => {
+                let Some(mut t) = self.tasks.get(task_id).cloned() else {
+                    return Ok(false);
+                };
+                let gate = t.phase.clone().unwrap_or_default();
+                if !self.first_attempt(task_id, &t, "gate") {
+                    return Ok(false);
+                }
+                t.gate_cleared = false;
+                let change = transition::gate_cleared(&mut t, self.pipeline());
+                emit!(
+                    INFO,
+                    "gate_checked",
+                    task_id = task_id.as_str(),
+                    gate = gate.as_str(),
+                    cleared = true
+                );
+                self.save_task(t, &change, &format!("hyperloop: {task_id} passed gate {gate}"))?;
+                Ok(!change.is_noop())
+            }
+            Action::PollGate { .. } => Ok(false),
+            Action::Perform { task_id, action, .. } => {
+                let Some(t) = self.tasks.get(task_id).cloned() else {
+                    return Ok(false);
+                };
+                if !self.first_attempt(task_id, &t, action) {
+                    return Ok(false);
+                }
+                match action.as_str() {
+                    MERGE_PR => self.merge(t),
+                    MARK_PR_READY => {
+                        let mut t = t;
+                        emit!(
+                            INFO,
+                            "pr_marked_ready",
+                            task_id = task_id.as_str(),
+                            mode = "local",
+                            note = "no pull request in local mode"
+                        );
+                        let change = transition::action_done(&mut t, self.pipeline());
+                        self.save_task(
+                            t,
+                            &change,
+                            &format!("hyperloop: {task_id} mark-pr-ready (local: nothing to do)"),
+                        )?;
+                        Ok(!change.is_noop())
+                    }
+                    other => Err(Error::other(format!("unknown action `{other}` for {task_id}"))),
+                }
+            }
+            Action::FailTask { task_id, reason } => {
+                let Some(mut t) = self.tasks.get(task_id).cloned() else {
+                    return Ok(false);
+                };
+                let change = transition::fail_task(&mut t, reason);
+                if change.is_noop() {
+                    return Ok(false);
+                }
+                self.save_task(t, &change, &format!("hyperloop: {task_id} failed"))?;
+                Ok(true)
+            }
+            Action::Recover { .. } => Ok(false),
+        }
+    }
+
+    fn first_attempt(&mut self, task_id: &str, t: &Task, what: &str) -> bool {
+        self.attempted.insert((
+            task_id.to_string(),
+            t.position.clone().unwrap_or_default(),
+            what.to_string(),
+        ))
+    }
+
+    // ----- committing -------------------------------------------------------------------------
+
+    /// Commits `changes` on the branch tip with trailers and moves the branch. Retries on a
+    /// race by replaying the commit onto the new tip.
+    fn commit(
+        &mut self,
+        changes: &Changes,
+        subject: &str,
+        spec_refs: &[&str],
+        task_ref: &str,
+    ) -> Result<bool> {
+        let message = commit_message(subject, "", spec_refs, task_ref);
+        let Some(new) = self.repo.commit_changes(&self.tip, changes, &message)? else {
+            return Ok(false);
+        };
+        self.publish(new)?;
+        Ok(true)
+    }
+
+    fn publish(&mut self, mut new: String) -> Result<()> {
+        for _ in 0..5 {
+            match self.repo.publish(&self.branch, &self.tip, &new)? {
+                Publish::Moved => {
+                    self.tip = new;
+                    self.report.commits += 1;
+                    return Ok(());
+                }
+                Publish::Raced(current) if !current.is_empty() => {
+                    emit!(
+                        INFO,
+                        "state_rebased",
+                        branch = self.branch.as_str(),
+                        onto = current.as_str()
+                    );
+                    match self.repo.replay(&new, &self.tip, &current)? {
+                        Some(replayed) => {
+                            self.tip = current;
+                            new = replayed;
+                            // Someone else changed the branch: their edits to task files win
+                            // where they touched them, so read the state again.
+                            self.reload_keep_tasks()?;
+                        }
+                        None => {
+                            return Err(Error::other(format!(
+                                "branch `{}` changed during the step in a way that conflicts with hyperloop's state commit",
+                                self.branch
+                            )));
+                        }
+                    }
+                }
+                Publish::Raced(_) => {
+                    return Err(Error::other(format!(
+                        "branch `{}` disappeared during the step",
+                        self.branch
+                    )));
+                }
+            }
+        }
+        Err(Error::other(format!(
+            "branch `{}` kept moving; giving up this step",
+            self.branch
+        )))
+    }
+
+    fn reload_keep_tasks(&mut self) -> Result<()> {
+        let tree = self
+            .repo
+            .read_tree_state(&self.tip, &self.config.target.specs_dir)?;
+        self.specs = tree
+            .specs
+            .into_iter()
+            .map(|s| SpecInfo {
+                path: s.path,
+                hash: s.hash,
+            })
+            .collect();
+        Ok(())
+    }
+
+    /// Writes one task's new state in its own commit and reports its change.
+    fn save_task(&mut self, task: Task, change: &TaskChange, subject: &str) -> Result<()> {
+        let mut changes = Changes::default();
+        changes.put_task(&self.tasks_rel(), &task);
+        let spec = task.spec_ref.clone();
+        let id = task.id.clone();
+        self.commit(&changes, subject, &[&spec], &id)?;
+        self.note_change(&task, change);
+        self.tasks.insert(id, task);
+        Ok(())
+    }
+
+    fn note_change(&mut self, task: &Task, change: &TaskChange) {
+        for ev in &change.events {
+            match ev {
+                ChangeEvent::Started | ChangeEvent::Advanced | ChangeEvent::RebaseResolved => emit!(
+                    DEBUG,
+                    "task_advanced",
+                    task_id = task.id.as_str(),
+                    spec_ref = task.spec_ref.as_str(),
+                    from_phase = change.from_phase.as_deref().unwrap_or("-"),
+                    to_phase = change.to_phase.as_deref().unwrap_or("-"),
+                    from_status = change.from_status.as_str(),
+                    to_status = change.to_status.as_str(),
+                    round = task.round
+                ),
+                ChangeEvent::Relocated { .. } => emit!(
+                    INFO,
+                    "task_advanced",
+                    task_id = task.id.as_str(),
+                    note = "position recovered from the phase name",
+                    to_phase = change.to_phase.as_deref().unwrap_or("-")
+                ),
+                ChangeEvent::RestartedPipeline { reason } => emit!(
+                    WARN,
+                    "task_restarted",
+                    task_id = task.id.as_str(),
+                    reason = reason.as_str()
+                ),
+                ChangeEvent::LoopedBack {
+                    verdict,
+                    findings,
+                    detail,
+                } => emit!(
+                    WARN,
+                    "task_looped_back",
+                    task_id = task.id.as_str(),
+                    spec_ref = task.spec_ref.as_str(),
+                    round = task.round,
+                    verdict = verdict.as_str(),
+                    findings_count = *findings,
+                    findings_preview = preview(detail).as_str()
+                ),
+                ChangeEvent::Completed => {
+                    emit!(
+                        INFO,
+                        "task_completed",
+                        task_id = task.id.as_str(),
+                        spec_ref = task.spec_ref.as_str(),
+                        total_rounds = task.round,
+                        cost_usd = task.cost_usd
+                    );
+                    self.report.completed.push(task.id.clone());
+                }
+                ChangeEvent::Failed { reason } => {
+                    emit!(
+                        ERROR,
+                        "task_failed",
+                        task_id = task.id.as_str(),
+                        spec_ref = task.spec_ref.as_str(),
+                        reason = reason.as_str(),
+                        round = task.round
+                    );
+                    self.report.failed.push(task.id.clone());
+                }
+                ChangeEvent::NeedsRebase {
+                    attempt,
+                    max_attempts,
+                } => emit!(
+                    WARN,
+                    "rebase_conflict",
+                    task_id = task.id.as_str(),
+                    attempt = *attempt,
+                    max_attempts = *max_attempts,
+                    looping_back = false
+                ),
+                ChangeEvent::RebaseGaveUp { attempts } => emit!(
+                    WARN,
+                    "rebase_conflict",
+                    task_id = task.id.as_str(),
+                    attempt = *attempts,
+                    max_attempts = self.config.max_rebase_attempts,
+                    looping_back = true
+                ),
+                ChangeEvent::Ignored { reason } => {
+                    emit!(
+                        DEBUG,
+                        "task_unchanged",
+                        task_id = task.id.as_str(),
+                        reason = reason.as_str()
+                    );
+                }
+            }
+        }
+    }
+
+    // ----- workers ----------------------------------------------------------------------------
+
+    fn new_nonce(&mut self) -> String {
+        self.nonce_counter += 1;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        format!("{:x}{:x}{:x}", nanos, std::process::id(), self.nonce_counter)
+    }
+
+    fn role_overlay(&self, role: &str) -> Result<Option<String>> {
+        let rel = format!(
+            "{}/prompts/{role}-overlay.yaml",
+            self.specs_dir().trim_end_matches('/')
+        );
+        let spec = format!("{}:{}", self.tip, rel);
+        let Some(oid) = self.repo.git.rev_parse_object(&spec)? else {
+            return Ok(None);
+        };
+        let bytes = self.repo.cat_blobs(std::iter::once(oid.as_str()))?;
+        let text = String::from_utf8_lossy(bytes.first().map_or(&[][..], Vec::as_slice)).into_owned();
+        prompt::parse_role_overlay(Path::new(&rel), &text)
+    }
+
+    fn worker_spec(
+        &mut self,
+        record: &RunRecord,
+        prompt_text: String,
+        spec_ref: &str,
+        branch: &str,
+    ) -> WorkerSpec {
+        let logs = worktree::logs_dir(&self.repo.root);
+        let log_file = logs.join(format!(
+            "{}-{}-r{}-{}.log",
+            record.task_id, record.role, record.round, record.nonce
+        ));
+        WorkerSpec {
+            task_id: record.task_id.clone(),
+            role: record.role.clone(),
+            spec_ref: spec_ref.to_string(),
+            round: record.round,
+            branch: branch.to_string(),
+            base_branch: self.config.target.base_branch.clone(),
+            worktree: record.worktree.clone(),
+            prompt: prompt_text,
+            command: self.config.runtime.agent_command.clone(),
+            agent_env: self.config.runtime.agent_env.clone(),
+            worker_timeout: Duration::from_secs(self.config.runtime.worker_timeout),
+            stall_timeout: Duration::from_secs(self.config.runtime.stall_timeout),
+            log_file,
+            nonce: record.nonce.clone(),
+            base_commit: Some(record.start_head.clone()),
+            secret_env: self.secret_env(),
+            parent_env: None,
+        }
+    }
+
+    /// Environment names that hold credentials in this configuration, never given to agents.
+    fn secret_env(&self) -> Vec<String> {
+        let mut names = Vec::new();
+        if let Some(m) = &self.config.observability.matrix {
+            names.extend(m.token_env.iter().cloned());
+            names.extend(m.registration_token_env.iter().cloned());
+        }
+        names
+    }
+
+    fn launch(&mut self, record: RunRecord, spec: WorkerSpec) -> Result<()> {
+        let dir = self.running_dir();
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let text = serde_json::to_vec_pretty(&record).map_err(|e| Error::other(e.to_string()))?;
+        crate::task::store::write_atomic(&dir.join(format!("{}.json", record.key)), &text)?;
+        emit!(
+            INFO,
+            "worker_spawned",
+            task_id = record.task_id.as_str(),
+            role = record.role.as_str(),
+            round = record.round,
+            branch = spec.branch.as_str(),
+            spec_ref = spec.spec_ref.as_str(),
+            cycle = self.report.cycle
+        );
+        self.report.spawned.push(WorkerRun {
+            task_id: record.task_id.clone(),
+            role: record.role.clone(),
+            round: record.round,
+            verdict: None,
+            duration_s: 0.0,
+            cost_usd: None,
+        });
+        let key = record.key.clone();
+        let cancel = self.cancel_rx.clone();
+        self.running.insert(
+            key.clone(),
+            Running {
+                record,
+                started: Instant::now(),
+            },
+        );
+        self.workers.spawn(async move {
+            let outcome = worker::run_worker(&spec, cancel).await;
+            (key, outcome)
+        });
+        Ok(())
+    }
+
+    fn spawn_task(&mut self, task_id: &str, role: &str) -> Result<()> {
+        let Some(task) = self.tasks.get(task_id).cloned() else {
+            return Ok(());
+        };
+        let agent = self
+            .defs
+            .agent(role)
+            .cloned()
+            .ok_or_else(|| Error::other(format!("no agent named `{role}` for {task_id}")))?;
+        let mut task = task;
+        let branch = task.branch.clone().unwrap_or_else(|| format!("worker/{task_id}"));
+        let wt = worktree::ensure_task_worktree(
+            &self.repo.git,
+            &self.repo.root,
+            task_id,
+            &task.spec_ref,
+            &branch,
+            &self.tip,
+        )?;
+        let start_head = self.repo.git.at(&wt).run_trim(["rev-parse", "HEAD"])?;
+        if task.branch.as_deref() != Some(branch.as_str()) {
+            // Record the branch before anything runs on it, so cleanup knows hyperloop made it.
+            task.branch = Some(branch.clone());
+            let change = no_change(&task);
+            self.save_task(
+                task.clone(),
+                &change,
+                &format!("hyperloop: {task_id} works on {branch}"),
+            )?;
+        }
+        let mut extra = Vec::new();
+        if role == pipeline::REBASE_RESOLVER || task.status == Status::NeedsRebase {
+            extra = self.conflict_sections(&branch)?;
+        }
+        let findings = task.findings().to_string();
+        let input = PromptInput {
+            task_id: task_id.to_string(),
+            spec_ref: task.spec_ref.clone(),
+            round: task.round,
+            branch: Some(branch.clone()),
+            base_branch: self.config.target.base_branch.clone(),
+            task_title: Some(task.title.clone()),
+            task_spec: Some(task.spec_text().to_string()),
+            findings: (!findings.is_empty()).then_some(findings),
+            role_overlay: self.role_overlay(role)?,
+            extra_sections: extra,
+        };
+        let text = prompt::compose(&agent, &input);
+        let nonce = self.new_nonce();
+        let record = RunRecord {
+            key: task_id.to_string(),
+            kind: Kind::Task,
+            task_id: task_id.to_string(),
+            role: role.to_string(),
+            round: task.round,
+            nonce,
+            started_at: now_unix(),
+            worktree: wt,
+            start_head,
+            specs: BTreeMap::new(),
+            failures: Vec::new(),
+        };
+        let spec = self.worker_spec(&record, text, &task.spec_ref, &branch);
+        self.launch(record, spec)
+    }
+
+    /// Prompt sections for the rebase-resolver: what conflicts and what changed on the base.
+    fn conflict_sections(&self, branch: &str) -> Result<Vec<(String, String)>> {
+        let Some(branch_tip) = self.repo.branch_tip(branch)? else {
+            return Ok(Vec::new());
+        };
+        let mut sections = Vec::new();
+        if let MergeTree::Conflict(files) = self.repo.merge_tree(&self.tip, &branch_tip)? {
+            sections.push((
+                "Conflicting files".to_string(),
+                files.iter().map(|f| format!("- {f}\n")).collect(),
+            ));
+        }
+        let base = self
+            .repo
+            .git
+            .run_trim(["merge-base", &self.tip, &branch_tip])
+            .unwrap_or_default();
+        if !base.is_empty() {
+            let log = self.repo.git.run([
+                "log",
+                "--oneline",
+                "--no-decorate",
+                "-n",
+                "50",
+                &format!("{base}..{}", self.tip),
+            ])?;
+            let stat = self.repo.git.run(["diff", "--stat", &base, &self.tip])?;
+            sections.push((
+                format!(
+                    "Changes on {} since this branch started",
+                    self.config.target.base_branch
+                ),
+                format!("Base branch tip: {}\n\n{log}\n{stat}", self.tip),
+            ));
+        }
+        Ok(sections)
+    }
+
+    fn spawn_intake(&mut self, specs: &[String]) -> Result<()> {
+        let agent_name = intake_role(&self.defs.process);
+        let agent = self
+            .defs
+            .agent(&agent_name)
+            .cloned()
+            .ok_or_else(|| Error::other(format!("no agent named `{agent_name}` for intake")))?;
+        let wt = worktree::ensure_base_worktree(&self.repo.git, &self.repo.root, INTAKE_ID, &self.tip)?;
+        let mut existing = String::new();
+        for t in self.tasks.values() {
+            existing.push_str(&format!(
+                "- {} ({}) {} — {}\n",
+                t.id, t.status, t.spec_ref, t.title
+            ));
+        }
+        if existing.is_empty() {
+            existing.push_str("(none yet: start at task-001)\n");
+        }
+        let spec_list: String = specs.iter().map(|s| format!("- {s}\n")).collect();
+        let input = PromptInput {
+            task_id: INTAKE_ID.to_string(),
+            spec_ref: self.specs_dir().to_string(),
+            round: 0,
+            branch: None,
+            base_branch: self.config.target.base_branch.clone(),
+            task_title: None,
+            task_spec: None,
+            findings: None,
+            role_overlay: self.role_overlay(&agent_name)?,
+            extra_sections: vec![
+                ("Specs to process".to_string(), spec_list),
+                ("Existing tasks".to_string(), existing),
+                (
+                    "Where task files go".to_string(),
+                    format!(
+                        "Write each task to `{}/<id>.md`; the file name must equal the id. Commit them.",
+                        self.tasks_rel()
+                    ),
+                ),
+            ],
+        };
+        let text = prompt::compose(&agent, &input);
+        let record = RunRecord {
+            key: INTAKE_ID.to_string(),
+            kind: Kind::Intake,
+            task_id: INTAKE_ID.to_string(),
+            role: agent_name,
+            round: 0,
+            nonce: self.new_nonce(),
+            started_at: now_unix(),
+            start_head: self.tip.clone(),
+            worktree: wt,
+            specs: self
+                .specs
+                .iter()
+                .map(|s| (s.path.clone(), s.hash.clone()))
+                .collect(),
+            failures: Vec::new(),
+        };
+        let spec_dir = self.specs_dir().to_string();
+        let base = self.config.target.base_branch.clone();
+        let spec = self.worker_spec(&record, text, &spec_dir, &base);
+        self.launch(record, spec)
+    }
+
+    fn spawn_improver(&mut self, failures: &[FailureNote]) -> Result<()> {
+        let role = "process-improver".to_string();
+        let Some(agent) = self.defs.agent(&role).cloned() else {
+            emit!(
+                DEBUG,
+                "process_improver_skipped",
+                reason = "no process-improver agent"
+            );
+            return Ok(());
+        };
+        let wt = worktree::ensure_base_worktree(&self.repo.git, &self.repo.root, IMPROVER_ID, &self.tip)?;
+        let mut text_failures = String::new();
+        for f in failures {
+            text_failures.push_str(&format!(
+                "### {} — {} round {}: {}\n\n{}\n\n",
+                f.task_id,
+                f.role,
+                f.round,
+                f.verdict,
+                f.detail.trim()
+            ));
+        }
+        let prompts_dir = format!("{}/prompts", self.specs_dir().trim_end_matches('/'));
+        let input = PromptInput {
+            task_id: IMPROVER_ID.to_string(),
+            spec_ref: prompts_dir.clone(),
+            round: 0,
+            branch: None,
+            base_branch: self.config.target.base_branch.clone(),
+            task_title: None,
+            task_spec: None,
+            findings: None,
+            role_overlay: self.role_overlay(&role)?,
+            extra_sections: vec![("Failure findings".to_string(), text_failures)],
+        };
+        let text = prompt::compose(&agent, &input);
+        let record = RunRecord {
+            key: IMPROVER_ID.to_string(),
+            kind: Kind::Improver,
+            task_id: IMPROVER_ID.to_string(),
+            role,
+            round: 0,
+            nonce: self.new_nonce(),
+            started_at: now_unix(),
+            start_head: self.tip.clone(),
+            worktree: wt,
+            specs: BTreeMap::new(),
+            failures: failures.iter().map(|f| f.task_id.clone()).collect(),
+        };
+        let base = self.config.target.base_branch.clone();
+        let spec = self.worker_spec(&record, text, &prompts_dir, &base);
+        self.launch(record, spec)
+    }
+
+    /// Drops a worker that will not be recorded (the step is being cancelled).
+    fn forget(&mut self, key: &str) {
+        self.running.remove(key);
+        let _ = std::fs::remove_file(self.running_dir().join(format!("{key}.json")));
+    }
+
+    fn on_worker_done(&mut self, key: &str, outcome: &WorkerOutcome) -> Result<()> {
+        let Some(run) = self.running.remove(key) else {
+            return Ok(());
+        };
+        let record = run.record;
+        let duration = run
+            .started
+            .elapsed()
+            .as_secs_f64()
+            .max(outcome.duration.as_secs_f64());
+        macro_rules! reaped {
+            ($lvl:ident) => {
+                emit!(
+                    $lvl,
+                    "worker_reaped",
+                    task_id = record.task_id.as_str(),
+                    role = record.role.as_str(),
+                    verdict = outcome.verdict.as_str(),
+                    round = record.round,
+                    duration_s = duration,
+                    findings_count = outcome.findings,
+                    cost_usd = outcome.cost_usd.unwrap_or(0.0),
+                    cycle = self.report.cycle,
+                    log = outcome.log_file.display().to_string().as_str()
+                )
+            };
+        }
+        if outcome.verdict == worker::Verdict::Pass {
+            reaped!(INFO);
+        } else {
+            reaped!(WARN);
+        }
+        if outcome.verdict == worker::Verdict::Timeout {
+            emit!(
+                WARN,
+                "worker_timeout",
+                task_id = record.task_id.as_str(),
+                role = record.role.as_str(),
+                detail = outcome.detail.as_str()
+            );
+        }
+        self.report.reaped.push(WorkerRun {
+            task_id: record.task_id.clone(),
+            role: record.role.clone(),
+            round: record.round,
+            verdict: Some(outcome.verdict.as_str().to_string()),
+            duration_s: duration,
+            cost_usd: outcome.cost_usd,
+        });
+        self.report.cost_usd += outcome.cost_usd.unwrap_or(0.0);
+        let result = match record.kind {
+            Kind::Task => self.record_task_result(&record, outcome, duration),
+            Kind::Intake => self.record_intake(&record, outcome, duration),
+            Kind::Improver => self.record_improver(&record, outcome, duration),
+        };
+        let _ = std::fs::remove_file(self.running_dir().join(format!("{key}.json")));
+        result
+    }
+
+    fn record_task_result(
+        &mut self,
+        record: &RunRecord,
+        outcome: &WorkerOutcome,
+        duration: f64,
+    ) -> Result<()> {
+        let Some(mut task) = self.tasks.get(&record.task_id).cloned() else {
+            return Ok(());
+        };
+        let verdict = to_pipeline_verdict(outcome.verdict);
+        let mut detail = outcome.detail.clone();
+        if let Some(why) = &outcome.suspicious {
+            detail = format!("{detail}\n\nhyperloop: {why}").trim().to_string();
+        }
+        task.cost_usd += outcome.cost_usd.unwrap_or(0.0);
+        task.last_verdict = Some(verdict.as_str().to_string());
+        task.history.push(Attempt {
+            round: record.round,
+            role: record.role.clone(),
+            verdict: verdict.as_str().to_string(),
+            findings: outcome.findings,
+            duration_s: (duration * 10.0).round() / 10.0,
+            cost_usd: outcome.cost_usd,
+        });
+        let change = transition::apply_verdict(
+            &mut task,
+            &self.defs.process.pipeline,
+            &record.role,
+            verdict,
+            &detail,
+            outcome.findings,
+            self.config.max_task_rounds,
+        );
+        if !verdict.is_pass() {
+            self.pending_failures.push(FailureNote {
+                task_id: task.id.clone(),
+                role: record.role.clone(),
+                round: record.round,
+                verdict: verdict.as_str().to_string(),
+                detail: detail.clone(),
+            });
+        }
+        let mut changes = Changes::default();
+        changes.put_task(&self.tasks_rel(), &task);
+        if record.role == "verifier" {
+            let review = format!(
+                "{}/reviews/{}-round-{}.md",
+                self.specs_dir().trim_end_matches('/'),
+                task.id,
+                record.round
+            );
+            changes.put(
+                review,
+                format!(
+                    "# Review of {} — round {}\n\n- verdict: {}\n- findings: {}\n- branch: {}\n\n{}\n",
+                    task.id,
+                    record.round,
+                    verdict.as_str(),
+                    outcome.findings,
+                    task.branch.as_deref().unwrap_or("-"),
+                    detail.trim()
+                ),
+            );
+        }
+        let subject = format!(
+            "hyperloop: {} {} {} (round {})",
+            task.id,
+            record.role,
+            verdict.as_str(),
+            record.round
+        );
+        let (spec, id) = (task.spec_ref.clone(), task.id.clone());
+        self.commit(&changes, &subject, &[&spec], &id)?;
+        self.note_change(&task, &change);
+        self.tasks.insert(id, task);
+        Ok(())
+    }
+
+    fn record_intake(&mut self, record: &RunRecord, outcome: &WorkerOutcome, duration: f64) -> Result<()> {
+        let specs: Vec<String> = record.specs.keys().cloned().collect();
+        let fail = |this: &mut Self, why: String| {
+            emit!(
+                WARN,
+                "intake_ran",
+                success = false,
+                unprocessed_specs = specs.len(),
+                created_tasks = 0u64,
+                duration_s = duration,
+                cycle = this.report.cycle,
+                detail = why.as_str()
+            );
+            this.report.intake_ran = true;
+            Ok(())
+        };
+        if outcome.verdict != worker::Verdict::Pass {
+            return fail(
+                self,
+                format!("the pm reported {}: {}", outcome.verdict.as_str(), outcome.detail),
+            );
+        }
+        let wt = Git::new(&record.worktree);
+        let head = wt.run_trim(["rev-parse", "HEAD"])?;
+        let tasks_rel = self.tasks_rel();
+        let entries = self.repo.diff_entries(&record.start_head, &head, &tasks_rel)?;
+        let mut changes = Changes::default();
+        let mut new_tasks: Vec<Task> = Vec::new();
+        let mut problems: Vec<String> = Vec::new();
+        let blobs: Vec<(String, String, String)> = entries
+            .into_iter()
+            .filter_map(|(path, entry)| match entry {
+                crate::state::Entry::Blob { mode, oid } => Some((path, mode, oid)),
+                _ => {
+                    problems.push(format!("{path}: the pm may not delete task files"));
+                    None
+                }
+            })
+            .collect();
+        let contents = self
+            .repo
+            .cat_blobs(blobs.iter().map(|(_, _, oid)| oid.as_str()))?;
+        for ((path, mode, oid), bytes) in blobs.iter().zip(contents) {
+            let name = path.strip_prefix(&format!("{tasks_rel}/")).unwrap_or(path);
+            if !name.ends_with(".md") || name.contains('/') {
+                problems.push(format!("{path}: only `<id>.md` files belong in {tasks_rel}"));
+                continue;
+            }
+            let text = String::from_utf8_lossy(&bytes);
+            match crate::task::file::parse(Path::new(path), &text) {
+                Ok(t) => {
+                    if let Some(old) = self.tasks.get(&t.id)
+                        && old.status != Status::NotStarted
+                    {
+                        problems.push(format!(
+                            "{path}: task {} is {} and may not be rewritten by intake",
+                            t.id, old.status
+                        ));
+                        continue;
+                    }
+                    changes.put_blob(path.clone(), "100644", oid.clone());
+                    let _ = mode;
+                    new_tasks.push(t);
+                }
+                Err(e) => problems.push(e.to_string()),
+            }
+        }
+        // The whole task set as it would be: dependencies must resolve and must not cycle.
+        let mut all: BTreeMap<String, Task> = self.tasks.clone();
+        for t in &new_tasks {
+            all.insert(t.id.clone(), t.clone());
+        }
+        let all_list: Vec<Task> = all.into_values().collect();
+        if let Err(e) = decide::check_dependencies(&all_list) {
+            problems.push(e.to_string());
+        }
+        if !problems.is_empty() {
+            return fail(
+                self,
+                format!("the pm's task files were rejected:\n- {}", problems.join("\n- ")),
+            );
+        }
+        let mut record_map = self.intake_record.clone();
+        for (path, hash) in &record.specs {
+            record_map.insert(path.clone(), hash.clone());
+        }
+        record_map.retain(|p, _| record.specs.contains_key(p));
+        let mut text = serde_json::to_string_pretty(&record_map).map_err(|e| Error::other(e.to_string()))?;
+        text.push('\n');
+        changes.put(format!("{tasks_rel}/{INTAKE_RECORD}"), text);
+        let created = new_tasks.len();
+        let spec_refs: Vec<&str> = specs.iter().map(String::as_str).collect();
+        let subject = format!(
+            "hyperloop: intake of {} spec(s), {created} task file(s)",
+            specs.len()
+        );
+        self.commit(&changes, &subject, &spec_refs, INTAKE_ID)?;
+        self.intake_record = record_map;
+        for t in new_tasks {
+            self.tasks.insert(t.id.clone(), t);
+        }
+        emit!(
+            INFO,
+            "intake_ran",
+            success = true,
+            unprocessed_specs = specs.len(),
+            created_tasks = created,
+            duration_s = duration,
+            cycle = self.report.cycle
+        );
+        self.report.intake_ran = true;
+        Ok(())
+    }
+
+    fn record_improver(&mut self, record: &RunRecord, outcome: &WorkerOutcome, duration: f64) -> Result<()> {
+        self.pending_failures
+            .retain(|f| !record.failures.contains(&f.task_id));
+        let mut success = outcome.verdict == worker::Verdict::Pass;
+        if success {
+            let wt = Git::new(&record.worktree);
+            let head = wt.run_trim(["rev-parse", "HEAD"])?;
+            let prompts_rel = format!("{}/prompts", self.specs_dir().trim_end_matches('/'));
+            let mut changes = Changes::default();
+            for (path, entry) in self.repo.diff_entries(&record.start_head, &head, &prompts_rel)? {
+                changes.files.insert(path, entry);
+            }
+            if !changes.is_empty() {
+                let subject = "hyperloop: process improvements from recent failures".to_string();
+                success = self
+                    .commit(&changes, &subject, &[&prompts_rel], IMPROVER_ID)
+                    .is_ok();
+            }
+        }
+        emit!(
+            INFO,
+            "process_improver_ran",
+            failed_task_ids = record.failures.join(",").as_str(),
+            success = success,
+            duration_s = duration,
+            cycle = self.report.cycle
+        );
+        self.report.improver_ran = true;
+        Ok(())
+    }
+
+    // ----- merging ----------------------------------------------------------------------------
+
+    fn merge(&mut self, task: Task) -> Result<bool> {
+        let id = task.id.clone();
+        let branch = task.branch.clone().unwrap_or_else(|| format!("worker/{id}"));
+        let Some(branch_tip) = self.repo.branch_tip(&branch)? else {
+            // Nothing was ever committed for this task: there is nothing to merge.
+            let mut t = task;
+            let change = transition::action_done(&mut t, self.pipeline());
+            emit!(
+                INFO,
+                "merge_attempted",
+                task_id = id.as_str(),
+                branch = branch.as_str(),
+                outcome = "nothing-to-merge",
+                attempt = 0u64
+            );
+            self.save_task(
+                t,
+                &change,
+                &format!("hyperloop: {id} complete (no branch to merge)"),
+            )?;
+            return Ok(true);
+        };
+        match self.repo.merge_tree(&self.tip, &branch_tip)? {
+            MergeTree::Clean(tree) => {
+                let mut t = task;
+                let change = transition::action_done(&mut t, self.pipeline());
+                let mut changes = Changes::default();
+                changes.put_task(&self.tasks_rel(), &t);
+                let merged_tree = self.repo.write_tree(&tree, &changes)?;
+                let trailer = trailers(&t.spec_ref, &t.id);
+                let (parents, message) = match self.config.merge.strategy {
+                    MergeStrategy::Squash => (
+                        vec![self.tip.clone()],
+                        format!("{} ({})\n\n{}\n", t.title, t.id, trailer),
+                    ),
+                    MergeStrategy::Merge => (
+                        vec![self.tip.clone(), branch_tip.clone()],
+                        format!("Merge {branch}: {} ({})\n\n{}\n", t.title, t.id, trailer),
+                    ),
+                };
+                let parent_refs: Vec<&str> = parents.iter().map(String::as_str).collect();
+                let commit = self.repo.commit_tree(&merged_tree, &parent_refs, &message)?;
+                self.publish(commit)?;
+                emit!(
+                    INFO,
+                    "merge_attempted",
+                    task_id = id.as_str(),
+                    branch = branch.as_str(),
+                    spec_ref = t.spec_ref.as_str(),
+                    outcome = "merged",
+                    strategy = format!("{:?}", self.config.merge.strategy)
+                        .to_lowercase()
+                        .as_str(),
+                    attempt = u64::from(task_attempt(&t))
+                );
+                self.report.merged.push(id.clone());
+                self.note_change(&t, &change);
+                self.tasks.insert(id.clone(), t);
+                if self.config.merge.delete_branch {
+                    self.delete_task_branch(&id, &branch);
+                }
+                Ok(true)
+            }
+            MergeTree::Conflict(files) => {
+                let mut t = task;
+                let detail = format!(
+                    "merging {branch} into {} conflicts in:\n{}",
+                    self.config.target.base_branch,
+                    files
+                        .iter()
+                        .map(|f| format!("- {f}"))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                );
+                emit!(
+                    WARN,
+                    "merge_attempted",
+                    task_id = id.as_str(),
+                    branch = branch.as_str(),
+                    outcome = "conflict",
+                    attempt = u64::from(t.rebase_attempts + 1)
+                );
+                let change = transition::merge_conflict(
+                    &mut t,
+                    self.pipeline(),
+                    &detail,
+                    self.config.max_rebase_attempts,
+                    self.config.max_task_rounds,
+                );
+                self.save_task(t, &change, &format!("hyperloop: {id} merge conflict"))?;
+                Ok(!change.is_noop())
+            }
+        }
+    }
+
+    /// Removes a task's worktree and branch after its merge — only a branch the task file says
+    /// hyperloop made.
+    fn delete_task_branch(&mut self, task_id: &str, branch: &str) {
+        let wt = worktree::task_worktree_path(&self.repo.root, task_id);
+        if let Err(e) = worktree::remove_worktree(&self.repo.git, &wt) {
+            emit!(
+                WARN,
+                "cleanup_failed",
+                task_id = task_id,
+                path = wt.display().to_string().as_str(),
+                error = e.to_string().as_str()
+            );
+        }
+        match self.repo.git.output(["branch", "-D", branch]) {
+            Ok(out) if out.status.success() => {
+                emit!(DEBUG, "branch_deleted", task_id = task_id, branch = branch)
+            }
+            Ok(out) => emit!(
+                WARN,
+                "cleanup_failed",
+                task_id = task_id,
+                branch = branch,
+                error = String::from_utf8_lossy(&out.stderr).trim()
+            ),
+            Err(e) => emit!(
+                WARN,
+                "cleanup_failed",
+                task_id = task_id,
+                branch = branch,
+                error = e.to_string().as_str()
+            ),
+        }
+    }
+
+    /// Branches of complete tasks that a killed step merged but did not get to delete.
+    fn cleanup_merged_branches(&mut self) {
+        if !self.config.merge.delete_branch {
+            return;
+        }
+        let leftovers: Vec<(String, String)> = self
+            .tasks
+            .values()
+            .filter(|t| t.status == Status::Complete)
+            .filter_map(|t| t.branch.clone().map(|b| (t.id.clone(), b)))
+            .filter(|(_, b)| matches!(self.repo.branch_tip(b), Ok(Some(_))))
+            .collect();
+        for (id, branch) in leftovers {
+            self.delete_task_branch(&id, &branch);
+        }
+    }
+
+    // ----- recovery ---------------------------------------------------------------------------
+
+    /// Finds workers a killed step left behind: stops any that still run, and records the result
+    /// of any that finished but were not recorded.
+    fn recover(&mut self) -> Result<()> {
+        let dir = self.running_dir();
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Ok(());
+        };
+        let mut records = Vec::new();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            match std::fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<RunRecord>(&b).ok())
+            {
+                Some(r) => records.push((path, r)),
+                None => {
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        records.sort_by(|a, b| a.1.key.cmp(&b.1.key));
+        for (path, record) in records {
+            let killed = kill_by_nonce(&record.nonce);
+            emit!(
+                WARN,
+                "orphan_found",
+                task_id = record.task_id.as_str(),
+                role = record.role.as_str(),
+                processes_stopped = killed
+            );
+            if record.kind == Kind::Task {
+                let result_path = record.worktree.join(worker::RESULT_FILE);
+                let fresh = std::fs::metadata(&result_path)
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .is_some_and(|t| t.as_secs() >= record.started_at);
+                let still_there = self
+                    .tasks
+                    .get(&record.task_id)
+                    .is_some_and(|t| !t.status.is_terminal() && t.round == record.round);
+                if fresh
+                    && still_there
+                    && let ResultFile::Valid {
+                        verdict,
+                        findings,
+                        detail,
+                    } = worker::result::read(&result_path)
+                {
+                    // The worker finished; only its recording was lost. Settle its branch the
+                    // way a normal run would, then record it.
+                    let wt = Git::new(&record.worktree);
+                    let _ = worker::result::settle_branch(
+                        &wt,
+                        &record.start_head,
+                        &record.role,
+                        "",
+                        &record.task_id,
+                    );
+                    let _ = worker::result::remove_stale(&result_path);
+                    let outcome = WorkerOutcome {
+                        verdict,
+                        findings,
+                        detail: format!("{detail}\n\n(recorded after the step that ran it was interrupted)")
+                            .trim()
+                            .to_string(),
+                        exit_code: None,
+                        duration: Duration::from_secs(now_unix().saturating_sub(record.started_at)),
+                        log_file: PathBuf::new(),
+                        cost_usd: None,
+                        num_turns: None,
+                        session_id: None,
+                        is_error: None,
+                        suspicious: None,
+                        commits: Vec::new(),
+                        pgid: None,
+                    };
+                    emit!(
+                        INFO,
+                        "result_recovered",
+                        task_id = record.task_id.as_str(),
+                        role = record.role.as_str(),
+                        verdict = verdict.as_str()
+                    );
+                    self.record_task_result(&record, &outcome, outcome.duration.as_secs_f64())?;
+                }
+            }
+            let _ = std::fs::remove_file(&path);
+        }
+        Ok(())
+    }
+
+    // ----- the end ----------------------------------------------------------------------------
+
+    fn finish(&mut self) -> Result<StepReport> {
+        let plan = self.plan()?;
+        self.note_plan(&plan);
+        let tasks: Vec<&Task> = self.tasks.values().collect();
+        self.report.tasks_total = tasks.len();
+        self.report.tasks_complete = tasks.iter().filter(|t| t.status == Status::Complete).count();
+        self.report.tasks_failed = tasks.iter().filter(|t| t.status == Status::Failed).count();
+        let (progress, remaining) = match &plan.progress {
+            Progress::AllComplete => ("all-complete", false),
+            Progress::Idle => ("idle", false),
+            Progress::Stuck { .. } => ("stuck", false),
+            Progress::Waiting { gates } => {
+                self.report.waiting = gates.clone();
+                ("waiting", true)
+            }
+            Progress::Working => ("working", true),
+        };
+        self.report.progress = progress.to_string();
+        self.report.work_remaining = remaining;
+        self.report.duration_s = (self.started.elapsed().as_secs_f64() * 10.0).round() / 10.0;
+        emit!(
+            INFO,
+            "cycle_completed",
+            cycle = self.report.cycle,
+            spawned = self.report.spawned.len(),
+            reaped = self.report.reaped.len(),
+            merged = self.report.merged.len(),
+            complete = self.report.tasks_complete,
+            failed = self.report.tasks_failed,
+            total = self.report.tasks_total,
+            progress = progress,
+            duration_s = self.report.duration_s
+        );
+        Ok(self.report.clone())
+    }
+}
+
+fn task_attempt(t: &Task) -> u32 {
+    t.rebase_attempts
+}
+
+fn no_change(task: &Task) -> TaskChange {
+    TaskChange {
+        task_id: task.id.clone(),
+        from_status: task.status,
+        to_status: task.status,
+        from_phase: task.phase.clone(),
+        to_phase: task.phase.clone(),
+        from_round: task.round,
+        to_round: task.round,
+        events: Vec::new(),
+    }
+}
+
+fn intake_role(process: &definitions::Process) -> String {
+    process
+        .intake
+        .iter()
+        .find_map(|s| match s {
+            Step::Role { name, .. } => Some(name.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| "pm".to_string())
+}
+
+fn to_pipeline_verdict(v: worker::Verdict) -> Verdict {
+    match v {
+        worker::Verdict::Pass => Verdict::Pass,
+        worker::Verdict::Fail => Verdict::Fail,
+        worker::Verdict::Error => Verdict::Error,
+        worker::Verdict::Timeout => Verdict::Timeout,
+    }
+}
+
+fn preview(s: &str) -> String {
+    let s = s.trim();
+    match s.char_indices().nth(200) {
+        Some((idx, _)) => format!("{}…", &s[..idx]),
+        None => s.to_string(),
+    }
+}
+
+/// A commit message with hyperloop's trailers.
+pub fn commit_message(subject: &str, body: &str, spec_refs: &[&str], task_ref: &str) -> String {
+    let mut msg = subject.trim().to_string();
+    msg.push_str("\n\n");
+    if !body.trim().is_empty() {
+        msg.push_str(body.trim());
+        msg.push_str("\n\n");
+    }
+    let mut seen = BTreeSet::new();
+    for s in spec_refs {
+        if seen.insert(*s) {
+            msg.push_str(&format!("Spec-Ref: {s}\n"));
+        }
+    }
+    msg.push_str(&format!("Task-Ref: {task_ref}\n"));
+    msg
+}
+
+/// Stops every process whose environment carries this worker nonce (a worker of a dead step and
+/// anything it started). Returns how many were signalled.
+fn kill_by_nonce(nonce: &str) -> u64 {
+    let needle = format!("HYPERLOOP_NONCE={nonce}");
+    let mut killed = 0;
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        if environ.split(|b| *b == 0).any(|var| var == needle.as_bytes()) {
+            // SAFETY: sending a signal to a pid we just found; no memory is involved.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+            killed += 1;
+        }
+    }
+    killed
+}
+
+#[allow(dead_code)]
+fn position_of(t: &Task) -> Option<Position> {
+    t.position.clone().map(Position)
+}

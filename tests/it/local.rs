@@ -1,0 +1,510 @@
+//! `hyperloop step` and `run` in local mode, end to end: real repositories, the real binary, and
+//! the scripted agent as a real worker process.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use serde_json::Value;
+
+use crate::harness::{TestEnv, TestRepo, describe, scripted_agent_bin};
+
+/// A repository set up for hyperloop with a scripted agent.
+struct Project {
+    env: TestEnv,
+    repo: TestRepo,
+    script: PathBuf,
+}
+
+const DEMO_RULES: &str = r#"
+  - role: pm
+    actions:
+      - pm_tasks_from_specs: true
+      - verdict: {verdict: pass, detail: "tasks written"}
+  - role: implementer
+    actions:
+      - implement_task: true
+      - verdict: {verdict: pass, detail: "implemented"}
+  - role: verifier
+    actions:
+      - verdict: {verdict: pass, detail: "looks right"}
+  - role: rebase-resolver
+    actions:
+      - verdict: {verdict: fail, detail: "cannot resolve"}
+  - role: process-improver
+    actions:
+      - verdict: {verdict: pass, detail: "nothing to improve"}
+"#;
+
+impl Project {
+    /// `rules` are script rules placed before the demo's defaults (first match wins).
+    fn new(rules: &str, extra_config: &str) -> Project {
+        let env = TestEnv::new();
+        let repo = env.repo("project");
+        let script = env.root().join("agent-script.yaml");
+        std::fs::write(&script, format!("rules:\n{rules}\n{DEMO_RULES}")).expect("script");
+        let config = format!(
+            "runtime:\n  max_workers: 2\n  agent_command: [\"{}\", \"--script\", \"{}\"]\n  worker_timeout: 60\n  stall_timeout: 30\npoll_interval: 0\nmax_cycles: 10\nobservability:\n  log_format: json\n{extra_config}",
+            scripted_agent_bin().display(),
+            script.display()
+        );
+        repo.write(".hyperloop.yaml", &config);
+        env.git(&repo.path, &["add", "-A"]);
+        env.git(&repo.path, &["commit", "-qm", "hyperloop config"]);
+        Project { env, repo, script }
+    }
+
+    fn commit_all(&self, message: &str) {
+        self.env.git(&self.repo.path, &["add", "-A"]);
+        self.env.git(&self.repo.path, &["commit", "-qm", message]);
+    }
+
+    fn hyperloop(&self, args: &[&str]) -> Output {
+        let mut all = vec!["--path", self.repo.path_str()];
+        all.extend_from_slice(args);
+        self.env.hyperloop(&all)
+    }
+
+    fn status(&self) -> Vec<Value> {
+        let out = self.hyperloop(&["status", "--json"]);
+        assert!(out.status.success(), "{}", describe(&out));
+        let v: Value = serde_json::from_slice(&out.stdout).expect("status json");
+        v["tasks"].as_array().cloned().unwrap_or_default()
+    }
+
+    fn task(&self, id: &str) -> Value {
+        self.status()
+            .into_iter()
+            .find(|t| t["id"] == id)
+            .unwrap_or_else(|| panic!("no task {id}"))
+    }
+
+    fn git(&self, args: &[&str]) -> String {
+        self.env.git(&self.repo.path, args)
+    }
+
+    fn write_task(&self, id: &str, spec: &str, deps: &[&str]) {
+        let deps = if deps.is_empty() {
+            "[]".to_string()
+        } else {
+            format!("[{}]", deps.join(", "))
+        };
+        self.repo.write(
+            &format!("specs/tasks/{id}.md"),
+            &format!(
+                "---\nid: {id}\ntitle: Task {id}\nspec_ref: {spec}\nstatus: not-started\nphase: null\ndeps: {deps}\nround: 0\nbranch: null\npr: null\n---\nImplement {id}.\n"
+            ),
+        );
+    }
+}
+
+/// The JSON events a command printed on standard error.
+fn events(out: &Output) -> Vec<Value> {
+    String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .collect()
+}
+
+fn named<'a>(evs: &'a [Value], name: &str) -> Vec<&'a Value> {
+    evs.iter().filter(|e| e["event"] == name).collect()
+}
+
+fn assert_clean_tree(p: &Project) {
+    let status = p.git(&["status", "--porcelain"]);
+    assert_eq!(status, "", "the user's working tree is clean");
+}
+
+#[test]
+fn one_spec_becomes_merged_verified_code() {
+    let p = Project::new("", "");
+    p.repo.write("specs/greeting.md", "# Greeting\n\nSay hello.\n");
+    p.commit_all("spec");
+    let out = p.hyperloop(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let evs = events(&out);
+    assert_eq!(named(&evs, "intake_ran").len(), 1);
+    assert_eq!(named(&evs, "merge_attempted").len(), 1);
+    assert!(
+        !named(&evs, "task_completed").is_empty(),
+        "task_completed fires for merge-pr pipelines"
+    );
+
+    let tasks = p.status();
+    assert_eq!(tasks.len(), 1, "{tasks:?}");
+    let t = &tasks[0];
+    assert_eq!(t["status"], "complete");
+    assert_eq!(t["spec_ref"], "specs/greeting.md");
+    let id = t["id"].as_str().expect("id");
+
+    // The implementation reached main in one squash commit with the trailers.
+    let main_files = p.git(&["ls-tree", "-r", "--name-only", "main"]);
+    assert!(main_files.contains(&format!("impl/{id}.md")), "{main_files}");
+    assert!(
+        !main_files.contains(".worker-result.json"),
+        "the result file never reaches main"
+    );
+    let log = p.git(&["log", "--format=%s%n%b%n--", "main"]);
+    let merge = log
+        .split("--\n")
+        .find(|c| c.contains(&format!("({id})")))
+        .expect("squash commit");
+    assert!(merge.contains("Spec-Ref: specs/greeting.md"), "{merge}");
+    assert!(merge.contains(&format!("Task-Ref: {id}")), "{merge}");
+    // Every commit hyperloop made on main carries trailers.
+    for c in log.split("--\n").filter(|c| c.starts_with("hyperloop:")) {
+        assert!(c.contains("Task-Ref: "), "commit without trailers: {c}");
+    }
+    // The branch is gone (delete_branch), and the checkout followed along, clean.
+    assert_eq!(p.git(&["branch", "--list", "worker/*"]), "");
+    assert_clean_tree(&p);
+    assert!(
+        p.repo.path.join(format!("impl/{id}.md")).exists(),
+        "checkout follows main"
+    );
+}
+
+#[test]
+fn unchanged_repo_runs_no_intake_and_commits_nothing() {
+    let p = Project::new("", "");
+    p.repo.write("specs/greeting.md", "# Greeting\n");
+    p.commit_all("spec");
+    let out = p.hyperloop(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let before = p.git(&["rev-parse", "main"]);
+    let out = p.hyperloop(&["step"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert!(
+        named(&events(&out), "intake_ran").is_empty(),
+        "no intake for unchanged specs"
+    );
+    assert!(named(&events(&out), "worker_spawned").is_empty());
+    assert_eq!(
+        p.git(&["rev-parse", "main"]),
+        before,
+        "an idle step makes no commit"
+    );
+
+    // A changed spec is taken in again.
+    p.repo.write("specs/greeting.md", "# Greeting\n\nNow louder.\n");
+    p.commit_all("spec change");
+    let out = p.hyperloop(&["step"]);
+    assert_eq!(named(&events(&out), "intake_ran").len(), 1, "{}", describe(&out));
+}
+
+#[test]
+fn dependencies_are_respected() {
+    let p = Project::new("", "");
+    p.repo.write("specs/a.md", "# A\n");
+    p.write_task("task-001", "specs/a.md", &[]);
+    p.write_task("task-002", "specs/a.md", &["task-001"]);
+    p.write_task("task-003", "specs/a.md", &["task-002"]);
+    p.commit_all("tasks");
+    let out = p.hyperloop(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let evs = events(&out);
+    let order: Vec<String> = evs
+        .iter()
+        .filter(|e| {
+            e["event"] == "worker_spawned" && e["role"] == "implementer" || e["event"] == "merge_attempted"
+        })
+        .map(|e| {
+            format!(
+                "{}:{}",
+                e["event"].as_str().unwrap_or(""),
+                e["task_id"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    assert_eq!(
+        order,
+        vec![
+            "worker_spawned:task-001",
+            "merge_attempted:task-001",
+            "worker_spawned:task-002",
+            "merge_attempted:task-002",
+            "worker_spawned:task-003",
+            "merge_attempted:task-003",
+        ]
+    );
+    assert!(
+        named(&evs, "intake_ran").is_empty(),
+        "specs named by tasks count as taken in"
+    );
+}
+
+#[test]
+fn verifier_failure_loops_back_with_findings_then_passes() {
+    let rules = r#"
+  - role: verifier
+    attempt: 0
+    actions:
+      - verdict: {verdict: fail, findings: 2, detail: "tests are missing"}
+"#;
+    let p = Project::new(rules, "");
+    p.repo.write("specs/a.md", "# A\n");
+    p.write_task("task-001", "specs/a.md", &[]);
+    p.commit_all("tasks");
+    let out = p.hyperloop(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let evs = events(&out);
+    let looped = named(&evs, "task_looped_back");
+    assert_eq!(looped.len(), 1, "{}", describe(&out));
+    assert_eq!(looped[0]["round"], 1);
+    let t = p.task("task-001");
+    assert_eq!(t["status"], "complete");
+    assert_eq!(t["round"], 1);
+    // The implementer's second round saw the findings in its prompt... and the review was kept.
+    let review = p.git(&["show", "main:specs/reviews/task-001-round-0.md"]);
+    assert!(
+        review.contains("tests are missing") && review.contains("fail"),
+        "{review}"
+    );
+    // Two implementer runs, two verifier runs.
+    let spawned: Vec<_> = named(&evs, "worker_spawned")
+        .into_iter()
+        .map(|e| e["role"].clone())
+        .collect();
+    assert_eq!(
+        spawned.iter().filter(|r| *r == "implementer").count(),
+        2,
+        "{spawned:?}"
+    );
+    assert_eq!(
+        spawned.iter().filter(|r| *r == "verifier").count(),
+        2,
+        "{spawned:?}"
+    );
+    // The process improver ran after the failure.
+    assert_eq!(named(&evs, "process_improver_ran").len(), 1);
+}
+
+#[test]
+fn round_limit_fails_the_task_blocks_dependents_and_merges_the_rest() {
+    let rules = r#"
+  - role: verifier
+    task: task-001
+    actions:
+      - verdict: {verdict: fail, findings: 1, detail: "still wrong"}
+"#;
+    let p = Project::new(rules, "max_task_rounds: 2\n");
+    p.repo.write("specs/a.md", "# A\n");
+    p.write_task("task-001", "specs/a.md", &[]);
+    p.write_task("task-002", "specs/a.md", &["task-001"]);
+    p.write_task("task-003", "specs/a.md", &[]);
+    p.commit_all("tasks");
+    let out = p.hyperloop(&["run"]);
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    let t1 = p.task("task-001");
+    assert_eq!(t1["status"], "failed");
+    assert!(
+        t1["failure_reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("max_task_rounds"),
+        "{t1}"
+    );
+    assert_eq!(p.task("task-002")["status"], "not-started");
+    assert_eq!(p.task("task-003")["status"], "complete");
+    let evs = events(&out);
+    let halted = named(&evs, "orchestrator_halted");
+    assert_eq!(halted.len(), 1);
+    assert_eq!(named(&evs, "task_failed").len(), 1);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("task-002"), "blocked task reported: {stdout}");
+}
+
+#[test]
+fn a_gate_waits_until_approve() {
+    let p = Project::new("", "");
+    p.repo.write(
+        ".hyperloop/agents/kustomization.yaml",
+        "resources:\n  - github.com/jsell-rh/hyperloop//base?ref=main\npatches:\n  - path: process.yaml\n",
+    );
+    p.repo.write(
+        ".hyperloop/agents/process.yaml",
+        "apiVersion: hyperloop.io/v1\nkind: Process\nmetadata:\n  name: default\npipeline:\n  - loop:\n      - role: implementer\n      - role: verifier\n  - gate: human-review\n  - action: merge-pr\n",
+    );
+    let cfg = p.repo.read(".hyperloop.yaml");
+    p.repo
+        .write(".hyperloop.yaml", &format!("overlay: .hyperloop/agents\n{cfg}"));
+    p.repo.write("specs/a.md", "# A\n");
+    p.write_task("task-001", "specs/a.md", &[]);
+    p.commit_all("tasks and gate");
+
+    let out = p.hyperloop(&["step"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let t = p.task("task-001");
+    assert_eq!(t["status"], "in-progress");
+    assert_eq!(t["phase"], "human-review");
+    let table = String::from_utf8_lossy(&p.hyperloop(&["status"]).stdout).to_string();
+    assert!(table.contains("human-review"), "{table}");
+    // Another step does nothing while the gate is closed.
+    let before = p.git(&["rev-parse", "main"]);
+    let out = p.hyperloop(&["step"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert_eq!(p.git(&["rev-parse", "main"]), before);
+    // Approving the wrong gate, or a task that waits nowhere, is bad input.
+    assert_eq!(
+        p.hyperloop(&["approve", "task-001", "--gate", "other"])
+            .status
+            .code(),
+        Some(2)
+    );
+    assert_eq!(p.hyperloop(&["approve", "task-999"]).status.code(), Some(2));
+
+    let out = p.hyperloop(&["approve", "task-001"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let out = p.hyperloop(&["step"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert_eq!(p.task("task-001")["status"], "complete");
+    assert_eq!(
+        p.hyperloop(&["approve", "task-001"]).status.code(),
+        Some(2),
+        "nothing waits any more"
+    );
+}
+
+#[test]
+fn merge_strategy_merge_makes_a_merge_commit() {
+    let p = Project::new("", "merge:\n  strategy: merge\n  delete_branch: false\n");
+    p.repo.write("specs/a.md", "# A\n");
+    p.write_task("task-001", "specs/a.md", &[]);
+    p.commit_all("tasks");
+    let out = p.hyperloop(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let merges = p.git(&["log", "--merges", "--format=%s", "main"]);
+    assert!(merges.contains("Merge worker/task-001"), "{merges}");
+    assert!(
+        !p.git(&["branch", "--list", "worker/task-001"]).is_empty(),
+        "delete_branch: false keeps it"
+    );
+    // The merge commit's second parent is the task branch.
+    let parent2 = p.git(&["rev-parse", "main^2"]);
+    assert_eq!(parent2, p.git(&["rev-parse", "worker/task-001"]));
+}
+
+#[test]
+fn squash_makes_one_commit_per_task() {
+    let p = Project::new("", "");
+    p.repo.write("specs/a.md", "# A\n");
+    p.write_task("task-001", "specs/a.md", &[]);
+    p.commit_all("tasks");
+    let out = p.hyperloop(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert_eq!(
+        p.git(&["log", "--merges", "--format=%s", "main"]),
+        "",
+        "no merge commits"
+    );
+    let squash = p.git(&["log", "--format=%s", "--grep=(task-001)", "main"]);
+    assert_eq!(squash.lines().count(), 1, "{squash}");
+}
+
+#[test]
+fn pm_output_that_cycles_or_does_not_parse_is_rejected() {
+    for (name, files) in [
+        (
+            "cycle",
+            vec![
+                (
+                    "specs/tasks/task-001.md",
+                    "---\nid: task-001\ntitle: A\nspec_ref: specs/a.md\nstatus: not-started\ndeps: [task-002]\n---\nA\n",
+                ),
+                (
+                    "specs/tasks/task-002.md",
+                    "---\nid: task-002\ntitle: B\nspec_ref: specs/a.md\nstatus: not-started\ndeps: [task-001]\n---\nB\n",
+                ),
+            ],
+        ),
+        (
+            "malformed",
+            vec![("specs/tasks/task-001.md", "---\nid: task-001\ntitle: [\n---\n")],
+        ),
+        (
+            "misnamed",
+            vec![(
+                "specs/tasks/task-9.md",
+                "---\nid: task-001\ntitle: A\nspec_ref: specs/a.md\nstatus: not-started\n---\n",
+            )],
+        ),
+        (
+            "unknown dep",
+            vec![(
+                "specs/tasks/task-001.md",
+                "---\nid: task-001\ntitle: A\nspec_ref: specs/a.md\nstatus: not-started\ndeps: [task-404]\n---\n",
+            )],
+        ),
+    ] {
+        let mut rules = String::from("  - role: pm\n    actions:\n");
+        for (path, content) in &files {
+            rules.push_str(&format!(
+                "      - write: {{path: {path}, content: {}}}\n",
+                serde_json::to_string(content).expect("json")
+            ));
+        }
+        rules.push_str("      - commit: {message: \"tasks\"}\n      - verdict: {verdict: pass}\n");
+        let p = Project::new(&rules, "");
+        p.repo.write("specs/a.md", "# A\n");
+        p.commit_all("spec");
+        let out = p.hyperloop(&["step"]);
+        assert_eq!(out.status.code(), Some(0), "{name}: {}", describe(&out));
+        let evs = events(&out);
+        let intake = named(&evs, "intake_ran");
+        assert_eq!(intake.len(), 1, "{name}");
+        assert_eq!(intake[0]["success"], false, "{name}: {}", intake[0]);
+        assert!(
+            p.status().is_empty(),
+            "{name}: nothing half-valid enters the task set"
+        );
+        assert_eq!(
+            p.git(&["ls-tree", "-r", "--name-only", "main", "specs/tasks"]),
+            "",
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn users_uncommitted_files_survive_a_whole_run() {
+    let p = Project::new("", "");
+    p.repo.write("specs/a.md", "# A\n");
+    p.write_task("task-001", "specs/a.md", &[]);
+    p.commit_all("tasks");
+    p.repo.write("README.md", "# test repo\n\nmy unsaved edit\n");
+    p.repo.write("notes/todo.txt", "untracked notes\n");
+    let out = p.hyperloop(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert_eq!(p.repo.read("README.md"), "# test repo\n\nmy unsaved edit\n");
+    assert_eq!(p.repo.read("notes/todo.txt"), "untracked notes\n");
+    let status = p.git(&["status", "--porcelain"]);
+    assert_eq!(
+        status, "M README.md\n?? notes/",
+        "only the user's own changes are pending"
+    );
+    // hyperloop committed none of them.
+    let committed = p.git(&["show", "main:README.md"]);
+    assert_eq!(committed, "# test repo");
+}
+
+#[test]
+fn work_goes_to_the_base_branch_whatever_is_checked_out() {
+    let p = Project::new("", "");
+    p.repo.write("specs/a.md", "# A\n");
+    p.write_task("task-001", "specs/a.md", &[]);
+    p.commit_all("tasks");
+    p.git(&["checkout", "-q", "-b", "feature"]);
+    let out = p.hyperloop(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert_eq!(p.git(&["rev-parse", "--abbrev-ref", "HEAD"]), "feature");
+    let files = p.git(&["ls-tree", "-r", "--name-only", "main"]);
+    assert!(files.contains("impl/task-001.md"), "{files}");
+    assert!(
+        !p.repo.path.join("impl/task-001.md").exists(),
+        "the feature checkout is untouched"
+    );
+}
+
+#[allow(dead_code)]
+fn script_path(p: &Project) -> &Path {
+    &p.script
+}
