@@ -372,7 +372,7 @@ impl Stepper {
             } else {
                 self.pending_failures.clone()
             },
-            intake_running: self.intake_attempted,
+            intake_running: self.running.contains_key(INTAKE_ID),
             github_mode: false,
         };
         let mut plan = decide::decide(&snapshot, &self.config, &self.defs.process, now_unix())?;
@@ -439,6 +439,9 @@ impl Stepper {
                 };
                 let mut t = task;
                 let change = transition::start(&mut t, self.pipeline());
+                if t.branch.is_none() {
+                    t.branch = Some(format!("worker/{task_id}"));
+                }
                 self.save_task(t, &change, &format!("hyperloop: start {task_id}"))?;
                 Ok(true)
             }

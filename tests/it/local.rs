@@ -508,3 +508,40 @@ fn work_goes_to_the_base_branch_whatever_is_checked_out() {
 fn script_path(p: &Project) -> &Path {
     &p.script
 }
+
+#[test]
+fn independent_tasks_run_in_parallel_up_to_max_workers() {
+    // Each implementer records when it starts and ends; with two slots, two overlap and never three.
+    let log = "${HYPERLOOP_TASK_ID}";
+    let rules = format!(
+        r#"
+  - role: implementer
+    actions:
+      - append: {{path: "{root}/spans.log", content: "start {log}\n"}}
+      - sleep: 0.6
+      - append: {{path: "{root}/spans.log", content: "end {log}\n"}}
+      - implement_task: true
+      - verdict: {{verdict: pass}}
+"#,
+        root = "${HOME}/.."
+    );
+    let p = Project::new(&rules, "");
+    // Tasks come from intake, which runs first in the same step and must not hold a slot after.
+    for name in ["a", "b", "c"] {
+        p.repo.write(&format!("specs/{name}.md"), &format!("# {name}\n"));
+    }
+    p.commit_all("specs");
+    let out = p.hyperloop(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let spans = std::fs::read_to_string(p.env.root().join("spans.log")).expect("spans");
+    let mut live = 0i32;
+    let mut peak = 0;
+    for line in spans.lines() {
+        live += if line.starts_with("start") { 1 } else { -1 };
+        peak = peak.max(live);
+    }
+    assert_eq!(peak, 2, "two workers at once, never more:\n{spans}");
+    for id in ["task-001", "task-002", "task-003"] {
+        assert_eq!(p.task(id)["status"], "complete");
+    }
+}
