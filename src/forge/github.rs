@@ -166,7 +166,8 @@ impl Reply {
             }
         }
         if parts.is_empty() {
-            "(no message)".into()
+            // Not GitHub's usual shape (a proxy, a validator): show the start of it as it is.
+            self.body.chars().take(200).collect()
         } else {
             parts.join("; ")
         }

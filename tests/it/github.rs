@@ -849,3 +849,156 @@ fn app_keys_in_pkcs8_or_with_escaped_newlines_are_accepted() {
     ]));
     assert!(err.is_err());
 }
+
+// ---------------------------------------------------------------- GitHub's own schema
+
+/// Starts the simulator with one repository, `acme/widgets`, and prints the port it bound.
+const SIMULATOR_SCRIPT: &str = r#"
+import { simulation } from "@simulacrum/github-api-simulator";
+const app = simulation({
+  initialState: {
+    users: [{ login: "acme", organizations: ["acme"] }],
+    organizations: [{ login: "acme" }],
+    repositories: [{ owner: "acme", name: "widgets" }],
+    branches: [{ name: "main" }],
+    blobs: [],
+  },
+});
+const { port } = await app.listen(0, "127.0.0.1");
+console.log(`listening ${port}`);
+"#;
+
+struct Simulator {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Drop for Simulator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn simulator_dir() -> Option<std::path::PathBuf> {
+    let cache = std::env::var_os("HYPERLOOP_TEST_CACHE")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache/hyperloop-test"))
+        })?;
+    let dir = cache.join("ghsim");
+    dir.join("node_modules/@simulacrum/github-api-simulator/package.json")
+        .exists()
+        .then_some(dir)
+}
+
+fn start_simulator(dir: &std::path::Path) -> Simulator {
+    use std::io::BufRead;
+    // With --eval, module imports resolve from the working directory: the cache's node_modules.
+    let mut child = std::process::Command::new("node")
+        .current_dir(dir)
+        .args(["--input-type=module", "-e", SIMULATOR_SCRIPT])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("node starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let port = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find_map(|l| l.strip_prefix("listening ").map(str::to_string))
+        .expect("the simulator reports its port");
+    // Keep draining so the simulator never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    Simulator {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+    }
+}
+
+/// A raw request, to check the simulator really refuses bodies that break the schema.
+fn raw_request(url: &str, method: &str, path: &str, body: &str) -> u16 {
+    use std::io::{Read, Write};
+    let addr = url.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send");
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).expect("read");
+    answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("a status line")
+}
+
+#[tokio::test]
+async fn requests_match_githubs_rest_schema() {
+    let Some(dir) = simulator_dir() else {
+        #[allow(clippy::print_stderr)]
+        {
+            eprintln!(
+                "\n*** SKIPPED: GitHub API simulator not installed (run .ci/setup-github-sim.sh) ***\n"
+            );
+        }
+        return;
+    };
+    let sim = start_simulator(&dir);
+    // The control: a body GitHub's schema forbids is refused.
+    assert_eq!(
+        raw_request(
+            &sim.url,
+            "PUT",
+            "/repos/acme/widgets/pulls/1/merge",
+            r#"{"merge_method":"fast-forward"}"#
+        ),
+        400
+    );
+
+    let auth = AuthConfig::from_env_map(&env_map(&[
+        ("GITHUB_TOKEN", "ghp_simulated"),
+        ("GITHUB_API_URL", &sim.url),
+    ]))
+    .expect("auth");
+    let c = GitHubClient::new(auth, RepoRef::new(OWNER, NAME), options()).expect("client");
+    // The simulator answers with the examples of GitHub's description (pull request 1347 of
+    // octocat/Hello-World); what matters here is that every request body passes validation.
+    let pr = c
+        .create_draft_pr("worker/t1", "main", "Task t1", "body")
+        .await
+        .expect("create passes the schema");
+    c.ensure_labels(&["lgtm", "task:t1", "spec:auth/login"])
+        .await
+        .expect("labels pass the schema");
+    c.add_labels(pr.number, &["task:t1", "spec:auth/login"])
+        .await
+        .expect("add labels passes the schema");
+    c.remove_label(pr.number, "spec:auth/login")
+        .await
+        .expect("remove label");
+    c.update_pr_body(pr.number, "new body")
+        .await
+        .expect("update passes the schema");
+    c.update_branch(pr.number).await.expect("update branch");
+    let outcome = c
+        .merge_pr(
+            pr.number,
+            MergeStrategy::Squash,
+            "t1 (#1347)",
+            "Spec-Ref: specs/t1.md\nTask-Ref: t1",
+        )
+        .await
+        .expect("merge passes the schema");
+    assert!(matches!(outcome, MergeOutcome::Merged { .. }), "{outcome:?}");
+    c.merge_pr(pr.number, MergeStrategy::Merge, "t", "m")
+        .await
+        .expect("merge method merge passes the schema");
+    c.get_pr(pr.number).await.expect("read");
+    c.list_hyperloop_prs().await.expect("list parses");
+    c.delete_branch("worker/t1").await.expect("delete");
+}
