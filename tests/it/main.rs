@@ -3,6 +3,8 @@
 mod claude_cli;
 mod config;
 mod definitions;
+mod fake_github;
+mod github;
 mod harness;
 mod init;
 mod local;
