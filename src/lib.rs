@@ -8,6 +8,7 @@ pub mod cycle;
 pub mod definitions;
 pub mod error;
 pub mod events;
+pub mod fault;
 pub mod forge;
 pub mod git;
 pub mod init;

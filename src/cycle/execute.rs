@@ -540,6 +540,7 @@ impl Stepper {
         let Some(new) = self.repo.commit_changes(&self.tip, changes, &message)? else {
             return Ok(false);
         };
+        crate::fault::point("before-publish");
         self.publish(new)?;
         Ok(true)
     }
@@ -548,6 +549,7 @@ impl Stepper {
         for _ in 0..5 {
             match self.repo.publish(&self.branch, &self.tip, &new)? {
                 Publish::Moved => {
+                    crate::fault::point("after-publish");
                     self.tip = new;
                     self.report.commits += 1;
                     return Ok(());
@@ -782,7 +784,9 @@ impl Stepper {
         let dir = self.running_dir();
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         let text = serde_json::to_vec_pretty(&record).map_err(|e| Error::other(e.to_string()))?;
+        crate::fault::point("before-run-record");
         crate::task::store::write_atomic(&dir.join(format!("{}.json", record.key)), &text)?;
+        crate::fault::point("before-spawn");
         emit!(
             INFO,
             "worker_spawned",
@@ -814,6 +818,7 @@ impl Stepper {
             let outcome = worker::run_worker(&spec, cancel).await;
             (key, outcome)
         });
+        crate::fault::point("after-spawn");
         Ok(())
     }
 
@@ -1047,6 +1052,7 @@ impl Stepper {
     }
 
     fn on_worker_done(&mut self, key: &str, outcome: &WorkerOutcome) -> Result<()> {
+        crate::fault::point("worker-done");
         let Some(run) = self.running.remove(key) else {
             return Ok(());
         };
@@ -1101,6 +1107,7 @@ impl Stepper {
             Kind::Intake => self.record_intake(&record, outcome, duration),
             Kind::Improver => self.record_improver(&record, outcome, duration),
         };
+        crate::fault::point("after-record");
         let _ = std::fs::remove_file(self.running_dir().join(format!("{key}.json")));
         result
     }
@@ -1372,7 +1379,9 @@ impl Stepper {
                 };
                 let parent_refs: Vec<&str> = parents.iter().map(String::as_str).collect();
                 let commit = self.repo.commit_tree(&merged_tree, &parent_refs, &message)?;
+                crate::fault::point("merge-before-publish");
                 self.publish(commit)?;
+                crate::fault::point("merge-after-publish");
                 emit!(
                     INFO,
                     "merge_attempted",
@@ -1438,6 +1447,7 @@ impl Stepper {
                 error = e.to_string().as_str()
             );
         }
+        crate::fault::point("before-branch-delete");
         match self.repo.git.output(["branch", "-D", branch]) {
             Ok(out) if out.status.success() => {
                 emit!(DEBUG, "branch_deleted", task_id = task_id, branch = branch)
