@@ -122,6 +122,8 @@ enum Action {
     PmTasksFromSpecs(bool),
     /// Demo implementer: records the round in `impl/<task>.md` and commits.
     ImplementTask(bool),
+    /// Runs a command with `sh -c` in the worktree; a non-zero exit ends the agent with that code.
+    Shell(String),
 }
 
 fn main() -> ExitCode {
@@ -347,6 +349,16 @@ fn perform(action: &Action, job: &mut Job) -> Result<Option<i32>, String> {
         Action::StreamJsonResult(s) => stream_json(job, s),
         Action::SpawnGrandchild(g) => spawn_grandchild(g)?,
         Action::Exit(code) => return Ok(Some(*code)),
+        Action::Shell(command) => {
+            let status = Command::new("sh")
+                .arg("-c")
+                .arg(command)
+                .status()
+                .map_err(|e| format!("cannot run sh -c {command:?}: {e}"))?;
+            if !status.success() {
+                return Ok(Some(status.code().unwrap_or(1)));
+            }
+        }
         Action::Verdict(v) => {
             let mut value = json!({"verdict": v.verdict, "findings": v.findings.unwrap_or(0)});
             if let Some(d) = &v.detail {

@@ -545,3 +545,96 @@ fn independent_tasks_run_in_parallel_up_to_max_workers() {
         assert_eq!(p.task(id)["status"], "complete");
     }
 }
+
+/// Rules for two tasks whose implementers write the same file differently; task-002 is slower,
+/// so task-001 merges first and task-002 conflicts.
+const CONFLICTING: &str = r#"
+  - role: implementer
+    task: task-002
+    actions:
+      - sleep: 0.8
+      - write: {path: shared.txt, content: "from task-002\n"}
+      - commit: {message: "task-002 writes shared.txt"}
+      - verdict: {verdict: pass}
+  - role: implementer
+    actions:
+      - write: {path: shared.txt, content: "from ${HYPERLOOP_TASK_ID}\n"}
+      - commit: {message: "${HYPERLOOP_TASK_ID} writes shared.txt"}
+      - verdict: {verdict: pass}
+"#;
+
+#[test]
+fn a_real_conflict_is_resolved_by_the_rebase_resolver() {
+    let rules = format!(
+        r#"{CONFLICTING}
+  - role: rebase-resolver
+    actions:
+      - prompt_dump: "${{HOME}}/../resolver-prompt.md"
+      - shell: "git merge --no-edit {base} >/dev/null 2>&1 || {{ printf 'from task-001\nfrom task-002\n' > shared.txt && git add shared.txt && git commit -q --no-edit; }}"
+      - verdict: {{verdict: pass, detail: "merged main and kept both lines"}}
+"#,
+        base = "main"
+    );
+    let p = Project::new(&rules, "");
+    p.repo.write("specs/a.md", "# A\n");
+    p.write_task("task-001", "specs/a.md", &[]);
+    p.write_task("task-002", "specs/a.md", &[]);
+    p.commit_all("tasks");
+    let out = p.hyperloop(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let evs = events(&out);
+    let conflicts = named(&evs, "rebase_conflict");
+    assert_eq!(conflicts.len(), 1, "{}", describe(&out));
+    assert_eq!(conflicts[0]["task_id"], "task-002");
+    assert_eq!(
+        p.git(&["show", "main:shared.txt"]),
+        "from task-001\nfrom task-002"
+    );
+    assert_eq!(p.task("task-001")["status"], "complete");
+    assert_eq!(p.task("task-002")["status"], "complete");
+    // The resolver was told what conflicts and what changed on the base branch.
+    let prompt = std::fs::read_to_string(p.env.root().join("resolver-prompt.md")).expect("prompt dumped");
+    assert!(
+        prompt.contains("Conflicting files") && prompt.contains("- shared.txt"),
+        "{prompt}"
+    );
+    assert!(prompt.contains("task-001"), "base changes listed: {prompt}");
+    // One squash commit per task on main: the work reached main exactly once each.
+    for id in ["task-001", "task-002"] {
+        let n = p
+            .git(&["log", "--format=%s", &format!("--grep=({id})"), "main"])
+            .lines()
+            .count();
+        assert_eq!(n, 1, "{id} merged once");
+    }
+}
+
+#[test]
+fn a_conflict_the_resolver_cannot_fix_loops_back_and_fails_at_the_round_limit() {
+    let rules = format!(
+        r#"{CONFLICTING}
+  - role: rebase-resolver
+    actions:
+      - verdict: {{verdict: fail, findings: 1, detail: "the two versions of shared.txt cannot be reconciled"}}
+"#
+    );
+    let p = Project::new(&rules, "max_task_rounds: 2\nmax_rebase_attempts: 1\n");
+    p.repo.write("specs/a.md", "# A\n");
+    p.write_task("task-001", "specs/a.md", &[]);
+    p.write_task("task-002", "specs/a.md", &[]);
+    p.commit_all("tasks");
+    let out = p.hyperloop(&["run"]);
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    assert_eq!(p.task("task-001")["status"], "complete");
+    let t2 = p.task("task-002");
+    assert_eq!(t2["status"], "failed", "{t2}");
+    assert_eq!(
+        p.git(&["show", "main:shared.txt"]),
+        "from task-001",
+        "main keeps the merged version"
+    );
+    let evs = events(&out);
+    assert!(!named(&evs, "task_looped_back").is_empty(), "{}", describe(&out));
+    // The branch with the agent's work is kept for a person to look at.
+    assert!(!p.git(&["branch", "--list", "worker/task-002"]).is_empty());
+}
