@@ -10,10 +10,21 @@ use std::process::{Command, Output, Stdio};
 use crate::error::{Error, Result};
 
 /// Runs git commands in one directory.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Git {
     dir: PathBuf,
     env: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for Git {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The environment may carry credentials (an authorization header for pushes): names only.
+        let names: Vec<&str> = self.env.iter().map(|(k, _)| k.as_str()).collect();
+        f.debug_struct("Git")
+            .field("dir", &self.dir)
+            .field("env", &names)
+            .finish()
+    }
 }
 
 impl Git {

@@ -31,6 +31,8 @@ use crate::state::{Changes, MergeTree, Publish, Repo};
 use crate::task::{Attempt, Status, Task, store::INTAKE_RECORD};
 use crate::worker::{self, WorkerOutcome, WorkerSpec, result::ResultFile, worktree};
 
+mod github_mode;
+
 /// Task id used for the intake worker (CONTRACT §4).
 pub const INTAKE_ID: &str = "intake";
 /// Task id used for the process improver (CONTRACT §4).
@@ -114,11 +116,6 @@ struct RunRecord {
 /// Runs one step on `target`.
 pub async fn step(target: &Target, opts: &StepOptions) -> Result<StepReport> {
     let repo = target.repo.clone();
-    if target.config.target.repo.is_some() {
-        return Err(Error::NotAvailable {
-            what: "GitHub mode (--repo / target.repo)".into(),
-        });
-    }
     if target.config.state_branch() != target.config.target.base_branch {
         return Err(Error::NotAvailable {
             what: "a target.state_branch other than the base branch".into(),
@@ -126,7 +123,11 @@ pub async fn step(target: &Target, opts: &StepOptions) -> Result<StepReport> {
     }
     let lock = StepLock::acquire(&repo.common_dir.join("hyperloop.lock"))?;
     let defs = definitions::load(&target.config, &repo.root)?;
-    let mut stepper = Stepper::new(repo, target.config.clone(), defs, opts)?;
+    let gh = match target.config.target.repo.as_deref() {
+        Some(slug) => Some(github_mode::connect(slug, &repo).await?),
+        None => None,
+    };
+    let mut stepper = Stepper::new(repo, target.config.clone(), defs, opts, gh)?;
     let result = stepper.run().await;
     drop(lock);
     result
@@ -199,23 +200,23 @@ struct Stepper {
     deadline: Option<Instant>,
     started: Instant,
     nonce_counter: u64,
+    gh: Option<github_mode::GitHubMode>,
 }
 
 impl Stepper {
-    fn new(repo: Repo, config: Config, defs: Definitions, opts: &StepOptions) -> Result<Stepper> {
+    fn new(
+        repo: Repo,
+        config: Config,
+        defs: Definitions,
+        opts: &StepOptions,
+        gh: Option<github_mode::GitHubMode>,
+    ) -> Result<Stepper> {
         let branch = config.state_branch().to_string();
-        let tip = repo.branch_tip(&branch)?.ok_or_else(|| Error::Other {
-            message: format!(
-                "branch `{branch}` does not exist in {}; commit something to it first (hyperloop works on target.base_branch)",
-                repo.root.display()
-            ),
-        })?;
         let (cancel_tx, cancel_rx) = watch::channel(false);
         let started = Instant::now();
-        Ok(Stepper {
+        let mut stepper = Stepper {
             repo,
-            branch,
-            tip,
+            branch: branch.clone(),
             tasks: BTreeMap::new(),
             specs: Vec::new(),
             intake_record: BTreeMap::new(),
@@ -236,7 +237,20 @@ impl Stepper {
             nonce_counter: 0,
             config,
             defs,
-        })
+            gh,
+            tip: String::new(),
+        };
+        stepper.tip = if stepper.gh.is_some() {
+            stepper.fetch_state()?
+        } else {
+            stepper.repo.branch_tip(&branch)?.ok_or_else(|| Error::Other {
+                message: format!(
+                    "branch `{branch}` does not exist in {}; commit something to it first (hyperloop works on target.base_branch)",
+                    stepper.repo.root.display()
+                ),
+            })?
+        };
+        Ok(stepper)
     }
 
     fn specs_dir(&self) -> &str {
@@ -282,6 +296,9 @@ impl Stepper {
             max_workers = self.config.runtime.max_workers
         );
         self.recover()?;
+        if self.gh.is_some() {
+            self.sync_pull_requests()?;
+        }
         self.cleanup_merged_branches();
 
         let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -373,7 +390,7 @@ impl Stepper {
                 self.pending_failures.clone()
             },
             intake_running: self.running.contains_key(INTAKE_ID),
-            github_mode: false,
+            github_mode: self.gh.is_some(),
         };
         let mut plan = decide::decide(&snapshot, &self.config, &self.defs.process, now_unix())?;
         // Intake and the improver are workers too; decide counts task workers only through
@@ -472,7 +489,15 @@ impl Stepper {
                 self.save_task(t, &change, &format!("hyperloop: {task_id} passed gate {gate}"))?;
                 Ok(!change.is_noop())
             }
-            Action::PollGate { .. } => Ok(false),
+            Action::PollGate { task_id, gate } => {
+                let Some(t) = self.tasks.get(task_id).cloned() else {
+                    return Ok(false);
+                };
+                if !self.first_attempt(task_id, &t, "poll") {
+                    return Ok(false);
+                }
+                self.poll_gate(task_id, gate)
+            }
             Action::Perform { task_id, action, .. } => {
                 let Some(t) = self.tasks.get(task_id).cloned() else {
                     return Ok(false);
@@ -481,7 +506,19 @@ impl Stepper {
                     return Ok(false);
                 }
                 match action.as_str() {
+                    MERGE_PR if self.gh.is_some() => self.merge_github(t),
                     MERGE_PR => self.merge(t),
+                    MARK_PR_READY if self.gh.is_some() => {
+                        let mut t = t;
+                        self.mark_ready_github(&t)?;
+                        let change = transition::action_done(&mut t, self.pipeline());
+                        self.save_task(
+                            t,
+                            &change,
+                            &format!("hyperloop: {task_id} pull request ready for review"),
+                        )?;
+                        Ok(!change.is_noop())
+                    }
                     MARK_PR_READY => {
                         let mut t = t;
                         emit!(
@@ -547,7 +584,12 @@ impl Stepper {
 
     fn publish(&mut self, mut new: String) -> Result<()> {
         for _ in 0..5 {
-            match self.repo.publish(&self.branch, &self.tip, &new)? {
+            let published = if self.gh.is_some() {
+                self.push_state(&new)?
+            } else {
+                self.repo.publish(&self.branch, &self.tip, &new)?
+            };
+            match published {
                 Publish::Moved => {
                     crate::fault::point("after-publish");
                     self.tip = new;
@@ -1154,6 +1196,19 @@ impl Stepper {
                 detail: detail.clone(),
             });
         }
+        if self.gh.is_some() && !task.status.is_terminal() {
+            // The branch goes to GitHub as soon as it has work, with its draft PR.
+            match self.ensure_pull_request(&task) {
+                Ok(url) if url.is_some() => task.pr = url,
+                Ok(_) => {}
+                Err(e) => emit!(
+                    WARN,
+                    "pr_not_created",
+                    task_id = task.id.as_str(),
+                    error = e.to_string().as_str()
+                ),
+            }
+        }
         let mut changes = Changes::default();
         changes.put_task(&self.tasks_rel(), &task);
         if record.role == "verifier" {
@@ -1186,6 +1241,9 @@ impl Stepper {
         let (spec, id) = (task.spec_ref.clone(), task.id.clone());
         self.commit(&changes, &subject, &[&spec], &id)?;
         self.note_change(&task, &change);
+        if self.gh.is_some() {
+            self.update_pr_body(&task);
+        }
         self.tasks.insert(id, task);
         Ok(())
     }
@@ -1403,6 +1461,17 @@ impl Stepper {
                 Ok(true)
             }
             MergeTree::Conflict(files) => {
+                self.conflict(task, &branch, &files)?;
+                Ok(true)
+            }
+        }
+    }
+
+    /// Records a merge conflict: the rebase-resolver gets the task, or it loops back.
+    fn conflict(&mut self, task: Task, branch: &str, files: &[String]) -> Result<()> {
+        let id = task.id.clone();
+        {
+            {
                 let mut t = task;
                 let detail = format!(
                     "merging {branch} into {} conflicts in:\n{}",
@@ -1417,7 +1486,7 @@ impl Stepper {
                     WARN,
                     "merge_attempted",
                     task_id = id.as_str(),
-                    branch = branch.as_str(),
+                    branch = branch,
                     outcome = "conflict",
                     attempt = u64::from(t.rebase_attempts + 1)
                 );
@@ -1429,7 +1498,7 @@ impl Stepper {
                     self.config.max_task_rounds,
                 );
                 self.save_task(t, &change, &format!("hyperloop: {id} merge conflict"))?;
-                Ok(!change.is_noop())
+                Ok(())
             }
         }
     }

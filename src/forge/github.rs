@@ -324,6 +324,11 @@ impl GitHubClient {
         &self.repo
     }
 
+    /// A token for git over HTTPS (the personal token, or a fresh installation token).
+    pub async fn git_token(&self) -> Result<Secret, ForgeError> {
+        self.token_for(AuthMode::Repo).await
+    }
+
     pub fn api_url(&self) -> &str {
         &self.api_url
     }

@@ -325,6 +325,13 @@ impl FakeGitHub {
         pr.updated_at = now;
     }
 
+    /// A person presses "Ready for review".
+    pub fn mark_ready_as_person(&self, number: u64) {
+        if let Some(pr) = self.state().prs.get_mut(&number) {
+            pr.draft = false;
+        }
+    }
+
     /// A person presses "Squash and merge".
     pub fn merge_pr_as_person(&self, number: u64) -> String {
         let mut s = self.state();

@@ -19,6 +19,7 @@ pub fn scripted_agent_bin() -> PathBuf {
 }
 
 /// One isolated world: a temp dir holding HOME, a global git config, and any repos made in it.
+#[derive(Debug)]
 pub struct TestEnv {
     pub dir: TempDir,
 }
@@ -140,6 +141,7 @@ impl TestEnv {
 }
 
 /// A repository made by [`TestEnv::repo`].
+#[derive(Debug)]
 pub struct TestRepo {
     pub path: PathBuf,
     pub origin: PathBuf,

@@ -9,10 +9,11 @@ use serde_json::Value;
 use crate::harness::{TestEnv, TestRepo, describe, scripted_agent_bin};
 
 /// A repository set up for hyperloop with a scripted agent.
-struct Project {
-    env: TestEnv,
-    repo: TestRepo,
-    script: PathBuf,
+#[derive(Debug)]
+pub struct Project {
+    pub env: TestEnv,
+    pub repo: TestRepo,
+    pub script: PathBuf,
 }
 
 const DEMO_RULES: &str = r#"
@@ -37,7 +38,7 @@ const DEMO_RULES: &str = r#"
 
 impl Project {
     /// `rules` are script rules placed before the demo's defaults (first match wins).
-    fn new(rules: &str, extra_config: &str) -> Project {
+    pub fn new(rules: &str, extra_config: &str) -> Project {
         let env = TestEnv::new();
         let repo = env.repo("project");
         let script = env.root().join("agent-script.yaml");
@@ -53,36 +54,36 @@ impl Project {
         Project { env, repo, script }
     }
 
-    fn commit_all(&self, message: &str) {
+    pub fn commit_all(&self, message: &str) {
         self.env.git(&self.repo.path, &["add", "-A"]);
         self.env.git(&self.repo.path, &["commit", "-qm", message]);
     }
 
-    fn hyperloop(&self, args: &[&str]) -> Output {
+    pub fn hyperloop(&self, args: &[&str]) -> Output {
         let mut all = vec!["--path", self.repo.path_str()];
         all.extend_from_slice(args);
         self.env.hyperloop(&all)
     }
 
-    fn status(&self) -> Vec<Value> {
+    pub fn status(&self) -> Vec<Value> {
         let out = self.hyperloop(&["status", "--json"]);
         assert!(out.status.success(), "{}", describe(&out));
         let v: Value = serde_json::from_slice(&out.stdout).expect("status json");
         v["tasks"].as_array().cloned().unwrap_or_default()
     }
 
-    fn task(&self, id: &str) -> Value {
+    pub fn task(&self, id: &str) -> Value {
         self.status()
             .into_iter()
             .find(|t| t["id"] == id)
             .unwrap_or_else(|| panic!("no task {id}"))
     }
 
-    fn git(&self, args: &[&str]) -> String {
+    pub fn git(&self, args: &[&str]) -> String {
         self.env.git(&self.repo.path, args)
     }
 
-    fn write_task(&self, id: &str, spec: &str, deps: &[&str]) {
+    pub fn write_task(&self, id: &str, spec: &str, deps: &[&str]) {
         let deps = if deps.is_empty() {
             "[]".to_string()
         } else {
@@ -98,14 +99,14 @@ impl Project {
 }
 
 /// The JSON events a command printed on standard error.
-fn events(out: &Output) -> Vec<Value> {
+pub fn events(out: &Output) -> Vec<Value> {
     String::from_utf8_lossy(&out.stderr)
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         .collect()
 }
 
-fn named<'a>(evs: &'a [Value], name: &str) -> Vec<&'a Value> {
+pub fn named<'a>(evs: &'a [Value], name: &str) -> Vec<&'a Value> {
     evs.iter().filter(|e| e["event"] == name).collect()
 }
 

@@ -1,0 +1,670 @@
+//! The executor's GitHub mode: task state travels through `origin` (fetched at the start of a
+//! step, pushed compare-and-swap after every commit), each task gets a draft pull request labelled
+//! `task:<id>` and `spec:<name>`, gates clear on the `lgtm` label, and `merge-pr` merges through
+//! the API. Polling costs one paginated listing of hyperloop's pull requests per step, however
+//! many tasks wait.
+//!
+//! Git is authenticated through an `http.extraHeader` passed in the git child's environment
+//! (`GIT_CONFIG_*`), so the token is never written to `.git/config`, a file, or a command line.
+
+use std::collections::HashMap;
+use std::future::Future;
+
+use crate::config::MergeStrategy;
+use crate::cycle::transition::{self, ChangeEvent, TaskChange};
+use crate::emit;
+use crate::error::{Error, Result};
+use crate::forge::auth::AuthConfig;
+use crate::forge::github::{ClientOptions, GitHubClient, RepoRef};
+use crate::forge::{MergeOutcome, NotMergeableReason, PrState};
+use crate::git::{Git, trailers};
+use crate::state::{MergeTree, Publish, Repo};
+use crate::task::{Status, Task};
+
+use super::Stepper;
+
+/// The label that clears a gate.
+pub const APPROVAL_LABEL: &str = "lgtm";
+
+/// What a step in GitHub mode keeps: the client, an authenticated git, and the one listing of
+/// hyperloop's pull requests this step made.
+pub(super) struct GitHubMode {
+    pub client: GitHubClient,
+    pub remote: String,
+    /// git with the authorization header in its environment.
+    pub git: Git,
+    /// Head branch → its pull request, from this step's listing (updated as the step acts).
+    pub prs: HashMap<String, PrState>,
+}
+
+/// Runs a future from synchronous executor code (the step runs on a multi-threaded runtime).
+pub(super) fn wait<F: Future>(fut: F) -> F::Output {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(fut))
+}
+
+fn forge(e: crate::forge::ForgeError) -> Error {
+    Error::from(e)
+}
+
+/// Connects to GitHub for `slug` (OWNER/REPO) with credentials from the environment.
+pub(super) async fn connect(slug: &str, repo: &Repo) -> Result<GitHubMode> {
+    let repo_ref =
+        RepoRef::parse(slug).ok_or_else(|| Error::usage(format!("--repo {slug}: expected OWNER/REPO")))?;
+    let auth = AuthConfig::from_process_env().map_err(forge)?;
+    let client = GitHubClient::new(auth, repo_ref, ClientOptions::default()).map_err(forge)?;
+    let token = client.git_token().await.map_err(forge)?;
+    let header = format!(
+        "Authorization: Basic {}",
+        base64(format!("x-access-token:{}", token.expose()).as_bytes())
+    );
+    let git = repo
+        .git
+        .clone()
+        .with_env("GIT_CONFIG_COUNT", "1")
+        .with_env("GIT_CONFIG_KEY_0", "http.extraHeader")
+        .with_env("GIT_CONFIG_VALUE_0", header);
+    Ok(GitHubMode {
+        client,
+        remote: "origin".to_string(),
+        git,
+        prs: HashMap::new(),
+    })
+}
+
+/// The pull request number at the end of a PR URL.
+pub fn pr_number(url: &str) -> Option<u64> {
+    url.trim_end_matches('/').rsplit('/').next()?.parse().ok()
+}
+
+/// The `spec:<name>` label for a spec path: `specs/auth/login.md` → `spec:auth/login`.
+pub fn spec_label(spec_ref: &str, specs_dir: &str) -> String {
+    let name = spec_ref
+        .strip_prefix(specs_dir.trim_end_matches('/'))
+        .map(|r| r.trim_start_matches('/'))
+        .unwrap_or(spec_ref);
+    let name = name.strip_suffix(".md").unwrap_or(name);
+    // GitHub limits label names to 50 characters.
+    let label = format!("spec:{name}");
+    label.chars().take(50).collect()
+}
+
+/// The body of a task's pull request.
+pub fn pr_body(task: &Task) -> String {
+    let mut body = format!(
+        "Task **{}** — {}\n\n- spec: `{}`\n- round: {}\n- latest verdict: {}\n- status: {}\n",
+        task.id,
+        task.title,
+        task.spec_ref,
+        task.round,
+        task.last_verdict.as_deref().unwrap_or("none yet"),
+        task.status
+    );
+    if task.cost_usd > 0.0 {
+        body.push_str(&format!("- agent spend so far: ${:.2}\n", task.cost_usd));
+    }
+    let spec = task.spec_text();
+    if !spec.trim().is_empty() {
+        body.push_str("\n## Task\n\n");
+        body.push_str(spec.trim());
+        body.push('\n');
+    }
+    if !task.history.is_empty() {
+        body.push_str("\n## Rounds\n\n| round | role | verdict | findings | duration |\n| --- | --- | --- | --- | --- |\n");
+        for a in &task.history {
+            body.push_str(&format!(
+                "| {} | {} | {} | {} | {:.0} s |\n",
+                a.round, a.role, a.verdict, a.findings, a.duration_s
+            ));
+        }
+    }
+    body.push_str("\n<sub>Managed by hyperloop. Add the `lgtm` label to clear a gate.</sub>\n");
+    body
+}
+
+/// Standard base64 (for the git authorization header).
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+impl Stepper {
+    fn gh(&self) -> Result<&GitHubMode> {
+        self.gh.as_ref().ok_or_else(|| Error::other("not in GitHub mode"))
+    }
+
+    fn remote_ref(&self) -> String {
+        let remote = self.gh.as_ref().map_or("origin", |g| g.remote.as_str());
+        format!("refs/remotes/{remote}/{}", self.branch)
+    }
+
+    /// Fetches the state branch from `origin`; returns its tip there.
+    pub(super) fn fetch_state(&self) -> Result<String> {
+        let gh = self.gh()?;
+        let refspec = format!(
+            "+refs/heads/{b}:refs/remotes/{r}/{b}",
+            b = self.branch,
+            r = gh.remote
+        );
+        gh.git.run([
+            "fetch",
+            "--quiet",
+            "--no-tags",
+            gh.remote.as_str(),
+            refspec.as_str(),
+        ])?;
+        self.repo
+            .git
+            .rev_parse(&self.remote_ref())?
+            .ok_or_else(|| Error::Other {
+                message: format!("branch `{}` does not exist on {}", self.branch, gh.remote),
+            })
+    }
+
+    /// Pushes `new` (a descendant of the current tip) to the state branch on `origin`. A
+    /// rejected push is never forced: the caller replays onto what is there now.
+    pub(super) fn push_state(&mut self, new: &str) -> Result<Publish> {
+        let gh = self.gh()?;
+        let refspec = format!("{new}:refs/heads/{}", self.branch);
+        let out = gh.git.output([
+            "push",
+            "--porcelain",
+            "--quiet",
+            gh.remote.as_str(),
+            refspec.as_str(),
+        ])?;
+        if !out.status.success() {
+            let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+            let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+            let rejected = stdout.contains("[rejected]")
+                || stdout.contains("[remote rejected]") && stdout.contains("fetch first")
+                || stderr.contains("non-fast-forward")
+                || stderr.contains("fetch first");
+            if rejected {
+                let current = self.fetch_state()?;
+                emit!(
+                    INFO,
+                    "push_rejected",
+                    branch = self.branch.as_str(),
+                    remote_tip = current.as_str()
+                );
+                return Ok(Publish::Raced(current));
+            }
+            return Err(Error::Git {
+                args: format!("push {} {refspec}", gh.remote),
+                dir: self.repo.root.clone(),
+                stderr: format!("{}{}", stderr.trim(), stdout.trim()),
+            });
+        }
+        let remote_ref = self.remote_ref();
+        self.repo.git.run(["update-ref", remote_ref.as_str(), new])?;
+        // Keep a local branch of the same name (e.g. a CI checkout) following, when it can
+        // fast-forward; a branch with commits of its own is left alone.
+        if let Some(local) = self.repo.branch_tip(&self.branch)?
+            && local != new
+            && self
+                .repo
+                .git
+                .succeeds(["merge-base", "--is-ancestor", local.as_str(), new])?
+        {
+            let branch = self.branch.clone();
+            if let Err(e) = self.repo.publish(&branch, &local, new) {
+                emit!(
+                    WARN,
+                    "checkout_not_updated",
+                    branch = branch.as_str(),
+                    error = e.to_string().as_str()
+                );
+            }
+        }
+        Ok(Publish::Moved)
+    }
+
+    /// Reads every hyperloop pull request once, and lets tasks follow what people did to them:
+    /// merged by a person → complete; closed without merging → failed.
+    pub(super) fn sync_pull_requests(&mut self) -> Result<()> {
+        let listing = {
+            let gh = self.gh()?;
+            wait(gh.client.list_hyperloop_prs()).map_err(forge)?
+        };
+        let mut prs = HashMap::new();
+        for pr in listing {
+            // The listing is newest first: keep the newest per branch.
+            prs.entry(pr.head_ref.clone()).or_insert(pr);
+        }
+        if let Some(gh) = self.gh.as_mut() {
+            gh.prs = prs;
+        }
+        let active: Vec<Task> = self
+            .tasks
+            .values()
+            .filter(|t| matches!(t.status, Status::InProgress | Status::NeedsRebase))
+            .filter(|t| t.pr.is_some())
+            .cloned()
+            .collect();
+        for task in active {
+            let Some(pr) = self.pr_for(&task).cloned() else {
+                continue;
+            };
+            if pr.merged {
+                self.complete_merged_elsewhere(task, &pr)?;
+            } else if !pr.is_open() {
+                let mut t = task;
+                let reason = format!("pull request #{} was closed without merging", pr.number);
+                let change = transition::fail_task(&mut t, &reason);
+                let id = t.id.clone();
+                self.save_task(
+                    t,
+                    &change,
+                    &format!("hyperloop: {id} failed (pull request closed)"),
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    fn pr_for(&self, task: &Task) -> Option<&PrState> {
+        let gh = self.gh.as_ref()?;
+        let branch = task
+            .branch
+            .clone()
+            .unwrap_or_else(|| format!("worker/{}", task.id));
+        let pr = gh.prs.get(&branch)?;
+        // A PR for the branch that is not the one the task recorded is someone else's business.
+        match task.pr.as_deref().and_then(pr_number) {
+            Some(n) if n != pr.number => None,
+            _ => Some(pr),
+        }
+    }
+
+    /// A task whose pull request was merged (by a person, or by a step that died before
+    /// recording it) is complete; nothing is merged again.
+    fn complete_merged_elsewhere(&mut self, task: Task, pr: &PrState) -> Result<()> {
+        // Bring the merge into our view of the base branch first.
+        let remote_tip = self.fetch_state()?;
+        if remote_tip != self.tip {
+            self.tip = remote_tip;
+            self.reload_keep_tasks()?;
+        }
+        let mut t = task;
+        let before = t.clone();
+        t.status = Status::Complete;
+        t.phase = None;
+        t.position = None;
+        t.gate_cleared = false;
+        t.rebase_attempts = 0;
+        t.clear_findings();
+        let change = TaskChange {
+            task_id: t.id.clone(),
+            from_status: before.status,
+            to_status: t.status,
+            from_phase: before.phase.clone(),
+            to_phase: None,
+            from_round: before.round,
+            to_round: t.round,
+            events: vec![ChangeEvent::Completed],
+        };
+        emit!(
+            INFO,
+            "merge_attempted",
+            task_id = t.id.as_str(),
+            outcome = "merged-outside-this-step",
+            pr = pr.url.as_str()
+        );
+        let id = t.id.clone();
+        self.save_task(
+            t,
+            &change,
+            &format!("hyperloop: {id} complete (pull request #{} merged)", pr.number),
+        )?;
+        self.report.merged.push(id);
+        Ok(())
+    }
+
+    /// Pushes the task's branch and makes sure it has its draft pull request, labelled. Returns
+    /// the PR's URL when there is one (none yet when the branch has no commits of its own).
+    pub(super) fn ensure_pull_request(&mut self, task: &Task) -> Result<Option<String>> {
+        let branch = task
+            .branch
+            .clone()
+            .unwrap_or_else(|| format!("worker/{}", task.id));
+        let Some(branch_tip) = self.repo.branch_tip(&branch)? else {
+            return Ok(None);
+        };
+        if branch_tip == self.tip
+            || self.repo.git.succeeds([
+                "merge-base",
+                "--is-ancestor",
+                branch_tip.as_str(),
+                self.tip.as_str(),
+            ])?
+        {
+            // Nothing of its own to propose yet.
+            return Ok(task.pr.clone());
+        }
+        self.push_task_branch(&branch)?;
+        let specs_dir = self.config.target.specs_dir.clone();
+        let base = self.config.target.base_branch.clone();
+        let labels = [
+            format!("task:{}", task.id),
+            spec_label(&task.spec_ref, &specs_dir),
+        ];
+        let gh = self.gh()?;
+        let existing = gh.prs.get(&branch).filter(|p| p.is_open()).cloned();
+        let pr = match existing {
+            Some(pr) => pr,
+            None => {
+                let title = format!("{} ({})", task.title, task.id);
+                match wait(gh.client.create_draft_pr(&branch, &base, &title, &pr_body(task))) {
+                    Ok(pr) => {
+                        emit!(
+                            INFO,
+                            "pr_created",
+                            task_id = task.id.as_str(),
+                            pr = pr.url.as_str(),
+                            branch = branch.as_str()
+                        );
+                        pr
+                    }
+                    Err(crate::forge::ForgeError::NoCommits { .. }) => return Ok(task.pr.clone()),
+                    Err(e) => return Err(forge(e)),
+                }
+            }
+        };
+        let label_refs: Vec<&str> = labels.iter().map(String::as_str).collect();
+        let missing: Vec<&str> = label_refs.iter().copied().filter(|l| !pr.has_label(l)).collect();
+        if !missing.is_empty() {
+            wait(gh.client.ensure_labels(&missing)).map_err(forge)?;
+            wait(gh.client.add_labels(pr.number, &missing)).map_err(forge)?;
+        }
+        let url = pr.url.clone();
+        if let Some(gh) = self.gh.as_mut() {
+            gh.prs.insert(branch, pr);
+        }
+        Ok(Some(url))
+    }
+
+    fn push_task_branch(&self, branch: &str) -> Result<()> {
+        let gh = self.gh()?;
+        let refspec = format!("refs/heads/{branch}:refs/heads/{branch}");
+        // hyperloop owns task branches; a lease on what it last pushed protects a person's
+        // commits on the branch from being overwritten.
+        let out = gh
+            .git
+            .output(["push", "--quiet", gh.remote.as_str(), refspec.as_str()])?;
+        if out.status.success() {
+            return Ok(());
+        }
+        Err(Error::Git {
+            args: format!("push {} {refspec}", gh.remote),
+            dir: self.repo.root.clone(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
+    }
+
+    /// Refreshes the PR body after a round (best effort: a body is information, not state).
+    pub(super) fn update_pr_body(&self, task: &Task) {
+        let Some(number) = task.pr.as_deref().and_then(pr_number) else {
+            return;
+        };
+        let Ok(gh) = self.gh() else { return };
+        if let Err(e) = wait(gh.client.update_pr_body(number, &pr_body(task))) {
+            emit!(
+                WARN,
+                "pr_update_failed",
+                task_id = task.id.as_str(),
+                error = e.to_string().as_str()
+            );
+        }
+    }
+
+    /// A gate in GitHub mode: cleared by the `lgtm` label on the task's pull request.
+    pub(super) fn poll_gate(&mut self, task_id: &str, gate: &str) -> Result<bool> {
+        let Some(task) = self.tasks.get(task_id).cloned() else {
+            return Ok(false);
+        };
+        let cleared = self.pr_for(&task).is_some_and(|pr| pr.has_label(APPROVAL_LABEL));
+        emit!(
+            DEBUG,
+            "gate_checked",
+            task_id = task_id,
+            gate = gate,
+            cleared = cleared
+        );
+        if !cleared {
+            return Ok(false);
+        }
+        emit!(
+            INFO,
+            "gate_checked",
+            task_id = task_id,
+            gate = gate,
+            cleared = true
+        );
+        let mut t = task;
+        let change = if matches!(
+            t.position
+                .clone()
+                .map(crate::pipeline::Position)
+                .as_ref()
+                .and_then(|p| crate::pipeline::step_at(self.pipeline(), p)),
+            Some(crate::pipeline::Step::Gate { .. })
+        ) {
+            transition::gate_cleared(&mut t, self.pipeline())
+        } else {
+            // merge-pr with auto_merge off: the label approves the merge itself.
+            t.gate_cleared = true;
+            super::no_change(&t)
+        };
+        // Consume the approval so a later gate needs a new one; the clearing is recorded in the
+        // task file, so this gate is never polled again.
+        if let (Some(pr), Ok(gh)) = (self.pr_for(&t), self.gh())
+            && let Err(e) = wait(gh.client.remove_label(pr.number, APPROVAL_LABEL))
+        {
+            emit!(
+                WARN,
+                "label_not_removed",
+                task_id = task_id,
+                error = e.to_string().as_str()
+            );
+        }
+        if let Some(branch) = t.branch.clone()
+            && let Some(gh) = self.gh.as_mut()
+            && let Some(pr) = gh.prs.get_mut(&branch)
+        {
+            pr.labels.retain(|l| l != APPROVAL_LABEL);
+        }
+        self.save_task(
+            t,
+            &change,
+            &format!("hyperloop: {task_id} passed gate {gate} (lgtm)"),
+        )?;
+        Ok(true)
+    }
+
+    pub(super) fn mark_ready_github(&mut self, task: &Task) -> Result<()> {
+        if let Some(number) = task.pr.as_deref().and_then(pr_number) {
+            let gh = self.gh()?;
+            let was_draft = wait(gh.client.mark_ready(number)).map_err(forge)?;
+            emit!(
+                INFO,
+                "pr_marked_ready",
+                task_id = task.id.as_str(),
+                pr = number,
+                was_draft = was_draft
+            );
+        }
+        Ok(())
+    }
+
+    /// `merge-pr` through the API: ready the PR, merge it with the configured strategy and the
+    /// trailers, then take the result into the base branch and record the task complete.
+    pub(super) fn merge_github(&mut self, task: Task) -> Result<bool> {
+        let id = task.id.clone();
+        let branch = task.branch.clone().unwrap_or_else(|| format!("worker/{id}"));
+        if let Some(pr) = self.pr_for(&task).cloned()
+            && pr.merged
+        {
+            self.complete_merged_elsewhere(task, &pr)?;
+            return Ok(true);
+        }
+        let Some(branch_tip) = self.repo.branch_tip(&branch)? else {
+            let mut t = task;
+            let change = transition::action_done(&mut t, self.pipeline());
+            self.save_task(
+                t,
+                &change,
+                &format!("hyperloop: {id} complete (no branch to merge)"),
+            )?;
+            return Ok(true);
+        };
+        // A conflict with the base branch is the rebase-resolver's, here as in local mode.
+        if let MergeTree::Conflict(files) = self.repo.merge_tree(&self.tip, &branch_tip)? {
+            return self.conflict(task, &branch, &files).map(|()| true);
+        }
+        let mut t = task;
+        let url = self.ensure_pull_request(&t)?;
+        if url.is_none() {
+            // The branch adds nothing to the base: complete without a pull request.
+            let change = transition::action_done(&mut t, self.pipeline());
+            self.save_task(
+                t,
+                &change,
+                &format!("hyperloop: {id} complete (nothing to merge)"),
+            )?;
+            return Ok(true);
+        }
+        if t.pr != url {
+            t.pr.clone_from(&url);
+            let change = super::no_change(&t);
+            self.save_task(t.clone(), &change, &format!("hyperloop: {id} pull request"))?;
+        }
+        let number = url
+            .as_deref()
+            .and_then(pr_number)
+            .ok_or_else(|| Error::other("pull request URL without a number"))?;
+        self.mark_ready_github(&t)?;
+        let title = format!("{} ({})", t.title, t.id);
+        let message = format!("{}\n", trailers(&t.spec_ref, &t.id));
+        let strategy = self.config.merge.strategy;
+        let outcome = {
+            let gh = self.gh()?;
+            wait(
+                gh.client
+                    .merge_pr_at(number, strategy, &title, &message, Some(branch_tip.as_str())),
+            )
+            .map_err(forge)?
+        };
+        match outcome {
+            MergeOutcome::Merged { .. } | MergeOutcome::AlreadyMerged { .. } => {
+                crate::fault::point("github-merged");
+                let remote_tip = self.fetch_state()?;
+                self.tip = remote_tip;
+                self.reload_keep_tasks()?;
+                let change = transition::action_done(&mut t, self.pipeline());
+                emit!(
+                    INFO,
+                    "merge_attempted",
+                    task_id = id.as_str(),
+                    branch = branch.as_str(),
+                    spec_ref = t.spec_ref.as_str(),
+                    outcome = "merged",
+                    strategy = strategy_name(strategy),
+                    pr = number
+                );
+                self.report.merged.push(id.clone());
+                self.save_task(
+                    t,
+                    &change,
+                    &format!("hyperloop: {id} merged (pull request #{number})"),
+                )?;
+                if self.config.merge.delete_branch {
+                    if let Ok(gh) = self.gh()
+                        && let Err(e) = wait(gh.client.delete_branch(&branch))
+                    {
+                        emit!(
+                            WARN,
+                            "cleanup_failed",
+                            task_id = id.as_str(),
+                            branch = branch.as_str(),
+                            error = e.to_string().as_str()
+                        );
+                    }
+                    self.delete_task_branch(&id, &branch);
+                }
+                Ok(true)
+            }
+            MergeOutcome::NotMergeable { reason, message } => {
+                emit!(
+                    WARN,
+                    "merge_attempted",
+                    task_id = id.as_str(),
+                    branch = branch.as_str(),
+                    outcome = "not-mergeable",
+                    reason = format!("{reason:?}").as_str(),
+                    detail = message.as_str()
+                );
+                match reason {
+                    NotMergeableReason::Closed => {
+                        let reason = format!("pull request #{number} is closed");
+                        let change = transition::fail_task(&mut t, &reason);
+                        self.save_task(
+                            t,
+                            &change,
+                            &format!("hyperloop: {id} failed (pull request closed)"),
+                        )?;
+                        Ok(true)
+                    }
+                    NotMergeableReason::HeadModified | NotMergeableReason::Draft => Ok(false),
+                    NotMergeableReason::Blocked => {
+                        // Out of date with the base, or required checks: ask GitHub to bring
+                        // the branch up to date; a later step tries again.
+                        let gh = self.gh()?;
+                        let _ = wait(gh.client.update_branch(number));
+                        Ok(false)
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn strategy_name(s: MergeStrategy) -> &'static str {
+    match s {
+        MergeStrategy::Squash => "squash",
+        MergeStrategy::Merge => "merge",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_the_standard() {
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foo"), "Zm9v");
+        assert_eq!(base64(b"x-access-token:abc"), "eC1hY2Nlc3MtdG9rZW46YWJj");
+    }
+
+    #[test]
+    fn labels_and_numbers() {
+        assert_eq!(spec_label("specs/auth/login.md", "specs"), "spec:auth/login");
+        assert_eq!(spec_label("specs/a.md", "specs/"), "spec:a");
+        assert_eq!(pr_number("https://github.com/o/r/pull/42"), Some(42));
+        assert_eq!(pr_number("https://github.com/o/r/pull/x"), None);
+    }
+}

@@ -1,0 +1,241 @@
+//! `hyperloop step` in GitHub mode, end to end, against the stateful fake GitHub (real HTTP on
+//! 127.0.0.1) backed by the test repository's real bare `origin`: draft PRs, labels, lgtm gates,
+//! squash merges through the API, branch deletion, and people merging or closing PRs.
+
+use std::process::Output;
+
+use serde_json::Value;
+
+use crate::fake_github::FakeGitHub;
+use crate::harness::describe;
+use crate::local::{Project, events, named};
+
+const GATED_PROCESS: &str = "apiVersion: hyperloop.io/v1\nkind: Process\nmetadata:\n  name: default\npipeline:\n  - loop:\n      - role: implementer\n      - role: verifier\n  - gate: human-review\n  - action: merge-pr\n";
+
+struct GhProject {
+    p: Project,
+    gh: FakeGitHub,
+}
+
+impl GhProject {
+    fn new(rules: &str, extra_config: &str, gated: bool) -> GhProject {
+        let p = Project::new(rules, extra_config);
+        if gated {
+            p.repo.write(
+                ".hyperloop/agents/kustomization.yaml",
+                "resources:\n  - github.com/jsell-rh/hyperloop//base?ref=main\npatches:\n  - path: process.yaml\n",
+            );
+            p.repo.write(".hyperloop/agents/process.yaml", GATED_PROCESS);
+            let cfg = p.repo.read(".hyperloop.yaml");
+            p.repo
+                .write(".hyperloop.yaml", &format!("overlay: .hyperloop/agents\n{cfg}"));
+        }
+        p.repo.write("specs/a.md", "# A\n\nBuild A.\n");
+        p.commit_all("spec and config");
+        p.git(&["push", "-q", "origin", "main"]);
+        let gh = FakeGitHub::start(&p.repo.origin, "acme", "widgets");
+        GhProject { p, gh }
+    }
+
+    fn step(&self) -> Output {
+        let mut cmd = self.p.env.command(crate::harness::hyperloop_bin());
+        cmd.args(["--path", self.p.repo.path_str(), "--repo", "acme/widgets", "step"]);
+        cmd.env("GITHUB_API_URL", &self.gh.url);
+        cmd.env("GITHUB_TOKEN", &self.gh.token);
+        cmd.output().expect("hyperloop runs")
+    }
+
+    fn origin_git(&self, args: &[&str]) -> String {
+        self.p.env.git(&self.p.repo.origin, args)
+    }
+
+    /// The task as committed on origin's main.
+    fn origin_task(&self, id: &str) -> String {
+        self.origin_git(&["show", &format!("main:specs/tasks/{id}.md")])
+    }
+}
+
+fn field<'a>(task_file: &'a str, key: &str) -> Option<&'a str> {
+    task_file
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}: ")))
+}
+
+#[test]
+fn full_lifecycle_draft_pr_lgtm_gate_squash_merge() {
+    let g = GhProject::new("", "", true);
+    let out = g.step();
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+
+    // Intake, implementation and verification happened; the task waits at the gate with a PR.
+    let t = g.origin_task("task-001");
+    assert_eq!(field(&t, "status"), Some("in-progress"), "{t}");
+    assert_eq!(field(&t, "phase"), Some("human-review"), "{t}");
+    let pr_url = field(&t, "pr").expect("pr recorded").to_string();
+    let number: u64 = pr_url
+        .rsplit('/')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("pr number");
+    assert!(g.gh.pr_is_draft(number), "a draft PR");
+    let labels = g.gh.pr_labels(number);
+    assert!(labels.contains(&"task:task-001".to_string()), "{labels:?}");
+    assert!(labels.contains(&"spec:a".to_string()), "{labels:?}");
+    // The branch was pushed to origin before its PR existed.
+    assert!(!g.origin_git(&["branch", "--list", "worker/task-001"]).is_empty());
+    let body = g.gh.pr_json(number)["body"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(body.contains("task-001") && body.contains("verifier"), "{body}");
+
+    // Without the label, another step waits and spends no more than the listing on polling.
+    g.gh.clear_requests();
+    let out = g.step();
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert_eq!(field(&g.origin_task("task-001"), "phase"), Some("human-review"));
+    let calls = g.gh.requests().len();
+    assert!(
+        calls <= 3,
+        "an idle gated step costs at most 3 API calls, made {calls}"
+    );
+
+    // A person approves: the gate clears, the PR is readied and squash-merged, the branch goes.
+    g.gh.add_label_to_pr(number, "lgtm");
+    let out = g.step();
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let evs = events(&out);
+    assert_eq!(named(&evs, "merge_attempted").len(), 1, "{}", describe(&out));
+    let t = g.origin_task("task-001");
+    assert_eq!(field(&t, "status"), Some("complete"), "{t}");
+    let pr = g.gh.pr_json(number);
+    assert_eq!(pr["merged"], Value::Bool(true), "{pr}");
+    let files = g.origin_git(&["ls-tree", "-r", "--name-only", "main"]);
+    assert!(files.contains("impl/task-001.md"), "{files}");
+    let log = g.origin_git(&["log", "--format=%B", "-n", "20", "main"]);
+    assert!(
+        log.contains("Task-Ref: task-001") && log.contains("Spec-Ref: specs/a.md"),
+        "{log}"
+    );
+    assert!(
+        g.origin_git(&["branch", "--list", "worker/task-001"]).is_empty(),
+        "branch deleted"
+    );
+    assert!(
+        !g.gh.pr_labels(number).contains(&"lgtm".to_string()),
+        "the approval was consumed"
+    );
+    // The local checkout follows origin.
+    assert_eq!(
+        g.p.git(&["rev-parse", "main"]),
+        g.origin_git(&["rev-parse", "main"])
+    );
+}
+
+#[test]
+fn a_person_merging_or_closing_the_pr_is_noticed() {
+    let g = GhProject::new("", "", true);
+    // Tasks written by hand: a spec named by a task counts as taken in, so no intake runs.
+    g.p.write_task("task-001", "specs/a.md", &[]);
+    g.p.write_task("task-002", "specs/a.md", &[]);
+    g.p.commit_all("two tasks");
+    g.p.git(&["push", "-q", "origin", "main"]);
+    let out = g.step();
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let n1: u64 = field(&g.origin_task("task-001"), "pr")
+        .and_then(|u| u.rsplit('/').next()?.parse().ok())
+        .expect("pr 1");
+    let n2: u64 = field(&g.origin_task("task-002"), "pr")
+        .and_then(|u| u.rsplit('/').next()?.parse().ok())
+        .expect("pr 2");
+    g.gh.mark_ready_as_person(n1);
+    g.gh.merge_pr_as_person(n1);
+    g.gh.close_pr(n2);
+    let out = g.step();
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let t1 = g.origin_task("task-001");
+    assert_eq!(field(&t1, "status"), Some("complete"), "{t1}");
+    let t2 = g.origin_task("task-002");
+    assert_eq!(field(&t2, "status"), Some("failed"), "{t2}");
+    assert!(t2.contains("closed without merging"), "{t2}");
+    // Nothing was merged twice.
+    assert_eq!(g.gh.count("PUT", "/merge"), 0);
+}
+
+#[test]
+fn state_pushes_are_compare_and_swap() {
+    // While the implementer works, a person pushes to main on origin: hyperloop's next state
+    // push is rejected, and it must re-read and replay, never force.
+    let rules = r#"
+  - role: implementer
+    actions:
+      - shell: "set -e; d=$(mktemp -d); git clone -q \"$(git remote get-url origin)\" \"$d/c\"; cd \"$d/c\"; echo person > NOTES.md; git add NOTES.md; git -c user.name=P -c user.email=p@example.com commit -qm 'a person pushes'; git push -q origin HEAD:main"
+      - implement_task: true
+      - verdict: {verdict: pass}
+"#;
+    let g = GhProject::new(rules, "", false);
+    let out = g.step();
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let evs = events(&out);
+    assert!(
+        !named(&evs, "push_rejected").is_empty(),
+        "the race happened: {}",
+        describe(&out)
+    );
+    // The person's commit survives under hyperloop's, and the task still completed.
+    assert_eq!(g.origin_git(&["show", "main:NOTES.md"]), "person");
+    assert_eq!(field(&g.origin_task("task-001"), "status"), Some("complete"));
+    let log = g.origin_git(&["log", "--format=%s", "main"]);
+    assert!(log.contains("a person pushes"), "{log}");
+    assert_eq!(log.matches("(task-001)").count(), 1, "merged once: {log}");
+}
+
+#[test]
+fn the_token_never_reaches_logs_files_or_agents() {
+    let rules = r#"
+  - role: implementer
+    actions:
+      - env_dump: "${HOME}/../agent-env.txt"
+      - implement_task: true
+      - verdict: {verdict: pass}
+"#;
+    let g = GhProject::new(rules, "", false);
+    let canary = "ghp_canaryTOKEN0123456789abcdefghijklmnopq";
+    g.gh.allow_token(canary);
+    let mut cmd = g.p.env.command(crate::harness::hyperloop_bin());
+    cmd.args([
+        "--path",
+        g.p.repo.path_str(),
+        "--repo",
+        "acme/widgets",
+        "step",
+        "--json",
+    ]);
+    cmd.env("GITHUB_API_URL", &g.gh.url);
+    cmd.env("GITHUB_TOKEN", canary);
+    let out = cmd.output().expect("runs");
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!all.contains(canary), "token in output");
+    let agent_env = std::fs::read_to_string(g.p.env.root().join("agent-env.txt")).expect("env dumped");
+    assert!(
+        !agent_env.contains(canary) && !agent_env.contains("GITHUB_TOKEN"),
+        "{agent_env}"
+    );
+    // Nothing on disk in the repository or its git directory holds it either.
+    let grep = std::process::Command::new("grep")
+        .args(["-rl", canary, g.p.repo.path_str()])
+        .output()
+        .expect("grep runs");
+    assert!(
+        grep.stdout.is_empty(),
+        "token written to {}",
+        String::from_utf8_lossy(&grep.stdout)
+    );
+    // Logs of the worker too.
+    assert_eq!(field(&g.origin_task("task-001"), "status"), Some("complete"));
+}
