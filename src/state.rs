@@ -40,6 +40,8 @@ pub struct TreeState {
     pub intake_record: BTreeMap<String, String>,
     /// Every path under the tasks folder, with its blob id (to detect what changed).
     pub task_blobs: BTreeMap<String, String>,
+    /// Failed intakes of the current specs, if any.
+    pub intake_failures: Option<crate::task::store::IntakeFailures>,
 }
 
 /// One path's new state in a [`Changes`].
@@ -162,7 +164,9 @@ impl Repo {
             };
             if let Some(rest) = path.strip_prefix(&tasks_prefix) {
                 state.task_blobs.insert(path.to_string(), oid.to_string());
-                if (rest.ends_with(".md") && !rest.contains('/')) || rest == crate::task::store::INTAKE_RECORD
+                if (rest.ends_with(".md") && !rest.contains('/'))
+                    || rest == crate::task::store::INTAKE_RECORD
+                    || rest == crate::task::store::INTAKE_FAILURES
                 {
                     wanted.push((path.to_string(), oid.to_string()));
                 }
@@ -179,7 +183,10 @@ impl Repo {
         for ((path, _), bytes) in wanted.iter().zip(contents) {
             let text = String::from_utf8(bytes)
                 .map_err(|_| Error::invalid(path, "document", "the file is not valid UTF-8"))?;
-            if path.ends_with(crate::task::store::INTAKE_RECORD) {
+            if path.ends_with(crate::task::store::INTAKE_FAILURES) {
+                // Only a counter: a damaged one is treated as no failures rather than blocking.
+                state.intake_failures = serde_json::from_str(&text).ok();
+            } else if path.ends_with(crate::task::store::INTAKE_RECORD) {
                 state.intake_record = serde_json::from_str(&text).map_err(|e| {
                     Error::invalid(path, "document", e.to_string())
                         .with_hint("delete the file to make the next step take every spec in again")

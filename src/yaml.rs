@@ -21,17 +21,31 @@ pub fn error_for(file: &Path, err: &serde_saphyr::Error) -> Error {
         Some(loc) => format!("line {} column {}", loc.line(), loc.column()),
         None => "document".to_string(),
     };
-    // The library's Display repeats the position and adds a source snippet; the first line
-    // without the position prefix is the message a user needs.
+    // The library's Display repeats the position (sometimes twice) and adds a source snippet;
+    // the user needs the message alone, next to our own position.
     let full = err.to_string();
-    let first = full.lines().next().unwrap_or_default();
-    let message = match first.find(": ") {
-        Some(idx) if first.starts_with("error: line") || first.starts_with("line ") => {
-            first[idx + 2..].to_string()
-        }
-        _ => first.trim_start_matches("error: ").to_string(),
-    };
+    let mut message = full
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim_start_matches("error: ")
+        .to_string();
+    while let Some(rest) = strip_position(&message) {
+        message = rest.to_string();
+    }
+    // A hint meant for programmers using the library, not for people writing YAML.
+    if let Some(idx) = message.find(", set DuplicateKeyPolicy") {
+        message.truncate(idx);
+    }
     Error::invalid(file, location, message)
+}
+
+/// `line N column M: rest` → `rest`.
+fn strip_position(s: &str) -> Option<&str> {
+    let rest = s.strip_prefix("line ")?;
+    let (_, rest) = rest.split_once(" column ")?;
+    let (col, rest) = rest.split_once(": ")?;
+    col.chars().all(|c| c.is_ascii_digit()).then_some(rest)
 }
 
 /// Parses one YAML document into `T`.
@@ -47,4 +61,18 @@ pub fn parse_multi<T: DeserializeOwned>(file: &Path, text: &str) -> Result<Vec<T
 /// Serialises a value as block-style YAML.
 pub fn to_string<T: serde::Serialize>(value: &T) -> Result<String> {
     serde_saphyr::to_string(value).map_err(|e| Error::other(format!("cannot write YAML: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_carry_the_position_once() {
+        let e = parse::<serde_json::Value>(Path::new("f.yaml"), "a: 1\na: 2\n").unwrap_err();
+        let msg = e.to_string();
+        assert_eq!(msg.matches("line 2").count(), 1, "{msg}");
+        assert!(msg.contains("duplicate"), "{msg}");
+        assert!(!msg.contains("DuplicateKeyPolicy"), "{msg}");
+    }
 }

@@ -28,13 +28,17 @@ use crate::git::{Git, trailers};
 use crate::lock::StepLock;
 use crate::pipeline::{self, MARK_PR_READY, MERGE_PR, Position, Step, Verdict};
 use crate::state::{Changes, MergeTree, Publish, Repo};
-use crate::task::{Attempt, Status, Task, store::INTAKE_RECORD};
+use crate::task::store::{INTAKE_FAILURES, INTAKE_RECORD, IntakeFailures};
+use crate::task::{Attempt, Status, Task};
 use crate::worker::{self, WorkerOutcome, WorkerSpec, result::ResultFile, worktree};
 
 mod github_mode;
 
 /// Task id used for the intake worker (CONTRACT §4).
 pub const INTAKE_ID: &str = "intake";
+/// Failed intakes of the same specs after which intake stops until the specs change.
+pub const MAX_INTAKE_ATTEMPTS: u32 = 3;
+
 /// Task id used for the process improver (CONTRACT §4).
 pub const IMPROVER_ID: &str = "process-improvement";
 
@@ -186,6 +190,9 @@ struct Stepper {
     tasks: BTreeMap<String, Task>,
     specs: Vec<SpecInfo>,
     intake_record: BTreeMap<String, String>,
+    intake_failures: Option<IntakeFailures>,
+    /// Intake was wanted but has failed too often on these specs.
+    intake_blocked: bool,
     running: HashMap<String, Running>,
     workers: JoinSet<(String, WorkerOutcome)>,
     pending_failures: Vec<FailureNote>,
@@ -220,6 +227,8 @@ impl Stepper {
             tasks: BTreeMap::new(),
             specs: Vec::new(),
             intake_record: BTreeMap::new(),
+            intake_failures: None,
+            intake_blocked: false,
             running: HashMap::new(),
             workers: JoinSet::new(),
             pending_failures: Vec::new(),
@@ -283,7 +292,15 @@ impl Stepper {
             })
             .collect();
         self.intake_record = tree.intake_record;
+        self.intake_failures = tree.intake_failures;
         Ok(())
+    }
+
+    fn current_specs(&self) -> BTreeMap<String, String> {
+        self.specs
+            .iter()
+            .map(|s| (s.path.clone(), s.hash.clone()))
+            .collect()
     }
 
     async fn run(&mut self) -> Result<StepReport> {
@@ -433,6 +450,22 @@ impl Stepper {
         match action {
             Action::RunIntake { specs, .. } => {
                 if self.intake_attempted || self.past_deadline() {
+                    return Ok(false);
+                }
+                if let Some(f) = &self.intake_failures
+                    && f.attempts >= MAX_INTAKE_ATTEMPTS
+                    && f.specs == self.current_specs()
+                {
+                    if !self.intake_blocked {
+                        emit!(
+                            ERROR,
+                            "intake_gave_up",
+                            attempts = f.attempts,
+                            last_error = f.last_error.as_str(),
+                            hint = "fix the specs or the pm's prompt and commit; intake runs again when the specs change"
+                        );
+                    }
+                    self.intake_blocked = true;
                     return Ok(false);
                 }
                 self.intake_attempted = true;
@@ -1251,6 +1284,26 @@ impl Stepper {
     fn record_intake(&mut self, record: &RunRecord, outcome: &WorkerOutcome, duration: f64) -> Result<()> {
         let specs: Vec<String> = record.specs.keys().cloned().collect();
         let fail = |this: &mut Self, why: String| {
+            let mut failures = match &this.intake_failures {
+                Some(f) if f.specs == record.specs => f.clone(),
+                _ => IntakeFailures {
+                    specs: record.specs.clone(),
+                    ..IntakeFailures::default()
+                },
+            };
+            failures.attempts += 1;
+            failures.last_error = preview(&why);
+            let mut changes = Changes::default();
+            let mut text = serde_json::to_string_pretty(&failures).unwrap_or_default();
+            text.push('\n');
+            changes.put(format!("{}/{INTAKE_FAILURES}", this.tasks_rel()), text);
+            let subject = format!(
+                "hyperloop: intake failed (attempt {} of {MAX_INTAKE_ATTEMPTS})",
+                failures.attempts
+            );
+            let spec_refs: Vec<&str> = record.specs.keys().map(String::as_str).collect();
+            this.commit(&changes, &subject, &spec_refs, INTAKE_ID)?;
+            this.intake_failures = Some(failures);
             emit!(
                 WARN,
                 "intake_ran",
@@ -1338,6 +1391,10 @@ impl Stepper {
         let mut text = serde_json::to_string_pretty(&record_map).map_err(|e| Error::other(e.to_string()))?;
         text.push('\n');
         changes.put(format!("{tasks_rel}/{INTAKE_RECORD}"), text);
+        if self.intake_failures.is_some() {
+            changes.delete(format!("{tasks_rel}/{INTAKE_FAILURES}"));
+            self.intake_failures = None;
+        }
         let created = new_tasks.len();
         let spec_refs: Vec<&str> = specs.iter().map(String::as_str).collect();
         let subject = format!(
@@ -1662,6 +1719,9 @@ impl Stepper {
         self.report.tasks_complete = tasks.iter().filter(|t| t.status == Status::Complete).count();
         self.report.tasks_failed = tasks.iter().filter(|t| t.status == Status::Failed).count();
         let (progress, remaining) = match &plan.progress {
+            _ if self.intake_blocked && self.tasks.values().all(|t| t.status.is_terminal()) => {
+                ("stuck", false)
+            }
             Progress::AllComplete => ("all-complete", false),
             Progress::Idle => ("idle", false),
             Progress::Stuck { .. } => ("stuck", false),

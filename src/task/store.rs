@@ -19,6 +19,19 @@ pub struct TaskStore {
 /// Name of the file (inside the tasks folder) that records which spec contents intake has taken in.
 pub const INTAKE_RECORD: &str = ".intake.json";
 
+/// Name of the file (inside the tasks folder) that counts failed intakes of one set of specs, so
+/// a pm that keeps failing on the same specs is not paid again and again.
+pub const INTAKE_FAILURES: &str = ".intake-failures.json";
+
+/// Failed intakes of one set of specs.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct IntakeFailures {
+    /// The specs (path → content hash) the failing intakes were given.
+    pub specs: BTreeMap<String, String>,
+    pub attempts: u32,
+    pub last_error: String,
+}
+
 impl TaskStore {
     pub fn new(root: impl Into<PathBuf>, specs_dir: impl Into<String>) -> Self {
         TaskStore {

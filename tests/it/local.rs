@@ -639,3 +639,46 @@ fn a_conflict_the_resolver_cannot_fix_loops_back_and_fails_at_the_round_limit() 
     // The branch with the agent's work is kept for a person to look at.
     assert!(!p.git(&["branch", "--list", "worker/task-002"]).is_empty());
 }
+
+#[test]
+fn a_pm_that_keeps_failing_is_not_paid_forever() {
+    let rules = r#"
+  - role: pm
+    actions:
+      - verdict: {verdict: fail, detail: "cannot understand the spec"}
+"#;
+    let p = Project::new(rules, "");
+    p.repo.write("specs/a.md", "# A\n");
+    p.commit_all("spec");
+    let out = p.hyperloop(&["run"]);
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    let evs = events(&out);
+    assert_eq!(
+        named(&evs, "intake_ran").len(),
+        3,
+        "three attempts, then stop: {}",
+        describe(&out)
+    );
+    assert_eq!(named(&evs, "intake_gave_up").len(), 1);
+    let halted = named(&evs, "orchestrator_halted");
+    assert_eq!(halted.len(), 1);
+    assert!(
+        halted[0]["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("no task can progress"),
+        "{}",
+        halted[0]
+    );
+    // Another run does not pay for the pm again; a changed spec does.
+    let out = p.hyperloop(&["step"]);
+    assert!(
+        named(&events(&out), "intake_ran").is_empty(),
+        "{}",
+        describe(&out)
+    );
+    p.repo.write("specs/a.md", "# A\n\nClearer now.\n");
+    p.commit_all("clearer spec");
+    let out = p.hyperloop(&["step"]);
+    assert_eq!(named(&events(&out), "intake_ran").len(), 1, "{}", describe(&out));
+}

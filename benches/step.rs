@@ -1,0 +1,201 @@
+//! Benchmarks of whole `hyperloop` processes on generated repositories (run with
+//! `cargo bench --bench step`). Each figure is the median of several runs of the real binary,
+//! with the scripted agent standing in for Claude:
+//!
+//! - an idle `step` (every task complete) on 1,000 and 10,000 tasks, with the task files packed
+//!   (as after git's automatic gc) and loose (right after they were committed);
+//! - 10 specs with 4 workers and an instant agent: `run` from specs to merged code;
+//! - 8 tasks whose implementer takes 2 s, 4 workers: `run` against the ideal of two waves.
+//!
+//! Peak memory is the largest resident set of any child process (getrusage).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const HYPERLOOP: &str = env!("CARGO_BIN_EXE_hyperloop");
+const AGENT: &str = env!("CARGO_BIN_EXE_hyperloop-scripted-agent");
+
+fn git(dir: &Path, args: &[&str]) {
+    let status = Command::new("git")
+        .current_dir(dir)
+        .args(args)
+        .env("GIT_CONFIG_GLOBAL", dir.join("../.gitconfig"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("git runs");
+    assert!(status.success(), "git {args:?} failed in {}", dir.display());
+}
+
+fn new_repo(root: &Path, name: &str) -> PathBuf {
+    std::fs::write(
+        root.join(".gitconfig"),
+        "[user]\n\tname = Bench\n\temail = bench@example.com\n[gc]\n\tauto = 0\n",
+    )
+    .expect("gitconfig");
+    let repo = root.join(name);
+    std::fs::create_dir_all(&repo).expect("mkdir");
+    git(&repo, &["init", "-q", "-b", "main"]);
+    repo
+}
+
+fn hyperloop(repo: &Path, args: &[&str]) -> Duration {
+    let start = Instant::now();
+    let out = Command::new(HYPERLOOP)
+        .arg("--path")
+        .arg(repo)
+        .args(args)
+        .env("GIT_CONFIG_GLOBAL", repo.join("../.gitconfig"))
+        .env("HOME", repo.join(".."))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .expect("hyperloop runs");
+    let took = start.elapsed();
+    assert!(
+        out.status.success(),
+        "hyperloop {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    took
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn peak_rss_kb() -> i64 {
+    // SAFETY: getrusage writes into the struct we pass; nothing else is shared.
+    unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage);
+        usage.ru_maxrss
+    }
+}
+
+fn task_file(id: &str, status: &str, deps: &str) -> String {
+    format!(
+        "---\nid: {id}\ntitle: Task {id}\nspec_ref: specs/a.md\nstatus: {status}\nphase: null\ndeps: {deps}\nround: 0\nbranch: null\npr: null\n---\nImplement {id}.\n"
+    )
+}
+
+fn write_config(repo: &Path, script: &Path, workers: usize) {
+    std::fs::write(
+        repo.join(".hyperloop.yaml"),
+        format!(
+            "runtime:\n  max_workers: {workers}\n  agent_command: [\"{AGENT}\", \"--script\", \"{}\"]\npoll_interval: 0\nmax_cycles: 20\n",
+            script.display()
+        ),
+    )
+    .expect("config");
+}
+
+fn idle(root: &Path, n: usize, packed: bool) -> Duration {
+    let repo = new_repo(root, &format!("idle-{n}-{packed}"));
+    let tasks = repo.join("specs/tasks");
+    std::fs::create_dir_all(&tasks).expect("mkdir");
+    std::fs::write(repo.join("specs/a.md"), "# A\n").expect("spec");
+    for i in 1..=n {
+        let id = format!("task-{i:05}");
+        std::fs::write(tasks.join(format!("{id}.md")), task_file(&id, "complete", "[]")).expect("task");
+    }
+    git(&repo, &["add", "-A"]);
+    git(&repo, &["commit", "-qm", "tasks"]);
+    if packed {
+        git(&repo, &["gc", "-q"]);
+    }
+    hyperloop(&repo, &["step"]);
+    median((0..7).map(|_| hyperloop(&repo, &["step"])).collect())
+}
+
+fn ten_specs(root: &Path, run: usize) -> Duration {
+    let repo = new_repo(root, &format!("ten-specs-{run}"));
+    let specs = repo.join("specs");
+    std::fs::create_dir_all(&specs).expect("mkdir");
+    for i in 1..=10 {
+        std::fs::write(
+            specs.join(format!("feature-{i:02}.md")),
+            format!("# Feature {i}\n\nBuild it.\n"),
+        )
+        .expect("spec");
+    }
+    let script = root.join(format!("instant-{run}.yaml"));
+    std::fs::write(
+        &script,
+        "rules:\n  - role: pm\n    actions:\n      - pm_tasks_from_specs: true\n      - verdict: {verdict: pass}\n  - role: implementer\n    actions:\n      - implement_task: true\n      - verdict: {verdict: pass}\n  - role: verifier\n    actions:\n      - verdict: {verdict: pass}\n",
+    )
+    .expect("script");
+    write_config(&repo, &script, 4);
+    git(&repo, &["add", "-A"]);
+    git(&repo, &["commit", "-qm", "specs"]);
+    hyperloop(&repo, &["run"])
+}
+
+fn slow_agents(root: &Path) -> Duration {
+    let repo = new_repo(root, "slow");
+    let tasks = repo.join("specs/tasks");
+    std::fs::create_dir_all(&tasks).expect("mkdir");
+    std::fs::write(repo.join("specs/a.md"), "# A\n").expect("spec");
+    for i in 1..=8 {
+        let id = format!("task-{i:03}");
+        std::fs::write(
+            tasks.join(format!("{id}.md")),
+            task_file(&id, "not-started", "[]"),
+        )
+        .expect("task");
+    }
+    let script = root.join("slow.yaml");
+    std::fs::write(
+        &script,
+        "rules:\n  - role: implementer\n    actions:\n      - sleep: 2\n      - implement_task: true\n      - verdict: {verdict: pass}\n  - role: verifier\n    actions:\n      - verdict: {verdict: pass}\n",
+    )
+    .expect("script");
+    write_config(&repo, &script, 4);
+    git(&repo, &["add", "-A"]);
+    git(&repo, &["commit", "-qm", "tasks"]);
+    hyperloop(&repo, &["run"])
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; a filter argument is not supported, everything runs.
+    let dir = tempfile::Builder::new()
+        .prefix("hyperloop-bench-")
+        .tempdir()
+        .expect("tempdir");
+    let root = dir.path();
+    println!(
+        "hyperloop benchmarks ({} cores)",
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+    println!("{:<58} {:>10}", "scenario", "median");
+    for (n, packed) in [(1_000, true), (1_000, false), (10_000, true), (10_000, false)] {
+        let t = idle(root, n, packed);
+        let kind = if packed { "packed" } else { "loose objects" };
+        println!(
+            "{:<58} {:>8.1} ms",
+            format!("idle step, {n} tasks ({kind})"),
+            t.as_secs_f64() * 1e3
+        );
+    }
+    let t = median((0..3).map(|i| ten_specs(root, i)).collect());
+    println!(
+        "{:<58} {:>8.2} s",
+        "10 specs, 4 workers, instant agent: spec to merged",
+        t.as_secs_f64()
+    );
+    let t = slow_agents(root);
+    let ideal = 4.0;
+    println!(
+        "{:<58} {:>8.2} s  (ideal {ideal:.1} s, efficiency {:.2})",
+        "8 tasks x 2 s agent, 4 workers: run",
+        t.as_secs_f64(),
+        ideal / t.as_secs_f64()
+    );
+    println!(
+        "{:<58} {:>8} MB",
+        "peak resident memory of any process",
+        peak_rss_kb() / 1024
+    );
+}
