@@ -104,7 +104,8 @@ pub fn run(command: &Command, global: &GlobalArgs) -> Result<Outcome> {
             Ok(Outcome::ok(text))
         }
         Command::Step(args) => {
-            let target = Target::load(global)?;
+            let mut target = Target::load(global)?;
+            override_max_workers(&mut target, args.max_workers)?;
             start_logging(&target.config);
             if global.dry_run {
                 return Ok(Outcome::ok(crate::cycle::execute::dry_run(&target)?));
@@ -135,6 +136,7 @@ pub fn run(command: &Command, global: &GlobalArgs) -> Result<Outcome> {
                 }
                 Err(e) => return Err(e),
             };
+            crate::action::after_step(&target, &report);
             let text = if args.json {
                 let mut s = serde_json::to_string_pretty(&report).map_err(|e| Error::other(e.to_string()))?;
                 s.push('\n');
@@ -146,18 +148,15 @@ pub fn run(command: &Command, global: &GlobalArgs) -> Result<Outcome> {
         }
         Command::Run(args) => {
             let mut target = Target::load(global)?;
-            if let Some(n) = args.max_workers {
-                if n == 0 {
-                    return Err(Error::usage("--max-workers must be at least 1"));
-                }
-                target.config.runtime.max_workers = n;
-            }
+            override_max_workers(&mut target, args.max_workers)?;
             start_logging(&target.config);
             if global.dry_run {
                 return Ok(Outcome::ok(crate::cycle::execute::dry_run(&target)?));
             }
             emit_started(&target);
-            block_on(run_loop(&target))?
+            let (outcome, last) = block_on(run_loop(&target))??;
+            crate::action::after_step(&target, &last);
+            Ok(outcome)
         }
         Command::Approve(args) => {
             if global.dry_run {
@@ -170,8 +169,19 @@ pub fn run(command: &Command, global: &GlobalArgs) -> Result<Outcome> {
     }
 }
 
+fn override_max_workers(target: &mut Target, max_workers: Option<usize>) -> Result<()> {
+    if let Some(n) = max_workers {
+        if n == 0 {
+            return Err(Error::usage("--max-workers must be at least 1"));
+        }
+        target.config.runtime.max_workers = n;
+    }
+    Ok(())
+}
+
 fn start_logging(config: &Config) {
-    crate::events::init(config.observability.log_format, config.observability.log_level);
+    let format = crate::action::log_format_override().unwrap_or(config.observability.log_format);
+    crate::events::init(format, config.observability.log_level);
 }
 
 fn emit_started(target: &Target) {
@@ -223,8 +233,9 @@ fn summary(r: &StepReport) -> String {
     s
 }
 
-/// `run`: steps until the work is done, cannot progress, or `max_cycles` ran out.
-async fn run_loop(target: &Target) -> Result<Outcome> {
+/// `run`: steps until the work is done, cannot progress, or `max_cycles` ran out. Returns the
+/// outcome and the last step's report.
+async fn run_loop(target: &Target) -> Result<(Outcome, StepReport)> {
     let config = &target.config;
     let mut hinted_waiting = false;
     let mut last = StepReport::default();
@@ -263,10 +274,11 @@ async fn run_loop(target: &Target) -> Result<Outcome> {
                     completed_tasks = last.tasks_complete,
                     failed_tasks = last.tasks_failed
                 );
-                return Ok(Outcome {
+                let outcome = Outcome {
                     stdout: summary(&last),
                     exit_code: 0,
-                });
+                };
+                return Ok((outcome, last));
             }
             "stuck" => {
                 emit!(
@@ -279,10 +291,11 @@ async fn run_loop(target: &Target) -> Result<Outcome> {
                     failed_tasks = last.tasks_failed,
                     blocked = last.blocked.join(",").as_str()
                 );
-                return Ok(Outcome {
+                let outcome = Outcome {
                     stdout: summary(&last),
                     exit_code: 3,
-                });
+                };
+                return Ok((outcome, last));
             }
             "waiting" if !hinted_waiting => {
                 hinted_waiting = true;
@@ -307,10 +320,11 @@ async fn run_loop(target: &Target) -> Result<Outcome> {
         completed_tasks = last.tasks_complete,
         failed_tasks = last.tasks_failed
     );
-    Ok(Outcome {
+    let outcome = Outcome {
         stdout: summary(&last),
         exit_code: 3,
-    })
+    };
+    Ok((outcome, last))
 }
 
 /// `approve TASK`: records that the gate TASK waits at is cleared (local mode).

@@ -57,6 +57,9 @@ pub struct StepArgs {
     /// Print the step's report as JSON on standard output.
     #[arg(long)]
     pub json: bool,
+    /// Override the configured number of parallel workers.
+    #[arg(long, value_name = "N")]
+    pub max_workers: Option<usize>,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -265,9 +265,10 @@ annotations:
     and the conventions a change must follow.
 "#;
 
-const WORKFLOW: &str = r#"# Runs one hyperloop step at a time: on a schedule, when a pull request gets the `lgtm`
-# label (which clears a gate), and on demand. Runs never overlap and never cancel each other;
-# every step reads all its state from the repository, so a queued run simply continues.
+const WORKFLOW: &str = r#"# Runs one hyperloop step at a time: on a schedule, when a pull request or issue gets the
+# `lgtm` label (which clears a gate), and on demand. Runs never overlap and never cancel each
+# other; every step reads all its state from the repository, so a queued run simply continues.
+# Each run's summary page shows what the step did, every task, and a graph of their dependencies.
 name: hyperloop
 
 on:
@@ -283,6 +284,8 @@ concurrency:
   group: hyperloop
   cancel-in-progress: false
 
+# hyperloop pushes task state and merges (contents), opens and labels pull requests
+# (pull-requests), and reads and writes labels (issues). Nothing else.
 permissions:
   contents: write
   pull-requests: write
@@ -290,16 +293,25 @@ permissions:
 
 jobs:
   step:
-    if: github.event_name != 'pull_request' || github.event.label.name == 'lgtm'
+    # Any other label is not a gate decision: do not spend a run on it.
+    if: (github.event_name != 'pull_request' && github.event_name != 'issues') || github.event.label.name == 'lgtm'
     runs-on: ubuntu-latest
     timeout-minutes: 120
     steps:
       - uses: actions/checkout@11bd71901bbe5b1630ceea73d27597364c9af683 # v4.2.2
         with:
+          # The base branch, whatever the event: a pull request event would check out its own
+          # merge commit, and task state lives on the base branch.
+          ref: ${{ github.event.repository.default_branch }}
           fetch-depth: 0
-      - uses: hyperloop-dev/hyperloop@v1
+      - id: hyperloop
+        uses: hyperloop-dev/hyperloop@v1
         with:
           command: step
           anthropic-api-key: ${{ secrets.ANTHROPIC_API_KEY }}
-          github-token: ${{ secrets.GITHUB_TOKEN }}
+          github-token: ${{ github.token }}
+          # A GitHub App instead of the workflow token (its pushes start other workflows):
+          # app-id: ${{ vars.HYPERLOOP_APP_ID }}
+          # app-private-key: ${{ secrets.HYPERLOOP_APP_PRIVATE_KEY }}
+          # max-workers: 2
 "#;

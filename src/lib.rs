@@ -1,6 +1,7 @@
 //! hyperloop: walks software tasks through composable process pipelines using AI coding agents.
 //! Each `step` reads all state from the repository, decides, executes, commits, and exits.
 
+pub mod action;
 pub mod app;
 pub mod cli;
 pub mod config;

@@ -26,6 +26,15 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             let code = e.exit_code();
+            if hyperloop::action::ActionsEnv::from_env().is_some()
+                && let Some(annotation) = hyperloop::action::annotate(&e)
+            {
+                // Workflow commands are read from standard output; the plain message below
+                // still goes to standard error for people reading the log.
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "{annotation}");
+                let _ = out.flush();
+            }
             let mut err = std::io::stderr().lock();
             if code == 0 {
                 let _ = writeln!(err, "hyperloop: {e}");

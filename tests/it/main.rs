@@ -1,5 +1,6 @@
 //! The integration tests: one binary, a module per area.
 
+mod action;
 mod claude_cli;
 mod config;
 mod definitions;

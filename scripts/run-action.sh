@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The action's main step: turns the action's inputs (passed as IN_* variables) into one hyperloop
+# command line. hyperloop writes the step outputs, the job summary and the annotations itself.
+set -euo pipefail
+
+command="${IN_COMMAND:-step}"
+case "$command" in
+    step | run | status) ;;
+    *)
+        echo "::error title=hyperloop action::input command must be step, run or status, not '$command'"
+        exit 2
+        ;;
+esac
+
+args=(--path "${IN_PATH:-.}")
+[ -n "${IN_CONFIG:-}" ] && args+=(--config "$IN_CONFIG")
+case "${IN_DRY_RUN:-false}" in
+    true) args+=(--dry-run) ;;
+    false | "") ;;
+    *)
+        echo "::error title=hyperloop action::input dry-run must be true or false, not '$IN_DRY_RUN'"
+        exit 2
+        ;;
+esac
+args+=("$command")
+case "$command" in
+    step) args+=(--json) ;;
+    status) args+=(--json) ;;
+esac
+if [ -n "${IN_MAX_WORKERS:-}" ]; then
+    if [ "$command" = status ]; then
+        echo "::warning title=hyperloop action::input max-workers applies to step and run; ignored for status"
+    else
+        args+=(--max-workers "$IN_MAX_WORKERS")
+    fi
+fi
+
+# An empty input means "not given": an empty credential variable would read as a wrong one.
+for name in GITHUB_TOKEN HYPERLOOP_APP_ID HYPERLOOP_APP_PRIVATE_KEY ANTHROPIC_API_KEY HYPERLOOP_LOG_FORMAT; do
+    [ -n "${!name:-}" ] || unset "$name"
+done
+
+echo "hyperloop ${args[*]}"
+exec hyperloop "${args[@]}"
