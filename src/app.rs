@@ -11,6 +11,7 @@ use crate::cycle::execute::{StepOptions, StepReport};
 use crate::emit;
 use crate::error::{Error, Result};
 use crate::lock::StepLock;
+use crate::notify::Notifier;
 use crate::pipeline::Step;
 use crate::state::{Changes, Publish, Repo};
 use crate::task::{Status, Task};
@@ -105,7 +106,7 @@ pub fn run(command: &Command, global: &GlobalArgs) -> Result<Outcome> {
         }
         Command::Step(args) => {
             let target = Target::load(global)?;
-            start_logging(&target.config);
+            let _notifier = start_logging(&target, !global.dry_run);
             if global.dry_run {
                 return Ok(Outcome::ok(crate::cycle::execute::dry_run(&target)?));
             }
@@ -152,7 +153,7 @@ pub fn run(command: &Command, global: &GlobalArgs) -> Result<Outcome> {
                 }
                 target.config.runtime.max_workers = n;
             }
-            start_logging(&target.config);
+            let _notifier = start_logging(&target, !global.dry_run);
             if global.dry_run {
                 return Ok(Outcome::ok(crate::cycle::execute::dry_run(&target)?));
             }
@@ -164,14 +165,49 @@ pub fn run(command: &Command, global: &GlobalArgs) -> Result<Outcome> {
                 return Err(Error::usage("--dry-run applies to step and run"));
             }
             let target = Target::load(global)?;
-            start_logging(&target.config);
+            let _notifier = start_logging(&target, false);
             approve(&target, &args.task, args.gate.as_deref())
         }
     }
 }
 
-fn start_logging(config: &Config) {
-    crate::events::init(config.observability.log_format, config.observability.log_level);
+/// Installs the event printer and, when `notify` and `observability.matrix` ask for it, the
+/// Matrix notifier beside it. The returned guard flushes the notifier when the command ends,
+/// whichever way it ends.
+fn start_logging(target: &Target, notify: bool) -> NotifyGuard {
+    let o = &target.config.observability;
+    let notifier = match &o.matrix {
+        Some(m) if notify => Some(Notifier::matrix(m, &target.repo.root, &|name| {
+            std::env::var(name).ok()
+        })),
+        _ => None,
+    };
+    crate::events::init_with(
+        o.log_format,
+        o.log_level,
+        notifier.as_ref().map(Notifier::boxed_layer),
+    );
+    NotifyGuard(notifier)
+}
+
+/// Flushes pending notifications on drop, within the notifier's time budget.
+struct NotifyGuard(Option<Notifier>);
+
+impl Drop for NotifyGuard {
+    fn drop(&mut self) {
+        if let Some(n) = self.0.take() {
+            let report = n.flush();
+            // After a failure `matrix_disabled` has already said that the rest is dropped.
+            if report.dropped > 0 && report.failure.is_none() {
+                emit!(
+                    WARN,
+                    "matrix_notices_dropped",
+                    sent = report.sent,
+                    dropped = report.dropped
+                );
+            }
+        }
+    }
 }
 
 fn emit_started(target: &Target) {

@@ -3,12 +3,14 @@
 mod claude_cli;
 mod config;
 mod definitions;
+mod events;
 mod fake_github;
 mod github;
 mod github_mode;
 mod harness;
 mod init;
 pub mod local;
+mod matrix;
 mod prompts;
 mod state;
 mod support;
