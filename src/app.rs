@@ -11,6 +11,7 @@ use crate::cycle::execute::{StepOptions, StepReport};
 use crate::emit;
 use crate::error::{Error, Result};
 use crate::lock::StepLock;
+use crate::notify::Notifier;
 use crate::pipeline::Step;
 use crate::state::{Changes, Publish, Repo};
 use crate::task::{Status, Task};
@@ -106,7 +107,7 @@ pub fn run(command: &Command, global: &GlobalArgs) -> Result<Outcome> {
         Command::Step(args) => {
             let mut target = Target::load(global)?;
             override_max_workers(&mut target, args.max_workers)?;
-            start_logging(&target.config);
+            let _notifier = start_logging(&target, !global.dry_run);
             if global.dry_run {
                 return Ok(Outcome::ok(crate::cycle::execute::dry_run(&target)?));
             }
@@ -149,7 +150,7 @@ pub fn run(command: &Command, global: &GlobalArgs) -> Result<Outcome> {
         Command::Run(args) => {
             let mut target = Target::load(global)?;
             override_max_workers(&mut target, args.max_workers)?;
-            start_logging(&target.config);
+            let _notifier = start_logging(&target, !global.dry_run);
             if global.dry_run {
                 return Ok(Outcome::ok(crate::cycle::execute::dry_run(&target)?));
             }
@@ -163,7 +164,7 @@ pub fn run(command: &Command, global: &GlobalArgs) -> Result<Outcome> {
                 return Err(Error::usage("--dry-run applies to step and run"));
             }
             let target = Target::load(global)?;
-            start_logging(&target.config);
+            let _notifier = start_logging(&target, false);
             approve(&target, &args.task, args.gate.as_deref())
         }
     }
@@ -179,9 +180,41 @@ fn override_max_workers(target: &mut Target, max_workers: Option<usize>) -> Resu
     Ok(())
 }
 
-fn start_logging(config: &Config) {
-    let format = crate::action::log_format_override().unwrap_or(config.observability.log_format);
-    crate::events::init(format, config.observability.log_level);
+/// Installs the event printer and, when `notify` and `observability.matrix` ask for it, the
+/// Matrix notifier beside it. The returned guard flushes the notifier when the command ends,
+/// whichever way it ends.
+fn start_logging(target: &Target, notify: bool) -> NotifyGuard {
+    let o = &target.config.observability;
+    let notifier = match &o.matrix {
+        Some(m) if notify => Some(Notifier::matrix(m, &target.repo.root, &|name| {
+            std::env::var(name).ok()
+        })),
+        _ => None,
+    };
+    // The Action may choose the format (its `log-format` input) without editing the config.
+    let format = crate::action::log_format_override().unwrap_or(o.log_format);
+    crate::events::init_with(format, o.log_level, notifier.as_ref().map(Notifier::boxed_layer));
+    NotifyGuard(notifier)
+}
+
+/// Flushes pending notifications on drop, within the notifier's time budget.
+struct NotifyGuard(Option<Notifier>);
+
+impl Drop for NotifyGuard {
+    fn drop(&mut self) {
+        if let Some(n) = self.0.take() {
+            let report = n.flush();
+            // After a failure `matrix_disabled` has already said that the rest is dropped.
+            if report.dropped > 0 && report.failure.is_none() {
+                emit!(
+                    WARN,
+                    "matrix_notices_dropped",
+                    sent = report.sent,
+                    dropped = report.dropped
+                );
+            }
+        }
+    }
 }
 
 fn emit_started(target: &Target) {

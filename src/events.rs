@@ -1,14 +1,19 @@
 //! Structured events on standard error (CONTRACT §7): one line per event, console text or one
 //! JSON object (`timestamp`, `level`, `event`, then the fields). Events are `tracing` events with
-//! an `event` field naming them; [`init`] installs the formatter that renders them.
+//! an `event` field naming them; [`init`] installs the formatter that renders them, and
+//! [`init_with`] adds a second consumer (the Matrix notifier) beside it.
 
 use std::fmt::Write as _;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, format::Writer};
+use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{Layer, Registry};
 
 use crate::config::{LogFormat, LogLevel};
 
@@ -22,19 +27,47 @@ macro_rules! emit {
 
 /// Installs the global subscriber for this process. Later calls do nothing.
 pub fn init(format: LogFormat, level: LogLevel) {
+    init_with(format, level, None);
+}
+
+/// A second consumer of events next to the standard-error formatter (the Matrix notifier).
+pub type ExtraLayer = Box<dyn Layer<Registry> + Send + Sync>;
+
+/// [`init`] plus an `extra` layer that sees events whatever `level` is: the level governs what is
+/// printed, while the extra layer applies its own choice of events.
+pub fn init_with(format: LogFormat, level: LogLevel, extra: Option<ExtraLayer>) {
     let max = match level {
-        LogLevel::Debug => Level::DEBUG,
-        LogLevel::Info => Level::INFO,
-        LogLevel::Warning => Level::WARN,
-        LogLevel::Error => Level::ERROR,
+        LogLevel::Debug => LevelFilter::DEBUG,
+        LogLevel::Info => LevelFilter::INFO,
+        LogLevel::Warning => LevelFilter::WARN,
+        LogLevel::Error => LevelFilter::ERROR,
     };
-    let _ = tracing_subscriber::fmt()
+    let printer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .with_max_level(max)
         .event_format(Formatter {
             json: format == LogFormat::Json,
         })
+        .with_filter(max);
+    let _ = tracing_subscriber::registry()
+        .with(extra)
+        .with(printer)
         .try_init();
+}
+
+/// The name and fields of an `emit!` event, as the formatter sees them; `None` for other events.
+/// Fields keep their order; a free-text `message` is included under that key.
+pub fn capture(event: &Event<'_>) -> Option<(String, serde_json::Map<String, serde_json::Value>)> {
+    let mut f = Fields::default();
+    event.record(&mut f);
+    let name = f.event?;
+    let mut map = serde_json::Map::new();
+    if let Some(m) = f.message {
+        map.insert("message".into(), m.into());
+    }
+    for (k, v) in f.values {
+        map.insert(k, v);
+    }
+    Some((name, map))
 }
 
 /// Renders events as CONTRACT §7 lines.

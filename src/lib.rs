@@ -14,6 +14,7 @@ pub mod forge;
 pub mod git;
 pub mod init;
 pub mod lock;
+pub mod notify;
 pub mod pipeline;
 pub mod state;
 pub mod task;

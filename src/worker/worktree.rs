@@ -23,6 +23,7 @@ pub const LOCAL_EXCLUDES: &[&str] = &[
     "/.hyperloop/worktrees/",
     "/.hyperloop/logs/",
     "/.hyperloop/state/",
+    "/.hyperloop/matrix-state.json",
     "/.worker-result.json",
 ];
 
