@@ -324,16 +324,32 @@ impl Repo {
     /// Moves `branch` from `old` to `new` if it is still at `old`, carrying along a checkout of
     /// the branch (the user's, or any worktree's) the way a fast-forward would.
     pub fn publish(&self, branch: &str, old: &str, new: &str) -> Result<Publish> {
+        let checkout = self.worktree_on(&format!("refs/heads/{branch}"))?;
+        self.publish_with(branch, old, new, checkout.as_deref())
+    }
+
+    /// [`Repo::publish`] when the caller already knows which checkout (if any) has the branch.
+    pub fn publish_with(
+        &self,
+        branch: &str,
+        old: &str,
+        new: &str,
+        checkout: Option<&Path>,
+    ) -> Result<Publish> {
         let refname = format!("refs/heads/{branch}");
-        match self.git.rev_parse(&refname)? {
-            Some(cur) if cur == old => {}
-            Some(cur) => return Ok(Publish::Raced(cur)),
-            None => return Ok(Publish::Raced(String::new())),
+        if checkout.is_some() {
+            // The checkout is moved before the ref, so make sure the ref is where we think first;
+            // without a checkout, update-ref's own compare-and-swap is enough.
+            match self.git.rev_parse(&refname)? {
+                Some(cur) if cur == old => {}
+                Some(cur) => return Ok(Publish::Raced(cur)),
+                None => return Ok(Publish::Raced(String::new())),
+            }
         }
-        if let Some(wt) = self.worktree_on(&refname)? {
+        if let Some(wt) = checkout {
             // Bring the checkout's index and files from `old` to `new`; refuses (and changes
             // nothing) if an uncommitted change of the user's touches a file that changed.
-            let g = self.git.at(&wt);
+            let g = self.git.at(wt);
             let out = g.output(["read-tree", "-m", "-u", old, new])?;
             if !out.status.success() {
                 return Err(Error::Other {

@@ -208,6 +208,10 @@ struct Stepper {
     started: Instant,
     nonce_counter: u64,
     gh: Option<github_mode::GitHubMode>,
+    /// Task worktrees made ready earlier in this step.
+    worktrees_ready: HashSet<String>,
+    /// The worktree that has the state branch checked out (looked up once per step).
+    checkout: Option<Option<PathBuf>>,
 }
 
 impl Stepper {
@@ -248,6 +252,8 @@ impl Stepper {
             defs,
             gh,
             tip: String::new(),
+            worktrees_ready: HashSet::new(),
+            checkout: None,
         };
         stepper.tip = if stepper.gh.is_some() {
             stepper.fetch_state()?
@@ -492,7 +498,22 @@ impl Stepper {
                 if t.branch.is_none() {
                     t.branch = Some(format!("worker/{task_id}"));
                 }
-                self.save_task(t, &change, &format!("hyperloop: start {task_id}"))?;
+                let first_is_role = matches!(
+                    t.position
+                        .clone()
+                        .map(Position)
+                        .as_ref()
+                        .and_then(|p| pipeline::step_at(self.pipeline(), p)),
+                    Some(Step::Role { .. })
+                );
+                if first_is_role {
+                    // The worker's result commit records the start too: one commit fewer per
+                    // task, and a step that dies before then simply starts the task again.
+                    self.note_change(&t, &change);
+                    self.tasks.insert(task_id.clone(), t);
+                } else {
+                    self.save_task(t, &change, &format!("hyperloop: start {task_id}"))?;
+                }
                 Ok(true)
             }
             Action::Spawn { task_id, role, .. } => {
@@ -620,7 +641,12 @@ impl Stepper {
             let published = if self.gh.is_some() {
                 self.push_state(&new)?
             } else {
-                self.repo.publish(&self.branch, &self.tip, &new)?
+                if self.checkout.is_none() {
+                    self.checkout = Some(self.repo.worktree_on(&format!("refs/heads/{}", self.branch))?);
+                }
+                let checkout = self.checkout.clone().flatten();
+                self.repo
+                    .publish_with(&self.branch, &self.tip, &new, checkout.as_deref())?
             };
             match published {
                 Publish::Moved => {
@@ -908,14 +934,22 @@ impl Stepper {
             .ok_or_else(|| Error::other(format!("no agent named `{role}` for {task_id}")))?;
         let mut task = task;
         let branch = task.branch.clone().unwrap_or_else(|| format!("worker/{task_id}"));
-        let wt = worktree::ensure_task_worktree(
-            &self.repo.git,
-            &self.repo.root,
-            task_id,
-            &task.spec_ref,
-            &branch,
-            &self.tip,
-        )?;
+        let known = worktree::task_worktree_path(&self.repo.root, task_id);
+        let wt = if self.worktrees_ready.contains(task_id) && known.join(".git").exists() {
+            // Checked and repaired earlier in this step; the worker since then settled it.
+            known
+        } else {
+            let wt = worktree::ensure_task_worktree(
+                &self.repo.git,
+                &self.repo.root,
+                task_id,
+                &task.spec_ref,
+                &branch,
+                &self.tip,
+            )?;
+            self.worktrees_ready.insert(task_id.to_string());
+            wt
+        };
         let start_head = self.repo.git.at(&wt).run_trim(["rev-parse", "HEAD"])?;
         if task.branch.as_deref() != Some(branch.as_str()) {
             // Record the branch before anything runs on it, so cleanup knows hyperloop made it.
