@@ -336,6 +336,7 @@ impl Repo {
         new: &str,
         checkout: Option<&Path>,
     ) -> Result<Publish> {
+        self.finish_interrupted_publish()?;
         let refname = format!("refs/heads/{branch}");
         if checkout.is_some() {
             // The checkout is moved before the ref, so make sure the ref is where we think first;
@@ -350,8 +351,12 @@ impl Repo {
             // Bring the checkout's index and files from `old` to `new`; refuses (and changes
             // nothing) if an uncommitted change of the user's touches a file that changed.
             let g = self.git.at(wt);
+            let marker = self.publish_marker();
+            let note = format!("{branch}\n{old}\n{new}\n{}\n", wt.display());
+            crate::task::store::write_atomic(&marker, note.as_bytes())?;
             let out = g.output(["read-tree", "-m", "-u", old, new])?;
             if !out.status.success() {
+                let _ = std::fs::remove_file(&marker);
                 return Err(Error::Other {
                     message: format!(
                         "cannot update the checkout of `{branch}` at {}: {}\n  hint: commit or stash your changes to these files, then run the step again",
@@ -360,16 +365,52 @@ impl Repo {
                     ),
                 });
             }
+            crate::fault::point("publish-checkout-updated");
         }
         let out = self
             .git
             .output(["update-ref", "-m", "hyperloop", &refname, new, old])?;
+        let _ = std::fs::remove_file(self.publish_marker());
         if out.status.success() {
             Ok(Publish::Moved)
         } else {
             let cur = self.git.rev_parse(&refname)?.unwrap_or_default();
             Ok(Publish::Raced(cur))
         }
+    }
+
+    /// Notes a checkout being moved ahead of its branch, until the branch has moved too.
+    fn publish_marker(&self) -> PathBuf {
+        self.common_dir.join("hyperloop-publishing")
+    }
+
+    /// A step killed between moving a checkout and moving its branch leaves the checkout ahead
+    /// of the branch (its files look like uncommitted changes, and every later publish would
+    /// refuse to touch them). This takes such a checkout back to where its branch is.
+    pub fn finish_interrupted_publish(&self) -> Result<()> {
+        let marker = self.publish_marker();
+        let Ok(note) = std::fs::read_to_string(&marker) else {
+            return Ok(());
+        };
+        let lines: Vec<&str> = note.lines().collect();
+        if let [branch, old, new, wt] = lines.as_slice()
+            && self.git.rev_parse(&format!("refs/heads/{branch}"))?.as_deref() == Some(*old)
+            && Path::new(wt).exists()
+        {
+            let out = self
+                .git
+                .at(Path::new(wt))
+                .output(["read-tree", "-m", "-u", new, old])?;
+            if !out.status.success() {
+                return Err(Error::Other {
+                    message: format!(
+                        "cannot return the checkout at {wt} to `{branch}` after an interrupted step: {}\n  hint: `git checkout {old} -- .` there (after saving your own changes), then run the step again",
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    ),
+                });
+            }
+        }
+        std::fs::remove_file(&marker).map_err(|e| Error::io(&marker, e))
     }
 
     /// Files that differ between two commits under `prefix`, as entries ready to commit.

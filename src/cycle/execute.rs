@@ -115,6 +115,30 @@ struct RunRecord {
     /// For the improver: the failures it was shown.
     #[serde(default)]
     failures: Vec<String>,
+    /// For a task: where it stood when the worker started, so that a result is recorded only
+    /// while the task still stands there.
+    #[serde(default)]
+    position: Option<Vec<usize>>,
+    #[serde(default)]
+    status: Option<String>,
+}
+
+/// What a task's worker reported, saved next to its run record the moment the worker ends, so
+/// that a step killed before recording it records it on the next step instead of running the
+/// agent again (the worker has removed the result file by then).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SavedOutcome {
+    verdict: worker::Verdict,
+    findings: u32,
+    detail: String,
+    #[serde(default)]
+    cost_usd: Option<f64>,
+    #[serde(default)]
+    suspicious: Option<String>,
+}
+
+fn outcome_path(running_dir: &Path, key: &str) -> PathBuf {
+    running_dir.join(format!("{key}.outcome"))
 }
 
 /// Runs one step on `target`.
@@ -310,6 +334,7 @@ impl Stepper {
     }
 
     async fn run(&mut self) -> Result<StepReport> {
+        self.repo.finish_interrupted_publish()?;
         self.reload()?;
         emit!(
             INFO,
@@ -885,6 +910,11 @@ impl Stepper {
         let dir = self.running_dir();
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         let text = serde_json::to_vec_pretty(&record).map_err(|e| Error::other(e.to_string()))?;
+        // An outcome left by an earlier run of this key must not pass for this run's.
+        let saved = (record.kind == Kind::Task).then(|| outcome_path(&dir, &record.key));
+        if let Some(p) = &saved {
+            let _ = std::fs::remove_file(p);
+        }
         crate::fault::point("before-run-record");
         crate::task::store::write_atomic(&dir.join(format!("{}.json", record.key)), &text)?;
         crate::fault::point("before-spawn");
@@ -916,7 +946,22 @@ impl Stepper {
             },
         );
         self.workers.spawn(async move {
+            let cancelled = cancel.clone();
             let outcome = worker::run_worker(&spec, cancel).await;
+            if let Some(path) = saved
+                && !*cancelled.borrow()
+            {
+                let saved = SavedOutcome {
+                    verdict: outcome.verdict,
+                    findings: outcome.findings,
+                    detail: outcome.detail.clone(),
+                    cost_usd: outcome.cost_usd,
+                    suspicious: outcome.suspicious.clone(),
+                };
+                if let Ok(text) = serde_json::to_vec(&saved) {
+                    let _ = crate::task::store::write_atomic(&path, &text);
+                }
+            }
             (key, outcome)
         });
         crate::fault::point("after-spawn");
@@ -992,6 +1037,8 @@ impl Stepper {
             start_head,
             specs: BTreeMap::new(),
             failures: Vec::new(),
+            position: Some(task.position.clone().unwrap_or_default()),
+            status: Some(task.status.as_str().to_string()),
         };
         let spec = self.worker_spec(&record, text, &task.spec_ref, &branch);
         self.launch(record, spec)
@@ -1093,6 +1140,8 @@ impl Stepper {
                 .map(|s| (s.path.clone(), s.hash.clone()))
                 .collect(),
             failures: Vec::new(),
+            position: None,
+            status: None,
         };
         let spec_dir = self.specs_dir().to_string();
         let base = self.config.target.base_branch.clone();
@@ -1148,6 +1197,8 @@ impl Stepper {
             worktree: wt,
             specs: BTreeMap::new(),
             failures: failures.iter().map(|f| f.task_id.clone()).collect(),
+            position: None,
+            status: None,
         };
         let base = self.config.target.base_branch.clone();
         let spec = self.worker_spec(&record, text, &prompts_dir, &base);
@@ -1157,6 +1208,7 @@ impl Stepper {
     /// Drops a worker that will not be recorded (the step is being cancelled).
     fn forget(&mut self, key: &str) {
         self.running.remove(key);
+        let _ = std::fs::remove_file(outcome_path(&self.running_dir(), key));
         let _ = std::fs::remove_file(self.running_dir().join(format!("{key}.json")));
     }
 
@@ -1217,6 +1269,7 @@ impl Stepper {
             Kind::Improver => self.record_improver(&record, outcome, duration),
         };
         crate::fault::point("after-record");
+        let _ = std::fs::remove_file(outcome_path(&self.running_dir(), key));
         let _ = std::fs::remove_file(self.running_dir().join(format!("{key}.json")));
         result
     }
@@ -1658,6 +1711,15 @@ impl Stepper {
         let mut records = Vec::new();
         for entry in entries.flatten() {
             let path = entry.path();
+            if entry.file_name().to_string_lossy().starts_with('.') {
+                // A temporary file of a write that was cut short.
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
+            if path.extension().is_some_and(|e| e == "outcome") && !path.with_extension("json").exists() {
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
             if path.extension().is_none_or(|e| e != "json") {
                 continue;
             }
@@ -1688,17 +1750,44 @@ impl Stepper {
                     .ok()
                     .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
                     .is_some_and(|t| t.as_secs() >= record.started_at);
-                let still_there = self
-                    .tasks
-                    .get(&record.task_id)
-                    .is_some_and(|t| !t.status.is_terminal() && t.round == record.round);
-                if fresh
-                    && still_there
-                    && let ResultFile::Valid {
+                // Recorded already (the step died just after), the task has moved on: the result
+                // is not applied twice.
+                let still_there = self.tasks.get(&record.task_id).is_some_and(|t| {
+                    !t.status.is_terminal()
+                        && t.round == record.round
+                        && record
+                            .position
+                            .as_ref()
+                            .is_none_or(|p| t.position.clone().unwrap_or_default() == *p)
+                        && record.status.as_deref().is_none_or(|s| s == t.status.as_str())
+                });
+                let saved_path = outcome_path(&dir, &record.key);
+                let saved = std::fs::read(&saved_path)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<SavedOutcome>(&b).ok());
+                let _ = std::fs::remove_file(&saved_path);
+                let found = saved.or_else(|| match worker::result::read(&result_path) {
+                    ResultFile::Valid {
                         verdict,
                         findings,
                         detail,
-                    } = worker::result::read(&result_path)
+                    } if fresh => Some(SavedOutcome {
+                        verdict,
+                        findings,
+                        detail,
+                        cost_usd: None,
+                        suspicious: None,
+                    }),
+                    _ => None,
+                });
+                if still_there
+                    && let Some(SavedOutcome {
+                        verdict,
+                        findings,
+                        detail,
+                        cost_usd,
+                        suspicious,
+                    }) = found
                 {
                     // The worker finished; only its recording was lost. Settle its branch the
                     // way a normal run would, then record it.
@@ -1720,11 +1809,11 @@ impl Stepper {
                         exit_code: None,
                         duration: Duration::from_secs(now_unix().saturating_sub(record.started_at)),
                         log_file: PathBuf::new(),
-                        cost_usd: None,
+                        cost_usd,
                         num_turns: None,
                         session_id: None,
                         is_error: None,
-                        suspicious: None,
+                        suspicious,
                         commits: Vec::new(),
                         pgid: None,
                     };

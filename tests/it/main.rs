@@ -2,10 +2,12 @@
 
 mod action;
 mod claude_cli;
+mod concurrency;
 mod config;
 mod definitions;
 mod events;
 mod fake_github;
+mod faults;
 mod github;
 mod github_mode;
 mod harness;
