@@ -111,12 +111,16 @@ pub fn run(command: &Command, global: &GlobalArgs) -> Result<Outcome> {
             if global.dry_run {
                 return Ok(Outcome::ok(crate::cycle::execute::dry_run(&target)?));
             }
-            let opts = StepOptions {
-                max_duration: args.max_duration.map(Duration::from_secs),
-                cycle: 1,
-            };
+            let max_duration = args.max_duration.map(Duration::from_secs);
             emit_started(&target);
-            let report = match block_on(crate::cycle::execute::step(&target, &opts))? {
+            let report = match block_on(async {
+                let opts = StepOptions {
+                    max_duration,
+                    cycle: 1,
+                    interrupt: Some(crate::cycle::execute::interrupt_on_signals()?),
+                };
+                crate::cycle::execute::step(&target, &opts).await
+            })? {
                 Ok(r) => r,
                 Err(Error::Busy { path, pid }) => {
                     emit!(
@@ -272,10 +276,16 @@ async fn run_loop(target: &Target) -> Result<(Outcome, StepReport)> {
     let config = &target.config;
     let mut hinted_waiting = false;
     let mut last = StepReport::default();
+    // One signal watcher for the whole run, so a signal between steps is not lost.
+    let mut interrupt = Some(crate::cycle::execute::interrupt_on_signals()?);
     for cycle in 1..=u64::from(config.max_cycles) {
+        if interrupt.as_ref().is_some_and(|rx| *rx.borrow()) {
+            return Err(stopped_by_signal(cycle, &last));
+        }
         let opts = StepOptions {
             max_duration: None,
             cycle,
+            interrupt: interrupt.clone(),
         };
         match crate::cycle::execute::step(target, &opts).await {
             Ok(report) => last = report,
@@ -342,7 +352,12 @@ async fn run_loop(target: &Target) -> Result<(Outcome, StepReport)> {
             _ => {}
         }
         if cycle < u64::from(config.max_cycles) {
-            tokio::time::sleep(Duration::from_secs(config.poll_interval)).await;
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(config.poll_interval)) => {}
+                () = crate::cycle::execute::interrupted(&mut interrupt) => {
+                    return Err(stopped_by_signal(cycle, &last));
+                }
+            }
         }
     }
     emit!(
@@ -358,6 +373,18 @@ async fn run_loop(target: &Target) -> Result<(Outcome, StepReport)> {
         exit_code: 3,
     };
     Ok((outcome, last))
+}
+
+fn stopped_by_signal(cycle: u64, last: &StepReport) -> Error {
+    emit!(
+        WARN,
+        "orchestrator_halted",
+        reason = "interrupted by a signal",
+        total_cycles = cycle,
+        completed_tasks = last.tasks_complete,
+        failed_tasks = last.tasks_failed
+    );
+    Error::other("interrupted by a signal; the next run continues where this one stopped")
 }
 
 /// `approve TASK`: records that the gate TASK waits at is cleared (local mode).

@@ -49,6 +49,44 @@ pub struct StepOptions {
     pub max_duration: Option<Duration>,
     /// The cycle number (for events), when `run` drives the step.
     pub cycle: u64,
+    /// Flips to true when the step must stop (SIGTERM/SIGINT); see [`interrupt_on_signals`].
+    pub interrupt: Option<watch::Receiver<bool>>,
+}
+
+/// A receiver that flips to true on SIGTERM or SIGINT. Installed once per process, so a signal
+/// between two steps of `run` is not lost. Must be called inside the runtime.
+pub fn interrupt_on_signals() -> Result<watch::Receiver<bool>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())
+        .map_err(|e| Error::other(format!("cannot watch for SIGTERM: {e}")))?;
+    let mut int =
+        signal(SignalKind::interrupt()).map_err(|e| Error::other(format!("cannot watch for SIGINT: {e}")))?;
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        let _ = tx.send(true);
+        // Keep the sender alive so receivers see `true` rather than a closed channel.
+        std::future::pending::<()>().await;
+    });
+    Ok(rx)
+}
+
+/// Resolves when `rx` says stop; never, without a receiver.
+pub async fn interrupted(rx: &mut Option<watch::Receiver<bool>>) {
+    let Some(rx) = rx else {
+        return std::future::pending().await;
+    };
+    loop {
+        if *rx.borrow_and_update() {
+            return;
+        }
+        if rx.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
 }
 
 /// One worker run, as the report shows it.
@@ -228,6 +266,7 @@ struct Stepper {
     report: StepReport,
     cancel_tx: watch::Sender<bool>,
     cancel_rx: watch::Receiver<bool>,
+    interrupt: Option<watch::Receiver<bool>>,
     deadline: Option<Instant>,
     started: Instant,
     nonce_counter: u64,
@@ -269,6 +308,7 @@ impl Stepper {
             },
             cancel_tx,
             cancel_rx,
+            interrupt: opts.interrupt.clone(),
             deadline: opts.max_duration.map(|d| started + d),
             started,
             nonce_counter: 0,
@@ -349,12 +389,11 @@ impl Stepper {
         }
         self.cleanup_merged_branches();
 
-        let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .map_err(|e| Error::other(format!("cannot watch for SIGTERM: {e}")))?;
-        let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-            .map_err(|e| Error::other(format!("cannot watch for SIGINT: {e}")))?;
-
-        let mut cancelled = false;
+        let mut interrupt = self.interrupt.clone();
+        let mut cancelled = interrupt.as_ref().is_some_and(|rx| *rx.borrow());
+        if cancelled {
+            let _ = self.cancel_tx.send(true);
+        }
         let outcome = loop {
             if !cancelled {
                 match self.act().await {
@@ -385,8 +424,10 @@ impl Stepper {
                         Err(e) => break Err(Error::other(format!("a worker task failed: {e}"))),
                     }
                 }
-                _ = sigterm.recv() => { cancelled = true; let _ = self.cancel_tx.send(true); }
-                _ = sigint.recv() => { cancelled = true; let _ = self.cancel_tx.send(true); }
+                () = interrupted(&mut interrupt), if !cancelled => {
+                    cancelled = true;
+                    let _ = self.cancel_tx.send(true);
+                }
             }
         };
         if outcome.is_err() {

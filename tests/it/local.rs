@@ -683,3 +683,64 @@ fn a_pm_that_keeps_failing_is_not_paid_forever() {
     let out = p.hyperloop(&["step"]);
     assert_eq!(named(&events(&out), "intake_ran").len(), 1, "{}", describe(&out));
 }
+
+#[test]
+fn sigterm_between_steps_stops_run_promptly() {
+    let p = Project::new("", "");
+    p.repo.write(
+        ".hyperloop/agents/kustomization.yaml",
+        "resources:\n  - github.com/jsell-rh/hyperloop//base?ref=main\npatches:\n  - path: process.yaml\n",
+    );
+    p.repo.write(
+        ".hyperloop/agents/process.yaml",
+        "apiVersion: hyperloop.io/v1\nkind: Process\nmetadata:\n  name: default\npipeline:\n  - gate: human-review\n  - action: merge-pr\n",
+    );
+    let cfg = p
+        .repo
+        .read(".hyperloop.yaml")
+        .replace("poll_interval: 0", "poll_interval: 60");
+    p.repo
+        .write(".hyperloop.yaml", &format!("overlay: .hyperloop/agents\n{cfg}"));
+    p.repo.write("specs/a.md", "# A\n");
+    p.write_task("task-001", "specs/a.md", &[]);
+    p.commit_all("gated task");
+    let mut child = p
+        .env
+        .command(crate::harness::hyperloop_bin())
+        .args(["--path", p.repo.path_str(), "run"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run starts");
+    // Wait until the first step has finished and `run` sleeps before the next one.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let log = p.git(&["log", "--format=%s", "main"]);
+        if log.contains("start task-001") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first step never committed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let pid = i32::try_from(child.id()).expect("pid");
+    // SAFETY: signalling the child we started.
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+    }
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "run ignored SIGTERM between steps"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(!status.success(), "an interrupted run does not report success");
+}
