@@ -84,6 +84,11 @@ pub struct RuntimeConfig {
     /// Names of extra environment variables passed through to workers. Forge credentials and
     /// hyperloop's own `HYPERLOOP_*` variables are refused: workers never receive them.
     pub agent_env: Vec<String>,
+    /// Agent spend (USD, as the agents report it) after which a task gets no more workers and
+    /// fails with `budget_exceeded`. Unset: no limit.
+    pub max_task_cost_usd: Option<f64>,
+    /// Total agent spend over all tasks after which no worker starts at all. Unset: no limit.
+    pub max_total_cost_usd: Option<f64>,
 }
 
 /// `merge.strategy`.
@@ -203,6 +208,8 @@ impl Default for Config {
                 worker_timeout: 3600,
                 stall_timeout: 900,
                 agent_env: Vec::new(),
+                max_task_cost_usd: None,
+                max_total_cost_usd: None,
             },
             merge: MergeConfig {
                 auto_merge: true,
@@ -402,6 +409,19 @@ impl Config {
             "agent_env",
             &env_list,
             "Names of extra environment variables passed through to workers.",
+        );
+        let dollars = |v: Option<f64>| v.map_or_else(|| "null".to_string(), |x| format!("{x}"));
+        r.key(
+            1,
+            "max_task_cost_usd",
+            &dollars(self.runtime.max_task_cost_usd),
+            "Agent spend (USD) after which a task stops and fails; null: no limit.",
+        );
+        r.key(
+            1,
+            "max_total_cost_usd",
+            &dollars(self.runtime.max_total_cost_usd),
+            "Total agent spend (USD) after which no worker starts; null: no limit.",
         );
         r.section(0, "merge", "What happens when a task reaches merge-pr.");
         r.key(
@@ -630,6 +650,8 @@ const RUNTIME_KEYS: &[&str] = &[
     "worker_timeout",
     "stall_timeout",
     "agent_env",
+    "max_task_cost_usd",
+    "max_total_cost_usd",
 ];
 const MERGE_KEYS: &[&str] = &["auto_merge", "strategy", "delete_branch"];
 const OBSERVABILITY_KEYS: &[&str] = &["log_format", "log_level", "matrix"];
@@ -943,7 +965,27 @@ impl Walker<'_> {
         if let Some(v) = s.get("agent_env") {
             r.agent_env = self.agent_env(&s.key("agent_env"), v)?;
         }
+        r.max_task_cost_usd = self.dollars(&s, "max_task_cost_usd")?;
+        r.max_total_cost_usd = self.dollars(&s, "max_total_cost_usd")?;
         Ok(())
+    }
+
+    /// A positive amount of money; `None` when absent or null.
+    fn dollars(&self, s: &Section<'_>, name: &str) -> Result<Option<f64>> {
+        match s.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Number(n)) => match n.as_f64() {
+                Some(x) if x > 0.0 && x.is_finite() => Ok(Some(x)),
+                _ => Err(self.err(
+                    &s.key(name),
+                    format!("must be a positive amount in USD, found {n}"),
+                )),
+            },
+            Some(other) => Err(self.err(
+                &s.key(name),
+                format!("expected an amount in USD, found {}", describe(other)),
+            )),
+        }
     }
 
     fn agent_command(&self, key: &str, v: &Value) -> Result<Vec<String>> {

@@ -271,6 +271,8 @@ struct Stepper {
     started: Instant,
     nonce_counter: u64,
     gh: Option<github_mode::GitHubMode>,
+    /// The total spending cap was reached: no worker starts in this step.
+    budget_blocked: bool,
     /// Task worktrees made ready earlier in this step.
     worktrees_ready: HashSet<String>,
     /// The worktree that has the state branch checked out (looked up once per step).
@@ -318,6 +320,7 @@ impl Stepper {
             tip: String::new(),
             worktrees_ready: HashSet::new(),
             checkout: None,
+            budget_blocked: false,
         };
         stepper.tip = if stepper.gh.is_some() {
             stepper.fetch_state()?
@@ -517,8 +520,72 @@ impl Stepper {
         self.deadline.is_some_and(|d| Instant::now() >= d)
     }
 
+    /// Total agent spend recorded in the task files.
+    fn total_cost(&self) -> f64 {
+        self.tasks.values().map(|t| t.cost_usd).sum()
+    }
+
+    /// Whether starting another worker would break the total spending cap (reported once).
+    fn over_total_budget(&mut self) -> bool {
+        let Some(limit) = self.config.runtime.max_total_cost_usd else {
+            return false;
+        };
+        let spent = self.total_cost();
+        if spent < limit {
+            return false;
+        }
+        if !self.budget_blocked {
+            emit!(
+                ERROR,
+                "budget_exceeded",
+                scope = "total",
+                spent_usd = spent,
+                limit_usd = limit,
+                hint = "raise runtime.max_total_cost_usd to let workers start again"
+            );
+            self.budget_blocked = true;
+        }
+        true
+    }
+
+    /// Fails a task whose own spending reached `runtime.max_task_cost_usd`. Returns whether it
+    /// did.
+    fn enforce_task_budget(&mut self, task: &mut Task) -> Option<TaskChange> {
+        let limit = self.config.runtime.max_task_cost_usd?;
+        if task.cost_usd < limit || task.status.is_terminal() {
+            return None;
+        }
+        emit!(
+            ERROR,
+            "budget_exceeded",
+            scope = "task",
+            task_id = task.id.as_str(),
+            spent_usd = task.cost_usd,
+            limit_usd = limit
+        );
+        let reason = format!(
+            "budget exceeded: agents spent ${:.2} of runtime.max_task_cost_usd ${limit:.2}",
+            task.cost_usd
+        );
+        Some(transition::fail_task(task, &reason))
+    }
+
     /// Performs one planned action. Returns whether it changed anything.
     fn perform(&mut self, action: &Action) -> Result<bool> {
+        if action.takes_worker() && self.over_total_budget() {
+            return Ok(false);
+        }
+        if let Action::Spawn { task_id, .. } | Action::Start { task_id, .. } = action
+            && let Some(mut t) = self.tasks.get(task_id).cloned()
+            && let Some(change) = self.enforce_task_budget(&mut t)
+        {
+            self.save_task(
+                t,
+                &change,
+                &format!("hyperloop: {task_id} failed (budget exceeded)"),
+            )?;
+            return Ok(true);
+        }
         match action {
             Action::RunIntake { specs, .. } => {
                 if self.intake_attempted || self.past_deadline() {
@@ -1339,7 +1406,7 @@ impl Stepper {
             duration_s: (duration * 10.0).round() / 10.0,
             cost_usd: outcome.cost_usd,
         });
-        let change = transition::apply_verdict(
+        let mut change = transition::apply_verdict(
             &mut task,
             &self.defs.process.pipeline,
             &record.role,
@@ -1348,6 +1415,10 @@ impl Stepper {
             outcome.findings,
             self.config.max_task_rounds,
         );
+        if let Some(budget) = self.enforce_task_budget(&mut task) {
+            change.events.extend(budget.events);
+            change.to_status = task.status;
+        }
         if !verdict.is_pass() {
             self.pending_failures.push(FailureNote {
                 task_id: task.id.clone(),
@@ -1883,6 +1954,7 @@ impl Stepper {
         self.report.tasks_complete = tasks.iter().filter(|t| t.status == Status::Complete).count();
         self.report.tasks_failed = tasks.iter().filter(|t| t.status == Status::Failed).count();
         let (progress, remaining) = match &plan.progress {
+            Progress::Working | Progress::Waiting { .. } if self.budget_blocked => ("stuck", false),
             _ if self.intake_blocked && self.tasks.values().all(|t| t.status.is_terminal()) => {
                 ("stuck", false)
             }

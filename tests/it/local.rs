@@ -744,3 +744,94 @@ fn sigterm_between_steps_stops_run_promptly() {
     };
     assert!(!status.success(), "an interrupted run does not report success");
 }
+
+/// An implementer that reports $0.60 per run in claude's stream-json, and a verifier that
+/// always finds something: without a cap this would spend until max_task_rounds.
+const COSTLY: &str = r#"
+  - role: implementer
+    actions:
+      - stream_json_result: {cost_usd: 0.6, num_turns: 3}
+      - implement_task: true
+      - verdict: {verdict: pass}
+  - role: verifier
+    actions:
+      - verdict: {verdict: fail, findings: 1, detail: "not yet"}
+"#;
+
+#[test]
+fn a_task_stops_at_its_spending_cap() {
+    let p = Project::new(COSTLY, "max_task_rounds: 20\n");
+    let cfg = p
+        .repo
+        .read(".hyperloop.yaml")
+        .replace("runtime:\n", "runtime:\n  max_task_cost_usd: 1.0\n");
+    p.repo.write(".hyperloop.yaml", &cfg);
+    p.repo.write("specs/a.md", "# A\n");
+    p.write_task("task-001", "specs/a.md", &[]);
+    p.commit_all("task");
+    let out = p.hyperloop(&["run"]);
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    let t = p.task("task-001");
+    assert_eq!(t["status"], "failed", "{t}");
+    assert!(
+        t["failure_reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("budget exceeded"),
+        "{t}"
+    );
+    assert!(
+        (t["cost_usd"].as_f64().unwrap_or(0.0) - 1.2).abs() < 1e-9,
+        "two runs recorded: {t}"
+    );
+    let evs = events(&out);
+    let spent: Vec<_> = named(&evs, "worker_spawned")
+        .into_iter()
+        .filter(|e| e["role"] == "implementer")
+        .collect();
+    assert_eq!(
+        spent.len(),
+        2,
+        "no implementer run after the cap: {}",
+        describe(&out)
+    );
+    assert_eq!(named(&evs, "budget_exceeded").len(), 1);
+}
+
+#[test]
+fn no_worker_starts_past_the_total_spending_cap() {
+    let p = Project::new(COSTLY, "");
+    let cfg = p
+        .repo
+        .read(".hyperloop.yaml")
+        .replace("runtime:\n", "runtime:\n  max_total_cost_usd: 1.0\n")
+        .replace("max_workers: 2", "max_workers: 1");
+    p.repo.write(".hyperloop.yaml", &cfg);
+    p.repo.write("specs/a.md", "# A\n");
+    for id in ["task-001", "task-002", "task-003"] {
+        p.write_task(id, "specs/a.md", &[]);
+    }
+    p.commit_all("tasks");
+    let out = p.hyperloop(&["run"]);
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    let evs = events(&out);
+    let implementers = named(&evs, "worker_spawned")
+        .into_iter()
+        .filter(|e| e["role"] == "implementer")
+        .count();
+    assert_eq!(
+        implementers,
+        2,
+        "$0.60 + $0.60 reaches the $1.00 cap: {}",
+        describe(&out)
+    );
+    let budget = named(&evs, "budget_exceeded");
+    assert!(!budget.is_empty() && budget[0]["scope"] == "total", "{budget:?}");
+    // Nothing more starts in a later step either.
+    let out = p.hyperloop(&["step"]);
+    assert!(
+        named(&events(&out), "worker_spawned").is_empty(),
+        "{}",
+        describe(&out)
+    );
+}
