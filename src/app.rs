@@ -553,7 +553,7 @@ pub fn status_table(tasks: &[Task]) -> String {
     for r in &rows {
         line(r);
     }
-    let total: f64 = tasks.iter().map(|t| t.cost_usd).sum();
+    let total: f64 = tasks.iter().map(|t| t.cost_usd).fold(0.0, |a, b| a + b);
     let done = tasks
         .iter()
         .filter(|t| t.status == crate::task::Status::Complete)

@@ -271,6 +271,8 @@ struct Stepper {
     started: Instant,
     nonce_counter: u64,
     gh: Option<github_mode::GitHubMode>,
+    /// Print a progress line for people watching a terminal.
+    live: bool,
     /// The total spending cap was reached: no worker starts in this step.
     budget_blocked: bool,
     /// Task worktrees made ready earlier in this step.
@@ -290,6 +292,8 @@ impl Stepper {
         let branch = config.state_branch().to_string();
         let (cancel_tx, cancel_rx) = watch::channel(false);
         let started = Instant::now();
+        let live = std::io::IsTerminal::is_terminal(&std::io::stderr())
+            && config.observability.log_format == crate::config::LogFormat::Console;
         let mut stepper = Stepper {
             repo,
             branch: branch.clone(),
@@ -321,6 +325,7 @@ impl Stepper {
             worktrees_ready: HashSet::new(),
             checkout: None,
             budget_blocked: false,
+            live,
         };
         stepper.tip = if stepper.gh.is_some() {
             stepper.fetch_state()?
@@ -520,9 +525,43 @@ impl Stepper {
         self.deadline.is_some_and(|d| Instant::now() >= d)
     }
 
+    /// On a terminal: one line saying where the work stands (tasks by state, who runs, time).
+    fn show_progress(&self) {
+        if !self.live {
+            return;
+        }
+        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+        for t in self.tasks.values() {
+            *counts.entry(t.status.as_str()).or_default() += 1;
+        }
+        let states: Vec<String> = counts.iter().map(|(k, v)| format!("{v} {k}")).collect();
+        let mut running: Vec<String> = self
+            .running
+            .values()
+            .map(|r| format!("{} {}", r.record.task_id, r.record.role))
+            .collect();
+        running.sort();
+        let line = format!(
+            "  ⟳ {} · running: {} · ${:.2} · {:.0} s",
+            if states.is_empty() {
+                "no tasks yet".to_string()
+            } else {
+                states.join(", ")
+            },
+            if running.is_empty() {
+                "nothing".to_string()
+            } else {
+                running.join(", ")
+            },
+            self.total_cost(),
+            self.started.elapsed().as_secs_f64()
+        );
+        let _ = std::io::Write::write_all(&mut std::io::stderr(), format!("{line}\n").as_bytes());
+    }
+
     /// Total agent spend recorded in the task files.
     fn total_cost(&self) -> f64 {
-        self.tasks.values().map(|t| t.cost_usd).sum()
+        self.tasks.values().map(|t| t.cost_usd).fold(0.0, |a, b| a + b)
     }
 
     /// Whether starting another worker would break the total spending cap (reported once).
@@ -1073,6 +1112,7 @@ impl Stepper {
             (key, outcome)
         });
         crate::fault::point("after-spawn");
+        self.show_progress();
         Ok(())
     }
 
@@ -1376,6 +1416,7 @@ impl Stepper {
             Kind::Intake => self.record_intake(&record, outcome, duration),
             Kind::Improver => self.record_improver(&record, outcome, duration),
         };
+        self.show_progress();
         crate::fault::point("after-record");
         let _ = std::fs::remove_file(outcome_path(&self.running_dir(), key));
         let _ = std::fs::remove_file(self.running_dir().join(format!("{key}.json")));
