@@ -185,7 +185,7 @@ pub fn summary_markdown(report: &StepReport, tasks: &[Task]) -> String {
             t.cost_usd
         );
     }
-    let spent: f64 = tasks.iter().map(|t| t.cost_usd).sum();
+    let spent: f64 = tasks.iter().map(|t| t.cost_usd).fold(0.0, |a, b| a + b);
     let _ = writeln!(md, "\nAgent spend on these tasks so far: **${spent:.2}**\n");
 
     md.push_str("### Dependencies\n\n```mermaid\n");
