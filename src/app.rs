@@ -491,6 +491,7 @@ pub fn status_json(tasks: &[Task]) -> Result<String> {
                 "failure_reason": t.failure_reason,
                 "gate_cleared": t.gate_cleared,
                 "cost_usd": t.cost_usd,
+                "history": t.history,
             })
         })
         .collect();

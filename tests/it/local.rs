@@ -835,3 +835,90 @@ fn no_worker_starts_past_the_total_spending_cap() {
         describe(&out)
     );
 }
+
+#[test]
+fn dry_run_prints_config_process_personas_and_plan_and_changes_nothing() {
+    let p = Project::new("", "");
+    p.repo.write(
+        ".hyperloop/agents/kustomization.yaml",
+        "resources:\n  - github.com/jsell-rh/hyperloop//base?ref=v1.0.0\npatches:\n  - path: implementer-patch.yaml\n    target:\n      kind: Agent\n      name: implementer\n",
+    );
+    p.repo.write(
+        ".hyperloop/agents/implementer-patch.yaml",
+        "kind: Agent\nname: implementer\nannotations:\n  ambient.io/persona: |\n    You work on a Go API service. Test: make test.\n",
+    );
+    let cfg = p.repo.read(".hyperloop.yaml");
+    p.repo
+        .write(".hyperloop.yaml", &format!("overlay: .hyperloop/agents/\n{cfg}"));
+    p.repo.write("specs/a.md", "# A\n");
+    p.write_task("task-001", "specs/a.md", &[]);
+    p.write_task("task-002", "specs/a.md", &["task-001"]);
+    p.commit_all("tasks and overlay");
+    let before = p.git(&["rev-parse", "main"]);
+    let out = p.hyperloop(&["step", "--dry-run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("max_workers: 2"), "configuration printed: {text}");
+    assert!(
+        text.contains("merge-pr") && text.contains("implementer") && text.contains("verifier"),
+        "{text}"
+    );
+    assert!(
+        text.contains("You work on a Go API service"),
+        "the persona is shown: {text}"
+    );
+    assert!(text.contains("start task-001"), "the plan: {text}");
+    assert!(
+        !text.contains("start task-002"),
+        "task-002 waits for its dependency: {text}"
+    );
+    assert_eq!(p.git(&["rev-parse", "main"]), before, "a dry run commits nothing");
+    assert!(
+        !p.repo.path.join(".hyperloop/worktrees").exists(),
+        "and starts no worker"
+    );
+}
+
+#[test]
+fn bad_input_exits_2_naming_file_and_field() {
+    let p = Project::new("", "");
+    // A task file with an unknown status.
+    p.repo.write(
+        "specs/tasks/task-001.md",
+        "---\nid: task-001\ntitle: T\nspec_ref: specs/a.md\nstatus: done\n---\n",
+    );
+    p.commit_all("bad task");
+    let out = p.hyperloop(&["step"]);
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("specs/tasks/task-001.md") && err.contains("status"),
+        "{err}"
+    );
+    // A dependency cycle.
+    p.repo.write(
+        "specs/tasks/task-001.md",
+        "---\nid: task-001\ntitle: T\nspec_ref: specs/a.md\nstatus: not-started\ndeps: [task-002]\n---\n",
+    );
+    p.write_task("task-002", "specs/a.md", &["task-001"]);
+    p.commit_all("cycle");
+    let out = p.hyperloop(&["step"]);
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("task-001 → task-002 → task-001"), "{err}");
+    // A bad configuration value.
+    let cfg = p
+        .repo
+        .read(".hyperloop.yaml")
+        .replace("max_workers: 2", "max_workers: 0");
+    p.repo.write(".hyperloop.yaml", &cfg);
+    let out = p.hyperloop(&["status"]);
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(".hyperloop.yaml") && err.contains("runtime.max_workers"),
+        "{err}"
+    );
+    // A usage error.
+    assert_eq!(p.hyperloop(&["step", "--no-such-flag"]).status.code(), Some(2));
+}
