@@ -670,22 +670,10 @@ impl Stepper {
                 if t.branch.is_none() {
                     t.branch = Some(format!("worker/{task_id}"));
                 }
-                let first_is_role = matches!(
-                    t.position
-                        .clone()
-                        .map(Position)
-                        .as_ref()
-                        .and_then(|p| pipeline::step_at(self.pipeline(), p)),
-                    Some(Step::Role { .. })
-                );
-                if first_is_role {
-                    // The worker's result commit records the start too: one commit fewer per
-                    // task, and a step that dies before then simply starts the task again.
-                    self.note_change(&t, &change);
-                    self.tasks.insert(task_id.clone(), t);
-                } else {
-                    self.save_task(t, &change, &format!("hyperloop: start {task_id}"))?;
-                }
+                // Committed before the worker starts, so `status` (and a step on another
+                // machine) sees the task in progress while its agent works, and a dead step's
+                // result can be matched to the state it started from.
+                self.save_task(t, &change, &format!("hyperloop: start {task_id}"))?;
                 Ok(true)
             }
             Action::Spawn { task_id, role, .. } => {
