@@ -370,13 +370,20 @@ impl Repo {
         let out = self
             .git
             .output(["update-ref", "-m", "hyperloop", &refname, new, old])?;
-        let _ = std::fs::remove_file(self.publish_marker());
         if out.status.success() {
-            Ok(Publish::Moved)
-        } else {
-            let cur = self.git.rev_parse(&refname)?.unwrap_or_default();
-            Ok(Publish::Raced(cur))
+            let _ = std::fs::remove_file(self.publish_marker());
+            return Ok(Publish::Moved);
         }
+        // Someone moved the branch between our check and the update: put the checkout back
+        // where it was, so it does not hold our files as if they were the user's changes.
+        if let Some(wt) = checkout {
+            let back = self.git.at(wt).output(["read-tree", "-m", "-u", new, old])?;
+            if back.status.success() {
+                let _ = std::fs::remove_file(self.publish_marker());
+            }
+        }
+        let cur = self.git.rev_parse(&refname)?.unwrap_or_default();
+        Ok(Publish::Raced(cur))
     }
 
     /// Notes a checkout being moved ahead of its branch, until the branch has moved too.

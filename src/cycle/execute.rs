@@ -26,7 +26,7 @@ use crate::error::{Error, Result};
 use crate::events::now_unix;
 use crate::git::{Git, trailers};
 use crate::lock::StepLock;
-use crate::pipeline::{self, MARK_PR_READY, MERGE_PR, Position, Step, Verdict};
+use crate::pipeline::{self, MARK_PR_READY, MERGE_PR, Step, Verdict};
 use crate::state::{Changes, MergeTree, Publish, Repo};
 use crate::task::store::{INTAKE_FAILURES, INTAKE_RECORD, IntakeFailures};
 use crate::task::{Attempt, Status, Task};
@@ -273,6 +273,9 @@ struct Stepper {
     gh: Option<github_mode::GitHubMode>,
     /// Print a progress line for people watching a terminal.
     live: bool,
+    /// Tasks whose worker crashed or timed out in this step: they wait for the next step
+    /// instead of burning their rounds back to back.
+    cooling: HashSet<String>,
     /// The total spending cap was reached: no worker starts in this step.
     budget_blocked: bool,
     /// Task worktrees made ready earlier in this step.
@@ -326,6 +329,7 @@ impl Stepper {
             checkout: None,
             budget_blocked: false,
             live,
+            cooling: HashSet::new(),
         };
         stepper.tip = if stepper.gh.is_some() {
             stepper.fetch_state()?
@@ -490,6 +494,10 @@ impl Stepper {
             github_mode: self.gh.is_some(),
         };
         let mut plan = decide::decide(&snapshot, &self.config, &self.defs.process, now_unix())?;
+        plan.actions.retain(|a| match a {
+            Action::Spawn { task_id, .. } => !self.cooling.contains(task_id),
+            _ => true,
+        });
         // Intake and the improver are workers too; decide counts task workers only through
         // `running`, so make room for them here.
         let others = self
@@ -764,7 +772,25 @@ impl Stepper {
                 self.save_task(t, &change, &format!("hyperloop: {task_id} failed"))?;
                 Ok(true)
             }
-            Action::Recover { .. } => Ok(false),
+            Action::Recover { task_id, .. } => {
+                // Nothing in this version writes claims; one found in a task file (written by
+                // hand or by an older step) is cleared so it cannot hold the task forever.
+                let Some(mut t) = self.tasks.get(task_id).cloned() else {
+                    return Ok(false);
+                };
+                if t.claim.take().is_none() {
+                    return Ok(false);
+                }
+                emit!(
+                    WARN,
+                    "orphan_found",
+                    task_id = task_id.as_str(),
+                    note = "stale claim cleared"
+                );
+                let change = no_change(&t);
+                self.save_task(t, &change, &format!("hyperloop: {task_id} stale claim cleared"))?;
+                Ok(true)
+            }
         }
     }
 
@@ -852,6 +878,8 @@ impl Stepper {
         )))
     }
 
+    /// After the branch moved under us: take what the other writer changed, except for the
+    /// tasks this step has workers for (a change to those would have made the replay conflict).
     fn reload_keep_tasks(&mut self) -> Result<()> {
         let tree = self
             .repo
@@ -864,6 +892,12 @@ impl Stepper {
                 hash: s.hash,
             })
             .collect();
+        let busy: HashSet<String> = self.running.values().map(|r| r.record.task_id.clone()).collect();
+        for t in tree.tasks {
+            if !busy.contains(&t.id) {
+                self.tasks.insert(t.id.clone(), t);
+            }
+        }
         Ok(())
     }
 
@@ -1406,8 +1440,24 @@ impl Stepper {
         };
         self.show_progress();
         crate::fault::point("after-record");
-        let _ = std::fs::remove_file(outcome_path(&self.running_dir(), key));
-        let _ = std::fs::remove_file(self.running_dir().join(format!("{key}.json")));
+        // Anything the agent started in a session of its own escaped the group kill; its
+        // environment still carries the run's nonce.
+        let stray = kill_by_nonce(&record.nonce);
+        if stray > 0 {
+            emit!(
+                WARN,
+                "stray_processes_stopped",
+                task_id = record.task_id.as_str(),
+                role = record.role.as_str(),
+                count = stray
+            );
+        }
+        if result.is_ok() {
+            // Only a recorded result may be forgotten: if recording failed, the next step
+            // records it from the saved outcome instead of paying for the agent again.
+            let _ = std::fs::remove_file(outcome_path(&self.running_dir(), key));
+            let _ = std::fs::remove_file(self.running_dir().join(format!("{key}.json")));
+        }
         result
     }
 
@@ -1447,6 +1497,9 @@ impl Stepper {
         if let Some(budget) = self.enforce_task_budget(&mut task) {
             change.events.extend(budget.events);
             change.to_status = task.status;
+        }
+        if matches!(verdict, Verdict::Error | Verdict::Timeout) {
+            self.cooling.insert(task.id.clone());
         }
         if !verdict.is_pass() {
             self.pending_failures.push(FailureNote {
@@ -1735,7 +1788,7 @@ impl Stepper {
                     strategy = format!("{:?}", self.config.merge.strategy)
                         .to_lowercase()
                         .as_str(),
-                    attempt = u64::from(task_attempt(&t))
+                    attempt = u64::from(t.rebase_attempts)
                 );
                 self.report.merged.push(id.clone());
                 self.note_change(&t, &change);
@@ -1791,6 +1844,21 @@ impl Stepper {
     /// Removes a task's worktree and branch after its merge — only a branch the task file says
     /// hyperloop made.
     fn delete_task_branch(&mut self, task_id: &str, branch: &str) {
+        // Only the branch hyperloop names for this task: a task file (written by a person or an
+        // agent) naming any other branch must never get that branch deleted.
+        if branch != format!("worker/{task_id}")
+            || branch == self.branch
+            || branch == self.config.target.base_branch
+        {
+            emit!(
+                DEBUG,
+                "cleanup_skipped",
+                task_id = task_id,
+                branch = branch,
+                reason = "not a branch hyperloop made"
+            );
+            return;
+        }
         let wt = worktree::task_worktree_path(&self.repo.root, task_id);
         if let Err(e) = worktree::remove_worktree(&self.repo.git, &wt) {
             emit!(
@@ -1828,12 +1896,22 @@ impl Stepper {
         if !self.config.merge.delete_branch {
             return;
         }
+        // One listing of hyperloop's branch namespace, whatever the number of tasks.
+        let existing: HashSet<String> =
+            match self
+                .repo
+                .git
+                .run(["for-each-ref", "--format=%(refname:short)", "refs/heads/worker/"])
+            {
+                Ok(out) => out.lines().map(str::to_string).collect(),
+                Err(_) => return,
+            };
         let leftovers: Vec<(String, String)> = self
             .tasks
             .values()
             .filter(|t| t.status == Status::Complete)
             .filter_map(|t| t.branch.clone().map(|b| (t.id.clone(), b)))
-            .filter(|(_, b)| matches!(self.repo.branch_tip(b), Ok(Some(_))))
+            .filter(|(_, b)| existing.contains(b))
             .collect();
         for (id, branch) in leftovers {
             self.delete_task_branch(&id, &branch);
@@ -1933,11 +2011,16 @@ impl Stepper {
                     // The worker finished; only its recording was lost. Settle its branch the
                     // way a normal run would, then record it.
                     let wt = Git::new(&record.worktree);
+                    let spec_ref = self
+                        .tasks
+                        .get(&record.task_id)
+                        .map(|t| t.spec_ref.clone())
+                        .unwrap_or_default();
                     let _ = worker::result::settle_branch(
                         &wt,
                         &record.start_head,
                         &record.role,
-                        "",
+                        &spec_ref,
                         &record.task_id,
                     );
                     let _ = worker::result::remove_stale(&result_path);
@@ -2014,10 +2097,6 @@ impl Stepper {
         );
         Ok(self.report.clone())
     }
-}
-
-fn task_attempt(t: &Task) -> u32 {
-    t.rebase_attempts
 }
 
 fn no_change(task: &Task) -> TaskChange {
@@ -2103,9 +2182,4 @@ fn kill_by_nonce(nonce: &str) -> u64 {
         }
     }
     killed
-}
-
-#[allow(dead_code)]
-fn position_of(t: &Task) -> Option<Position> {
-    t.position.clone().map(Position)
 }

@@ -4,8 +4,8 @@
 //! worker did": the task's worktree ([`worktree`]), the agent's environment ([`env`]), the process
 //! itself with its process group, timeouts and cancellation ([`process`]), the result file and the
 //! clean-up of what the agent left on its branch ([`result`]), the cost report in claude's
-//! stream-json output ([`stream_json`]), and the bound on how many workers run at once
-//! ([`WorkerPool`]). It decides nothing about pipelines: a [`WorkerOutcome`] is handed back to the
+//! stream-json output ([`stream_json`]). It decides nothing about pipelines, nor how many workers
+//! run at once (the cycle's scheduler bounds that): a [`WorkerOutcome`] is handed back to the
 //! cycle, which turns it into task state.
 //!
 //! An outcome's `suspicious` note (an implementer that reported `pass` without changing its
@@ -19,11 +19,9 @@ pub mod stream_json;
 pub mod worktree;
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub use process::{WorkerSpec, run_worker};
 pub use worktree::{ensure_base_worktree, ensure_task_worktree, remove_worktree};
@@ -110,56 +108,6 @@ impl WorkerOutcome {
     }
 }
 
-/// Bounds how many workers run at once. Every worker start takes a permit and holds it until the
-/// worker has been reaped, whichever path (task worker, rebase-resolver, intake) started it.
-#[derive(Debug, Clone)]
-pub struct WorkerPool {
-    permits: Arc<Semaphore>,
-    max: usize,
-}
-
-impl WorkerPool {
-    /// A pool of `max_workers` slots (at least one).
-    pub fn new(max_workers: usize) -> Self {
-        let max = max_workers.max(1);
-        WorkerPool {
-            permits: Arc::new(Semaphore::new(max)),
-            max,
-        }
-    }
-
-    pub fn max_workers(&self) -> usize {
-        self.max
-    }
-
-    /// Slots free right now.
-    pub fn available(&self) -> usize {
-        self.permits.available_permits()
-    }
-
-    /// Waits for a free slot; the slot is released when the permit is dropped.
-    pub async fn acquire(&self) -> WorkerPermit {
-        // The semaphore is never closed, so acquiring cannot fail; a closed pool would be a bug
-        // here, and waiting forever is then the wrong answer, so fall back to an unbounded slot.
-        match Arc::clone(&self.permits).acquire_owned().await {
-            Ok(p) => WorkerPermit { _permit: Some(p) },
-            Err(_) => WorkerPermit { _permit: None },
-        }
-    }
-
-    /// Runs `spec` once a slot is free.
-    pub async fn run(&self, spec: &WorkerSpec, cancel: tokio::sync::watch::Receiver<bool>) -> WorkerOutcome {
-        let _permit = self.acquire().await;
-        run_worker(spec, cancel).await
-    }
-}
-
-/// A held slot of a [`WorkerPool`].
-#[derive(Debug)]
-pub struct WorkerPermit {
-    _permit: Option<OwnedSemaphorePermit>,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,18 +118,5 @@ mod tests {
             let json = serde_json::to_string(&v).unwrap_or_default();
             assert_eq!(json, format!("\"{}\"", v.as_str()));
         }
-    }
-
-    #[tokio::test]
-    async fn pool_never_hands_out_more_than_max() {
-        let pool = WorkerPool::new(2);
-        let a = pool.acquire().await;
-        let _b = pool.acquire().await;
-        assert_eq!(pool.available(), 0);
-        let third = tokio::time::timeout(Duration::from_millis(50), pool.acquire()).await;
-        assert!(third.is_err(), "a third permit was handed out");
-        drop(a);
-        let third = tokio::time::timeout(Duration::from_millis(500), pool.acquire()).await;
-        assert!(third.is_ok());
     }
 }

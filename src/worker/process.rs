@@ -84,7 +84,9 @@ impl WorkerSpec {
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "worker".to_string());
-        let name = if self.nonce.is_empty() {
+        // The log's name already identifies the run (it carries the nonce when the executor
+        // made it); a bare name gets the nonce so two runs never share a prompt file.
+        let name = if self.nonce.is_empty() || stem.contains(&self.nonce) {
             format!("{stem}.prompt.md")
         } else {
             format!("{stem}-{}.prompt.md", self.nonce)

@@ -922,3 +922,85 @@ fn bad_input_exits_2_naming_file_and_field() {
     // A usage error.
     assert_eq!(p.hyperloop(&["step", "--no-such-flag"]).status.code(), Some(2));
 }
+
+#[test]
+fn a_crashing_agent_runs_once_per_step_not_back_to_back() {
+    let rules = r#"
+  - role: implementer
+    actions:
+      - exit: 1
+"#;
+    let p = Project::new(rules, "max_task_rounds: 3\n");
+    p.repo.write("specs/a.md", "# A\n");
+    p.write_task("task-001", "specs/a.md", &[]);
+    p.commit_all("task");
+    let out = p.hyperloop(&["step"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let spawned = named(&events(&out), "worker_spawned")
+        .into_iter()
+        .filter(|e| e["role"] == "implementer")
+        .count();
+    assert_eq!(spawned, 1, "one crash per step: {}", describe(&out));
+    assert_eq!(p.task("task-001")["round"], 1);
+    // `run` carries on step by step until the round limit.
+    let out = p.hyperloop(&["run"]);
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    assert_eq!(p.task("task-001")["status"], "failed");
+}
+
+#[test]
+fn a_task_file_never_gets_a_foreign_branch_deleted() {
+    let p = Project::new("", "");
+    p.git(&["branch", "keepme"]);
+    p.repo.write("precious.txt", "unmerged work\n");
+    p.git(&["checkout", "-q", "keepme"]);
+    p.commit_all("precious");
+    let precious = p.git(&["rev-parse", "keepme"]);
+    p.git(&["checkout", "-q", "main"]);
+    p.repo.write(
+        "specs/tasks/task-001.md",
+        "---\nid: task-001\ntitle: T\nspec_ref: specs/a.md\nstatus: complete\nbranch: keepme\n---\n",
+    );
+    p.repo.write("specs/a.md", "# A\n");
+    p.commit_all("a complete task naming a foreign branch");
+    let out = p.hyperloop(&["step"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert_eq!(
+        p.git(&["rev-parse", "keepme"]),
+        precious,
+        "the branch and its commit survive"
+    );
+}
+
+#[test]
+fn processes_an_agent_detached_into_its_own_session_are_stopped() {
+    let rules = r#"
+  - role: implementer
+    actions:
+      - shell: "setsid sh -c 'echo $$ > \"$HOME/../escaped.pid\"; exec sleep 300' </dev/null >/dev/null 2>&1 &"
+      - shell: "for i in 1 2 3 4 5 6 7 8 9 10; do [ -s \"$HOME/../escaped.pid\" ] && break; sleep 0.1; done"
+      - implement_task: true
+      - verdict: {verdict: pass}
+"#;
+    let p = Project::new(rules, "");
+    p.repo.write("specs/a.md", "# A\n");
+    p.write_task("task-001", "specs/a.md", &[]);
+    p.commit_all("task");
+    let out = p.hyperloop(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let pid: i32 = std::fs::read_to_string(p.env.root().join("escaped.pid"))
+        .expect("pid written")
+        .trim()
+        .parse()
+        .expect("a pid");
+    // Give the kernel a moment to reap it.
+    let gone = (0..50).any(|_| {
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let dead = state.is_empty() || state.split_whitespace().nth(2) == Some("Z");
+        if !dead {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        dead
+    });
+    assert!(gone, "the detached process {pid} outlived the step");
+}

@@ -5,9 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use hyperloop::worker::{
-    Verdict, WorkerPool, ensure_base_worktree, ensure_task_worktree, remove_worktree, run_worker,
-};
+use hyperloop::worker::{Verdict, ensure_base_worktree, ensure_task_worktree, remove_worktree, run_worker};
 
 use crate::support::worker_fixture::{WorkerFixture, process_dead, read_pid, run, wait_for_file};
 
@@ -462,41 +460,6 @@ rules:
     assert_eq!(run(&spec).await.verdict, Verdict::Fail);
     assert_eq!(run(&spec).await.verdict, Verdict::Pass);
     assert_eq!(run(&spec).await.verdict, Verdict::Pass);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pool_bounds_concurrent_workers() {
-    let f = WorkerFixture::new(
-        r#"
-rules:
-  - role: verifier
-    actions:
-      - append: {path: "${HOME}/concurrency.log", content: "+\n"}
-      - sleep: 1
-      - append: {path: "${HOME}/concurrency.log", content: "-\n"}
-      - verdict: {verdict: pass}
-"#,
-    );
-    let pool = WorkerPool::new(2);
-    let (_tx, rx) = tokio::sync::watch::channel(false);
-    let mut handles = Vec::new();
-    for i in 1..=5 {
-        let spec = f.spec(&format!("task-00{i}"), "verifier");
-        let pool = pool.clone();
-        let rx = rx.clone();
-        handles.push(tokio::spawn(async move { pool.run(&spec, rx).await }));
-    }
-    for h in handles {
-        assert_eq!(h.await.expect("join").verdict, Verdict::Pass);
-    }
-    let log = std::fs::read_to_string(f.env.home().join("concurrency.log")).expect("log");
-    let (mut now, mut max) = (0i32, 0i32);
-    for l in log.lines() {
-        now += if l == "+" { 1 } else { -1 };
-        max = max.max(now);
-    }
-    assert_eq!(log.lines().count(), 10);
-    assert_eq!(max, 2, "at most 2 workers may run at once, and 2 should:\n{log}");
 }
 
 // --- worktrees -------------------------------------------------------------------------------
