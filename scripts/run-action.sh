@@ -13,6 +13,7 @@ case "$command" in
 esac
 
 args=(--path "${IN_PATH:-.}")
+[ -n "${IN_REPO:-}" ] && args+=(--repo "$IN_REPO")
 [ -n "${IN_CONFIG:-}" ] && args+=(--config "$IN_CONFIG")
 case "${IN_DRY_RUN:-false}" in
     true) args+=(--dry-run) ;;

@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use crate::fake_github::FakeGitHub;
 use crate::harness::{TestEnv, TestRepo, describe, hyperloop_bin, scripted_agent_bin};
 
 const AGENT_SCRIPT: &str = r#"rules:
@@ -378,16 +379,31 @@ fn act_bin() -> Option<PathBuf> {
     }
 }
 
-const TEST_WORKFLOW: &str = r#"name: action-test
+/// The action's files, as a checkout of this repository holds them, copied into `to`.
+fn copy_action(to: &Path) {
+    std::fs::create_dir_all(to.join("scripts")).expect("scripts");
+    std::fs::copy(source_root().join("action.yml"), to.join("action.yml")).expect("action.yml");
+    for entry in std::fs::read_dir(source_root().join("scripts")).expect("scripts") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), to.join("scripts").join(entry.file_name())).expect("copy");
+    }
+}
+
+/// A workflow whose first step stands in for actions/checkout, then runs the action from the
+/// workspace (`uses: ./`) with the inputs in `with`, then prints every output on a line of its
+/// own so that the act log shows what a later step of a real workflow would read.
+fn action_workflow(checkout: &str, with: &str) -> String {
+    format!(
+        r#"name: action-test
 on: workflow_dispatch
 jobs:
   step:
     runs-on: ubuntu-latest
     steps:
-      # act has no actions/checkout: the repository comes from the host.
-      - name: Copy the repository
-        if: ${{ env.ACT }}
-        run: cp -a "$HYPERLOOP_TEST_SOURCE/." .
+      # act cannot fetch actions/checkout offline.
+      - name: Check out
+        if: ${{{{ env.ACT }}}}
+        run: {checkout}
       - id: hyperloop
         uses: ./
         with:
@@ -395,15 +411,16 @@ jobs:
           install-claude: false
           anthropic-api-key: sk-test-not-a-real-key-1234
           log-format: json
+{with}
       - name: Show the outputs
         env:
-          TOTAL: ${{ steps.hyperloop.outputs.tasks-total }}
-          COMPLETE: ${{ steps.hyperloop.outputs.tasks-complete }}
-          FAILED: ${{ steps.hyperloop.outputs.tasks-failed }}
-          SPAWNED: ${{ steps.hyperloop.outputs.spawned }}
-          MERGED: ${{ steps.hyperloop.outputs.merged }}
-          REMAINING: ${{ steps.hyperloop.outputs.work-remaining }}
-          PROGRESS: ${{ steps.hyperloop.outputs.progress }}
+          TOTAL: ${{{{ steps.hyperloop.outputs.tasks-total }}}}
+          COMPLETE: ${{{{ steps.hyperloop.outputs.tasks-complete }}}}
+          FAILED: ${{{{ steps.hyperloop.outputs.tasks-failed }}}}
+          SPAWNED: ${{{{ steps.hyperloop.outputs.spawned }}}}
+          MERGED: ${{{{ steps.hyperloop.outputs.merged }}}}
+          REMAINING: ${{{{ steps.hyperloop.outputs.work-remaining }}}}
+          PROGRESS: ${{{{ steps.hyperloop.outputs.progress }}}}
         run: |
           echo "OUTPUT tasks-total=$TOTAL"
           echo "OUTPUT tasks-complete=$COMPLETE"
@@ -413,31 +430,29 @@ jobs:
           echo "OUTPUT work-remaining=$REMAINING"
           echo "OUTPUT progress=$PROGRESS"
           echo "MAIN $(git log --format=%s -n 1 main)"
-"#;
+"#
+    )
+}
 
-#[test]
-fn the_action_runs_a_step_under_act() {
-    let Some(act) = act_bin() else {
-        return;
-    };
-    let env = TestEnv::new();
-    let repo = demo_repo(&env, "workspace");
-    // The action itself, as a checkout of this repository would hold it.
-    std::fs::copy(source_root().join("action.yml"), repo.path.join("action.yml")).expect("action.yml");
-    std::fs::create_dir_all(repo.path.join("scripts")).expect("scripts");
-    for entry in std::fs::read_dir(source_root().join("scripts")).expect("scripts") {
-        let entry = entry.expect("entry");
-        std::fs::copy(entry.path(), repo.path.join("scripts").join(entry.file_name())).expect("copy");
+/// `act EVENT` in `workdir` on this host (no Docker), offline, with `extra` arguments and the
+/// directory `bin_first` (if any) put first on PATH; returns its output and its log (standard
+/// output, where act prints the steps' lines).
+fn run_act(
+    env: &TestEnv,
+    act: &Path,
+    workdir: &Path,
+    event: &str,
+    extra: &[String],
+    bin_first: Option<&Path>,
+) -> (Output, String) {
+    let mut cmd = env.command(act);
+    if let Some(dir) = bin_first {
+        let path = format!("{}:{}", dir.display(), std::env::var("PATH").unwrap_or_default());
+        cmd.env("PATH", path);
     }
-    repo.write(".github/workflows/test.yml", TEST_WORKFLOW);
-    env.git(&repo.path, &["add", "-A"]);
-    env.git(&repo.path, &["commit", "-qm", "the action and a workflow"]);
-
-    let bin_dir = hyperloop_bin().parent().expect("bin dir").to_path_buf();
-    let out = env
-        .command(&act)
-        .current_dir(&repo.path)
-        .args(["workflow_dispatch", "-W", ".github/workflows/test.yml"])
+    let out = cmd
+        .current_dir(workdir)
+        .arg(event)
         .args([
             "-P",
             "ubuntu-latest=-self-hosted",
@@ -446,29 +461,74 @@ fn the_action_runs_a_step_under_act() {
         ])
         .arg("--action-cache-path")
         .arg(env.root().join("act-cache"))
-        .args(["--env", &format!("HYPERLOOP_TEST_SOURCE={}", repo.path.display())])
-        .args(["--env", &format!("HYPERLOOP_BIN_DIR={}", bin_dir.display())])
+        .args(extra)
         .output()
         .expect("act runs");
     let log = String::from_utf8_lossy(&out.stdout).to_string();
-    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
-    for want in [
-        "OUTPUT tasks-total=2",
-        "OUTPUT tasks-complete=2",
-        "OUTPUT tasks-failed=0",
-        "OUTPUT spawned=5",
-        "OUTPUT merged=2",
-        "OUTPUT work-remaining=false",
-        "OUTPUT progress=all-complete",
-        "(task-00",
-    ] {
-        assert!(log.contains(want), "missing `{want}` in:\n{log}");
-    }
-    // act prints each step's job summary file after the step.
-    let summary = log
-        .split_once("Summary - ")
+    (out, log)
+}
+
+/// The value a "Show the outputs" step printed for `key`.
+fn act_output<'a>(log: &'a str, key: &str) -> &'a str {
+    let marker = format!("| OUTPUT {key}=");
+    log.lines()
+        .find_map(|l| l.split_once(&marker).map(|(_, v)| v.trim_end()))
+        .unwrap_or_else(|| panic!("no output {key} in:\n{log}"))
+}
+
+/// The job summary, which act prints after the step that wrote it.
+fn act_summary(log: &str) -> &str {
+    log.split_once("Summary - ")
         .map(|(_, rest)| rest)
-        .unwrap_or_else(|| panic!("no job summary in:\n{log}"));
+        .unwrap_or_else(|| panic!("no job summary in:\n{log}"))
+}
+
+#[test]
+fn the_action_runs_a_step_under_act() {
+    let Some(act) = act_bin() else {
+        return;
+    };
+    let env = TestEnv::new();
+    let repo = demo_repo(&env, "workspace");
+    copy_action(&repo.path);
+    // Local mode: under act `github.repository` is the origin's path, which is no OWNER/REPO.
+    repo.write(
+        ".github/workflows/test.yml",
+        &action_workflow(r#"cp -a "$HYPERLOOP_TEST_SOURCE/." ."#, "          repo: \"\""),
+    );
+    env.git(&repo.path, &["add", "-A"]);
+    env.git(&repo.path, &["commit", "-qm", "the action and a workflow"]);
+
+    let bin_dir = hyperloop_bin().parent().expect("bin dir").to_path_buf();
+    let (out, log) = run_act(
+        &env,
+        &act,
+        &repo.path,
+        "workflow_dispatch",
+        &[
+            "-W".into(),
+            ".github/workflows/test.yml".into(),
+            "--env".into(),
+            format!("HYPERLOOP_TEST_SOURCE={}", repo.path.display()),
+            "--env".into(),
+            format!("HYPERLOOP_BIN_DIR={}", bin_dir.display()),
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    for (key, want) in [
+        ("tasks-total", "2"),
+        ("tasks-complete", "2"),
+        ("tasks-failed", "0"),
+        ("spawned", "5"),
+        ("merged", "2"),
+        ("work-remaining", "false"),
+        ("progress", "all-complete"),
+    ] {
+        assert_eq!(act_output(&log, key), want, "{key} in:\n{log}");
+    }
+    assert!(log.contains("(task-00"), "{log}");
+    let summary = act_summary(&log);
     assert!(
         summary.contains("| Task | Title | Status | Phase | Round | PR | Cost |"),
         "{log}"
@@ -481,6 +541,323 @@ fn the_action_runs_a_step_under_act() {
     assert!(
         !log.contains("sk-test-not-a-real-key-1234"),
         "the API key is masked:\n{log}"
+    );
+}
+
+const GATED_OVERLAY: [(&str, &str); 2] = [
+    (
+        ".hyperloop/agents/kustomization.yaml",
+        "resources:\n  - github.com/jsell-rh/hyperloop//base?ref=main\npatches:\n  - path: process.yaml\n",
+    ),
+    (
+        ".hyperloop/agents/process.yaml",
+        "apiVersion: hyperloop.io/v1\nkind: Process\nmetadata:\n  name: default\npipeline:\n  - loop:\n      - role: implementer\n      - role: verifier\n  - gate: human-review\n  - action: merge-pr\n",
+    ),
+];
+
+/// The `KEY: value` line of a task file.
+fn task_field<'a>(task: &'a str, key: &str) -> Option<&'a str> {
+    task.lines().find_map(|l| l.strip_prefix(&format!("{key}: ")))
+}
+
+/// The action in GitHub mode, twice through act, against the fake GitHub whose storage is the
+/// workspace's `origin`: the first run leaves a draft PR at a human gate; a person labels it
+/// `lgtm`; the second run merges it. Everything the action gets comes the way a runner gives it:
+/// the API URL and the repository as the runner's variables, the token as the workflow token
+/// (`github-token` keeps its default, `github.token`), and each run starts from a fresh clone of
+/// origin, so only what the first run pushed can carry over to the second.
+#[test]
+fn the_action_walks_a_task_through_github_mode_under_act() {
+    let Some(act) = act_bin() else {
+        return;
+    };
+    let env = TestEnv::new();
+    let repo = env.repo("workspace");
+    let script = env.root().join("agent-script.yaml");
+    std::fs::write(&script, AGENT_SCRIPT).expect("script");
+    repo.write(
+        ".hyperloop.yaml",
+        &format!(
+            "overlay: .hyperloop/agents\nruntime:\n  max_workers: 2\n  agent_command: [\"{}\", \"--script\", \"{}\"]\n  worker_timeout: 60\n  agent_env: [GIT_CONFIG_GLOBAL, GIT_CONFIG_NOSYSTEM]\n",
+            scripted_agent_bin().display(),
+            script.display()
+        ),
+    );
+    for (path, text) in GATED_OVERLAY {
+        repo.write(path, text);
+    }
+    repo.write("specs/greeting.md", "# Greeting\n\nPrint a greeting.\n");
+    copy_action(&repo.path);
+    repo.write(
+        ".github/workflows/test.yml",
+        &action_workflow(
+            r#"git clone -q "$HYPERLOOP_TEST_ORIGIN" ."#,
+            "          command: step",
+        ),
+    );
+    env.git(&repo.path, &["add", "-A"]);
+    env.git(&repo.path, &["commit", "-qm", "specs, configuration, the action"]);
+    env.git(&repo.path, &["push", "-q", "origin", "main"]);
+    let pushed = env.git(&repo.origin, &["rev-parse", "main"]);
+    let gh = FakeGitHub::start(&repo.origin, "acme", "widgets");
+
+    let bin_dir = hyperloop_bin().parent().expect("bin dir").to_path_buf();
+    let args: Vec<String> = vec![
+        "-W".into(),
+        ".github/workflows/test.yml".into(),
+        "--env".into(),
+        format!("GITHUB_API_URL={}", gh.url),
+        // A runner sets both; act would otherwise point GraphQL at api.github.com.
+        "--env".into(),
+        format!("GITHUB_GRAPHQL_URL={}/graphql", gh.url),
+        "--env".into(),
+        "GITHUB_REPOSITORY=acme/widgets".into(),
+        "-s".into(),
+        format!("GITHUB_TOKEN={}", gh.token),
+        "--env".into(),
+        format!("HYPERLOOP_TEST_ORIGIN={}", repo.origin.display()),
+        "--env".into(),
+        format!("HYPERLOOP_BIN_DIR={}", bin_dir.display()),
+    ];
+
+    let (out, log) = run_act(&env, &act, &repo.path, "workflow_dispatch", &args, None);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    for (key, want) in [
+        ("tasks-total", "1"),
+        ("tasks-complete", "0"),
+        ("tasks-failed", "0"),
+        ("spawned", "3"),
+        ("merged", "0"),
+        ("work-remaining", "true"),
+        ("progress", "waiting"),
+    ] {
+        assert_eq!(act_output(&log, key), want, "{key} in:\n{log}");
+    }
+    // The task state went to origin, the only place a runner's work survives the job.
+    assert_ne!(env.git(&repo.origin, &["rev-parse", "main"]), pushed);
+    let task = env.git(&repo.origin, &["show", "main:specs/tasks/task-001.md"]);
+    assert_eq!(task_field(&task, "phase"), Some("human-review"), "{task}");
+    let pr_url = task_field(&task, "pr").expect("PR recorded").to_string();
+    let number: u64 = pr_url
+        .rsplit('/')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("PR number");
+    assert_eq!(gh.pr_count(), 1);
+    assert!(gh.pr_is_draft(number), "{}", gh.pr_json(number));
+    let labels = gh.pr_labels(number);
+    assert!(
+        labels.contains(&"task:task-001".to_string()) && labels.contains(&"spec:greeting".to_string()),
+        "{labels:?}"
+    );
+    assert!(
+        !env.git(&repo.origin, &["branch", "--list", "worker/task-001"])
+            .is_empty(),
+        "the task branch was pushed"
+    );
+    let summary = act_summary(&log);
+    assert!(
+        summary.contains(&format!("[#{number}]({pr_url})")),
+        "the PR is linked: {log}"
+    );
+    assert!(
+        summary.contains("```mermaid\n") && summary.contains("graph TD"),
+        "{log}"
+    );
+    assert!(!log.contains(&gh.token), "the token is masked:\n{log}");
+
+    gh.add_label_to_pr(number, "lgtm");
+    let (out, log) = run_act(&env, &act, &repo.path, "workflow_dispatch", &args, None);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    for (key, want) in [
+        ("tasks-total", "1"),
+        ("tasks-complete", "1"),
+        ("merged", "1"),
+        ("work-remaining", "false"),
+        ("progress", "all-complete"),
+    ] {
+        assert_eq!(act_output(&log, key), want, "{key} in:\n{log}");
+    }
+    assert_eq!(gh.pr_json(number)["merged"], serde_json::Value::Bool(true));
+    let task = env.git(&repo.origin, &["show", "main:specs/tasks/task-001.md"]);
+    assert_eq!(task_field(&task, "status"), Some("complete"), "{task}");
+    let files = env.git(&repo.origin, &["ls-tree", "-r", "--name-only", "main"]);
+    assert!(
+        files.contains("impl/task-001.md"),
+        "the work reached main: {files}"
+    );
+    let summary = act_summary(&log);
+    assert!(
+        summary.contains("| ✅ complete |") && summary.contains(&format!("[#{number}]({pr_url})")),
+        "{log}"
+    );
+}
+
+/// Stands in for actions/checkout under act: clones the test's origin the way the real action
+/// checks out the repository, and refuses what the real one would do differently from what
+/// hyperloop needs (no `ref`: a pull-request event would check out the PR's merge commit; a
+/// shallow clone: merges need history).
+const CHECKOUT_STAND_IN: &str = r#"name: checkout stand-in
+inputs:
+  ref:
+    default: ""
+  fetch-depth:
+    default: "1"
+runs:
+  using: composite
+  steps:
+    - shell: bash
+      env:
+        REF: ${{ inputs.ref }}
+        DEPTH: ${{ inputs.fetch-depth }}
+      run: |
+        [ -n "$REF" ] || { echo "::error::checkout without ref: the event's ref, not the base branch"; exit 1; }
+        [ "$DEPTH" = 0 ] || { echo "::error::shallow checkout (fetch-depth $DEPTH)"; exit 1; }
+        git clone -q --branch "$REF" "$HYPERLOOP_TEST_ORIGIN" .
+"#;
+
+/// The workflow `hyperloop init` writes, unmodified, through act in GitHub mode: the remote
+/// actions it names are served from local folders (`--local-repository`) — actions/checkout by
+/// [`CHECKOUT_STAND_IN`], the hyperloop action by this source tree's action — and its defaults
+/// are what a first-time user gets: the version from the action's ref (`v1`, no release, so
+/// `HYPERLOOP_BIN_DIR` provides the binary as the local install), the Claude Code CLI checked for
+/// on PATH (a stub answers), the API key and token from secrets. A label other than `lgtm` must
+/// not start a step; an `lgtm` label must run one on the base branch, which here takes the
+/// example spec all the way to a merged PR.
+#[test]
+fn the_init_workflow_runs_under_act() {
+    let Some(act) = act_bin() else {
+        return;
+    };
+    let env = TestEnv::new();
+    let repo = env.repo("workspace");
+    let script = env.root().join("agent-script.yaml");
+    std::fs::write(&script, AGENT_SCRIPT).expect("script");
+    // Written before init, which keeps an existing configuration: the agents must be scripted.
+    repo.write(
+        ".hyperloop.yaml",
+        &format!(
+            "overlay: .hyperloop/agents\nruntime:\n  max_workers: 2\n  agent_command: [\"{}\", \"--script\", \"{}\"]\n  worker_timeout: 60\n  agent_env: [GIT_CONFIG_GLOBAL, GIT_CONFIG_NOSYSTEM]\n",
+            scripted_agent_bin().display(),
+            script.display()
+        ),
+    );
+    let report = hyperloop::init::init(&repo.path).expect("init");
+    assert!(
+        report
+            .written
+            .contains(&".github/workflows/hyperloop.yml".to_string()),
+        "{report}"
+    );
+    env.git(&repo.path, &["add", "-A"]);
+    env.git(&repo.path, &["commit", "-qm", "hyperloop init"]);
+    env.git(&repo.path, &["push", "-q", "origin", "main"]);
+    let gh = FakeGitHub::start(&repo.origin, "acme", "widgets");
+
+    let checkout = env.root().join("checkout-action");
+    std::fs::create_dir_all(&checkout).expect("checkout dir");
+    std::fs::write(checkout.join("action.yml"), CHECKOUT_STAND_IN).expect("checkout action");
+    let action = env.root().join("hyperloop-action");
+    copy_action(&action);
+    let stubs = env.root().join("stubs");
+    std::fs::create_dir_all(&stubs).expect("stubs");
+    std::fs::write(stubs.join("claude"), "#!/bin/sh\necho '2.1.197 (Claude Code)'\n").expect("claude stub");
+    set_executable(&stubs.join("claude"));
+
+    let workflow =
+        std::fs::read_to_string(repo.path.join(".github/workflows/hyperloop.yml")).expect("workflow");
+    let mut args: Vec<String> = vec!["-W".into(), ".github/workflows/hyperloop.yml".into()];
+    for uses in workflow
+        .lines()
+        .filter_map(|l| l.trim().trim_start_matches("- ").strip_prefix("uses: "))
+        .filter_map(|u| u.split_whitespace().next())
+    {
+        let local = if uses.starts_with("actions/checkout@") {
+            &checkout
+        } else if uses.starts_with("hyperloop-dev/hyperloop@") {
+            &action
+        } else {
+            panic!("no local stand-in for `{uses}`, which act cannot fetch offline");
+        };
+        args.extend(["--local-repository".into(), format!("{uses}={}", local.display())]);
+    }
+    let bin_dir = hyperloop_bin().parent().expect("bin dir").to_path_buf();
+    args.extend([
+        "--env".into(),
+        format!("GITHUB_API_URL={}", gh.url),
+        // A runner sets both; act would otherwise point GraphQL at api.github.com.
+        "--env".into(),
+        format!("GITHUB_GRAPHQL_URL={}/graphql", gh.url),
+        "--env".into(),
+        "GITHUB_REPOSITORY=acme/widgets".into(),
+        "-s".into(),
+        format!("GITHUB_TOKEN={}", gh.token),
+        "-s".into(),
+        "ANTHROPIC_API_KEY=sk-test-not-a-real-key-5678".into(),
+        "--env".into(),
+        format!("HYPERLOOP_TEST_ORIGIN={}", repo.origin.display()),
+        "--env".into(),
+        format!("HYPERLOOP_BIN_DIR={}", bin_dir.display()),
+    ]);
+    let labelled = |label: &str| {
+        let event = env.root().join(format!("event-{label}.json"));
+        let payload = serde_json::json!({
+            "action": "labeled",
+            "number": 7,
+            "label": { "name": label },
+            "pull_request": {
+                "number": 7,
+                "head": { "ref": "feature" },
+                "base": { "ref": "main" }
+            },
+            "repository": {
+                "full_name": "acme/widgets",
+                "name": "widgets",
+                "owner": { "login": "acme" },
+                "default_branch": "main"
+            }
+        });
+        std::fs::write(&event, payload.to_string()).expect("event");
+        let mut all = args.clone();
+        all.extend(["-e".into(), event.display().to_string()]);
+        run_act(&env, &act, &repo.path, "pull_request", &all, Some(&stubs))
+    };
+
+    // The two runs differ only in the label's name, so the lgtm run below also shows that this
+    // one was stopped by the job's condition and not by anything else in act.
+    let (out, log) = labelled("wontfix");
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert!(
+        !log.contains("hyperloop --path"),
+        "no step for another label:\n{log}"
+    );
+    assert!(gh.requests().is_empty(), "{:?}", gh.requests());
+
+    let (out, log) = labelled("lgtm");
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert!(
+        log.contains("hyperloop --path . --repo acme/widgets step --json"),
+        "{log}"
+    );
+    let task = env.git(&repo.origin, &["show", "main:specs/tasks/task-001.md"]);
+    assert_eq!(task_field(&task, "status"), Some("complete"), "{task}");
+    let pr_url = task_field(&task, "pr").expect("PR recorded").to_string();
+    let number: u64 = pr_url
+        .rsplit('/')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("PR number");
+    assert_eq!(gh.pr_json(number)["merged"], serde_json::Value::Bool(true));
+    let labels = gh.pr_labels(number);
+    assert!(labels.contains(&"spec:example".to_string()), "{labels:?}");
+    let summary = act_summary(&log);
+    assert!(
+        summary.contains("| ✅ complete |") && summary.contains(&format!("[#{number}]({pr_url})")),
+        "{log}"
+    );
+    assert!(
+        !log.contains("sk-test-not-a-real-key-5678") && !log.contains(&gh.token),
+        "secrets are masked:\n{log}"
     );
 }
 

@@ -239,3 +239,58 @@ fn the_token_never_reaches_logs_files_or_agents() {
     // Logs of the worker too.
     assert_eq!(field(&g.origin_task("task-001"), "status"), Some("complete"));
 }
+
+#[test]
+fn a_fresh_clone_merges_a_task_branch_that_exists_only_on_origin() {
+    // Each CI job starts from a new clone: the task branch that an earlier job pushed is only
+    // a remote-tracking branch there, and its work must still be merged, not skipped.
+    let g = GhProject::new("", "", true);
+    let out = g.step();
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let number: u64 = field(&g.origin_task("task-001"), "pr")
+        .and_then(|u| u.rsplit('/').next()?.parse().ok())
+        .expect("pr");
+    g.gh.add_label_to_pr(number, "lgtm");
+
+    let clone = g.p.env.root().join("fresh");
+    g.p.env.git(
+        g.p.env.root(),
+        &[
+            "clone",
+            "-q",
+            g.p.repo.origin.to_str().expect("utf8"),
+            clone.to_str().expect("utf8"),
+        ],
+    );
+    assert!(
+        g.p.env
+            .git(&clone, &["branch", "--list", "worker/task-001"])
+            .is_empty()
+    );
+    let mut cmd = g.p.env.command(crate::harness::hyperloop_bin());
+    cmd.args([
+        "--path",
+        clone.to_str().expect("utf8"),
+        "--repo",
+        "acme/widgets",
+        "step",
+    ]);
+    cmd.env("GITHUB_API_URL", &g.gh.url);
+    cmd.env("GITHUB_TOKEN", &g.gh.token);
+    let out = cmd.output().expect("hyperloop runs");
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+
+    assert_eq!(
+        g.gh.pr_json(number)["merged"],
+        Value::Bool(true),
+        "{}",
+        describe(&out)
+    );
+    assert_eq!(field(&g.origin_task("task-001"), "status"), Some("complete"));
+    let files = g.origin_git(&["ls-tree", "-r", "--name-only", "main"]);
+    assert!(files.contains("impl/task-001.md"), "{files}");
+    assert!(
+        g.origin_git(&["branch", "--list", "worker/task-001"]).is_empty(),
+        "branch deleted after the merge"
+    );
+}

@@ -508,6 +508,37 @@ impl Stepper {
         Ok(())
     }
 
+    /// The tip of a task's branch, fetched into the local branch when only the remote has it. A
+    /// CI job starts from a fresh clone whose only local branch is the base branch, while the
+    /// task's branch was pushed when its pull request opened; taking it for missing would record
+    /// the task complete without merging its work.
+    fn task_branch_tip(&self, branch: &str) -> Result<Option<String>> {
+        if let Some(tip) = self.repo.branch_tip(branch)? {
+            return Ok(Some(tip));
+        }
+        let gh = self.gh()?;
+        let refspec = format!("refs/heads/{branch}:refs/heads/{branch}");
+        let out = gh.git.output([
+            "fetch",
+            "--quiet",
+            "--no-tags",
+            gh.remote.as_str(),
+            refspec.as_str(),
+        ])?;
+        if !out.status.success() {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            if stderr.contains("couldn't find remote ref") {
+                return Ok(None);
+            }
+            return Err(Error::Git {
+                args: format!("fetch {} {refspec}", gh.remote),
+                dir: self.repo.root.clone(),
+                stderr: stderr.trim().to_string(),
+            });
+        }
+        self.repo.branch_tip(branch)
+    }
+
     /// `merge-pr` through the API: ready the PR, merge it with the configured strategy and the
     /// trailers, then take the result into the base branch and record the task complete.
     pub(super) fn merge_github(&mut self, task: Task) -> Result<bool> {
@@ -519,7 +550,7 @@ impl Stepper {
             self.complete_merged_elsewhere(task, &pr)?;
             return Ok(true);
         }
-        let Some(branch_tip) = self.repo.branch_tip(&branch)? else {
+        let Some(branch_tip) = self.task_branch_tip(&branch)? else {
             let mut t = task;
             let change = transition::action_done(&mut t, self.pipeline());
             self.save_task(
