@@ -1,7 +1,8 @@
 //! The GitHub Action: the binary's outputs, job summary and annotations under
 //! `GITHUB_ACTIONS=true`; `scripts/install.sh` (release download with checksum check, the
 //! build-from-source fallback, the prebuilt escape hatch); and the whole composite action run by
-//! `act` on this host against a demo repository in local mode with the scripted agent.
+//! `act` on this host with the scripted agent: in local mode, in GitHub mode against the fake
+//! GitHub on 127.0.0.1, and as the workflow `hyperloop init` writes.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
