@@ -397,6 +397,7 @@ impl Stepper {
         );
         self.recover()?;
         if self.gh.is_some() {
+            self.fetch_task_branches()?;
             self.sync_pull_requests()?;
         }
         self.cleanup_merged_branches();

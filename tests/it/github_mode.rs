@@ -294,3 +294,61 @@ fn a_fresh_clone_merges_a_task_branch_that_exists_only_on_origin() {
         "branch deleted after the merge"
     );
 }
+
+#[test]
+fn a_step_in_a_fresh_clone_continues_from_the_agents_earlier_commits() {
+    // The implementer outlasts the step's time budget, so the verifier runs in the next step —
+    // in a fresh clone, as every CI job is — and must see the implementer's work.
+    let rules = r#"
+  - role: implementer
+    actions:
+      - sleep: 1.5
+      - implement_task: true
+      - verdict: {verdict: pass}
+  - role: verifier
+    actions:
+      - shell: "test -f impl/task-001.md"
+      - verdict: {verdict: pass, detail: "implementation present"}
+"#;
+    let g = GhProject::new(rules, "", false);
+    g.p.write_task("task-001", "specs/a.md", &[]);
+    g.p.commit_all("task");
+    g.p.git(&["push", "-q", "origin", "main"]);
+    let step = |dir: &std::path::Path, extra: &[&str]| {
+        let mut cmd = g.p.env.command(crate::harness::hyperloop_bin());
+        cmd.args([
+            "--path",
+            dir.to_str().expect("utf8"),
+            "--repo",
+            "acme/widgets",
+            "step",
+        ]);
+        cmd.args(extra);
+        cmd.env("GITHUB_API_URL", &g.gh.url);
+        cmd.env("GITHUB_TOKEN", &g.gh.token);
+        cmd.output().expect("hyperloop runs")
+    };
+    let out = step(&g.p.repo.path, &["--max-duration", "1"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert_eq!(
+        field(&g.origin_task("task-001"), "phase"),
+        Some("verifier"),
+        "{}",
+        describe(&out)
+    );
+
+    let fresh = g.p.env.root().join("fresh-clone");
+    let origin = g.p.repo.origin.to_str().expect("utf8").to_string();
+    g.p.env.git(
+        g.p.env.root(),
+        &["clone", "-q", &origin, fresh.to_str().expect("utf8")],
+    );
+    let out = step(&fresh, &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let t = g.origin_task("task-001");
+    assert_eq!(field(&t, "status"), Some("complete"), "{t}\n{}", describe(&out));
+    assert!(
+        g.origin_git(&["ls-tree", "-r", "--name-only", "main"])
+            .contains("impl/task-001.md")
+    );
+}

@@ -149,6 +149,28 @@ impl Stepper {
         format!("refs/remotes/{remote}/{}", self.branch)
     }
 
+    /// Brings in the task branches `origin` has: a step in a fresh clone (every CI job) must
+    /// continue from the agents' earlier commits, not start the branches again. Never forced: a
+    /// local branch with commits of its own (or one checked out in a worktree) is left alone.
+    pub(super) fn fetch_task_branches(&self) -> Result<()> {
+        let gh = self.gh()?;
+        let out = gh.git.output([
+            "fetch",
+            "--quiet",
+            "--no-tags",
+            gh.remote.as_str(),
+            "refs/heads/worker/*:refs/heads/worker/*",
+        ])?;
+        if !out.status.success() {
+            emit!(
+                DEBUG,
+                "task_branches_not_all_fetched",
+                detail = String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
     /// Fetches the state branch from `origin`; returns its tip there.
     pub(super) fn fetch_state(&self) -> Result<String> {
         let gh = self.gh()?;
