@@ -35,6 +35,13 @@ if [ -n "${IN_MAX_WORKERS:-}" ]; then
         args+=(--max-workers "$IN_MAX_WORKERS")
     fi
 fi
+if [ -n "${IN_MAX_DURATION:-}" ]; then
+    if [ "$command" = step ]; then
+        args+=(--max-duration "$IN_MAX_DURATION")
+    else
+        echo "::warning title=hyperloop action::input max-duration applies to step; ignored for $command"
+    fi
+fi
 
 # An empty input means "not given": an empty credential variable would read as a wrong one.
 for name in GITHUB_TOKEN HYPERLOOP_APP_ID HYPERLOOP_APP_PRIVATE_KEY ANTHROPIC_API_KEY HYPERLOOP_LOG_FORMAT; do

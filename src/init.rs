@@ -308,6 +308,9 @@ jobs:
         uses: hyperloop-dev/hyperloop@v1
         with:
           command: step
+          # No new agent after 50 minutes: with runtime.worker_timeout (3600 s) every agent
+          # still ends before the job's 120-minute limit.
+          max-duration: 3000
           anthropic-api-key: ${{ secrets.ANTHROPIC_API_KEY }}
           github-token: ${{ github.token }}
           # A GitHub App instead of the workflow token (its pushes start other workflows):
