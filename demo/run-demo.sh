@@ -4,8 +4,12 @@
 #   demo/run-demo.sh [DIR]     (default: a new temporary directory)
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
-cargo build --release --quiet --manifest-path "$here/Cargo.toml" --bins
-bin="$here/target/release"
+# A debug build is ready in a fraction of the time of a release build and plenty fast here;
+# HYPERLOOP_DEMO_PROFILE=release builds the optimised binaries instead.
+profile="${HYPERLOOP_DEMO_PROFILE:-dev}"
+cargo build --quiet --profile "$profile" --manifest-path "$here/Cargo.toml" --bins
+target_dir="${CARGO_TARGET_DIR:-$here/target}"
+if [ "$profile" = dev ]; then bin="$target_dir/debug"; else bin="$target_dir/$profile"; fi
 demo="${1:-$(mktemp -d -t hyperloop-demo-XXXXXX)}"
 mkdir -p "$demo"
 cd "$demo"
@@ -49,3 +53,8 @@ echo "== hyperloop status"
 echo
 echo "== git log"
 git log --oneline --decorate -n 12
+echo
+echo "== what the agents' work put on main"
+git ls-tree -r --name-only main -- impl
+echo
+echo "The demo repository is $demo"
