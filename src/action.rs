@@ -532,6 +532,7 @@ mod tests {
             work_remaining: true,
             duration_s: 12.25,
             cost_usd: 1.5,
+            rate_limited_until: None,
         }
     }
 

@@ -46,6 +46,15 @@ impl Target {
             }
             config.target.repo = Some(r.clone());
         }
+        if config.target.repo.is_none() {
+            let origin = repo
+                .git
+                .output(["config", "--get", "remote.origin.url"])
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+            config.target.repo = infer_repo(origin.as_deref(), |k| std::env::var(k).ok());
+        }
         Ok(Target {
             repo,
             config,
@@ -63,6 +72,49 @@ impl Target {
             None => Ok(Vec::new()),
         }
     }
+}
+
+/// OWNER/REPO from the `origin` URL, for GitHub mode without `--repo` or `target.repo`. Only
+/// when a GitHub credential is in the environment: a plain local run must never turn into a
+/// GitHub one just because its origin happens to live on GitHub. github.com URLs only, unless
+/// `GITHUB_API_URL` names another server (Enterprise), in which case any host is taken.
+///
+/// The URL is read from the configuration as written (not `git remote get-url`), so that an
+/// `insteadOf` rewrite to a mirror does not hide which repository it is.
+pub fn infer_repo(origin_url: Option<&str>, env: impl Fn(&str) -> Option<String>) -> Option<String> {
+    let set = |k: &str| env(k).is_some_and(|v| !v.trim().is_empty());
+    if !(set("GITHUB_TOKEN") || set("GH_TOKEN") || set("HYPERLOOP_APP_ID")) {
+        return None;
+    }
+    let (host, path) = split_remote_url(origin_url?.trim())?;
+    if !set("GITHUB_API_URL") && !host.eq_ignore_ascii_case("github.com") {
+        return None;
+    }
+    let path = path.trim_matches('/');
+    let path = path.strip_suffix(".git").unwrap_or(path);
+    valid_repo_slug(path).then(|| path.to_string())
+}
+
+/// Host and path of a git remote URL: `scheme://[user@]host[:port]/path` or scp-like
+/// `[user@]host:path`. Local paths and `file://` URLs have no host and give `None`.
+fn split_remote_url(url: &str) -> Option<(&str, &str)> {
+    if let Some((scheme, rest)) = url.split_once("://") {
+        if !matches!(scheme, "https" | "http" | "ssh" | "git" | "git+ssh" | "ssh+git") {
+            return None;
+        }
+        let (authority, path) = rest.split_once('/')?;
+        let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        let host = host.split_once(':').map_or(host, |(h, _)| h);
+        return (!host.is_empty()).then_some((host, path));
+    }
+    // scp-like syntax: a colon before any slash.
+    let (authority, path) = url.split_once(':')?;
+    if authority.contains('/') || path.starts_with("//") {
+        return None;
+    }
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    // One letter before the colon is a Windows drive, as git itself reads it.
+    (host.len() > 1).then_some((host, path))
 }
 
 fn valid_repo_slug(s: &str) -> bool {
@@ -266,6 +318,9 @@ fn summary(r: &StepReport) -> String {
     if !r.waiting.is_empty() {
         s.push_str(&format!(", waiting for approval: {}", r.waiting.join(", ")));
     }
+    if let Some(at) = &r.rate_limited_until {
+        s.push_str(&format!(", GitHub rate limit: try again after {at}"));
+    }
     s.push_str(&format!(" ({})\n", r.progress));
     s
 }
@@ -303,6 +358,23 @@ async fn run_loop(target: &Target) -> Result<(Outcome, StepReport)> {
             Err(e) => return Err(e),
         }
         match last.progress.as_str() {
+            "rate-limited" => {
+                // Sleeping out a long reset would hold a CI runner; the next run continues.
+                emit!(
+                    WARN,
+                    "orchestrator_halted",
+                    reason = "GitHub rate limit reached",
+                    retry_at = last.rate_limited_until.as_deref().unwrap_or("-"),
+                    total_cycles = cycle,
+                    completed_tasks = last.tasks_complete,
+                    failed_tasks = last.tasks_failed
+                );
+                let outcome = Outcome {
+                    stdout: summary(&last),
+                    exit_code: 0,
+                };
+                return Ok((outcome, last));
+            }
             "all-complete" | "idle" => {
                 let reason = if last.progress == "idle" {
                     "nothing to do: no specs and no tasks"
@@ -571,5 +643,96 @@ pub fn absolute(p: &Path) -> PathBuf {
         std::env::current_dir()
             .map(|d| d.join(p))
             .unwrap_or_else(|_| p.to_path_buf())
+    }
+}
+
+#[cfg(test)]
+mod repo_inference_tests {
+    use super::infer_repo;
+
+    fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| (*v).to_string())
+    }
+
+    #[test]
+    fn github_urls_in_every_form() {
+        let token = [("GITHUB_TOKEN", "t")];
+        for url in [
+            "https://github.com/acme/widgets.git",
+            "https://github.com/acme/widgets",
+            "https://github.com/acme/widgets/",
+            "https://x-access-token:abc@github.com/acme/widgets.git",
+            "http://github.com/acme/widgets.git",
+            "ssh://git@github.com/acme/widgets.git",
+            "ssh://git@github.com:22/acme/widgets",
+            "git@github.com:acme/widgets.git",
+            "git@github.com:acme/widgets",
+            "git://github.com/acme/widgets.git",
+            "https://GitHub.com/acme/widgets.git",
+        ] {
+            assert_eq!(
+                infer_repo(Some(url), env(&token)).as_deref(),
+                Some("acme/widgets"),
+                "{url}"
+            );
+        }
+    }
+
+    #[test]
+    fn any_credential_enables_it() {
+        let url = Some("git@github.com:acme/widgets.git");
+        assert!(infer_repo(url, env(&[("GH_TOKEN", "t")])).is_some());
+        assert!(infer_repo(url, env(&[("HYPERLOOP_APP_ID", "12")])).is_some());
+    }
+
+    #[test]
+    fn never_without_a_credential() {
+        let url = Some("https://github.com/acme/widgets.git");
+        assert_eq!(infer_repo(url, env(&[])), None);
+        assert_eq!(infer_repo(url, env(&[("GITHUB_TOKEN", "  ")])), None);
+        assert_eq!(infer_repo(url, env(&[("GITHUB_API_URL", "http://x")])), None);
+    }
+
+    #[test]
+    fn other_hosts_only_with_an_api_url() {
+        let url = Some("https://git.example.com/acme/widgets.git");
+        assert_eq!(infer_repo(url, env(&[("GITHUB_TOKEN", "t")])), None);
+        assert_eq!(
+            infer_repo(
+                url,
+                env(&[
+                    ("GITHUB_TOKEN", "t"),
+                    ("GITHUB_API_URL", "https://git.example.com/api/v3")
+                ])
+            )
+            .as_deref(),
+            Some("acme/widgets")
+        );
+        assert_eq!(
+            infer_repo(
+                Some("git@gitlab.com:acme/widgets.git"),
+                env(&[("GITHUB_TOKEN", "t")])
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn what_does_not_parse_stays_local() {
+        let vars = [("GITHUB_TOKEN", "t"), ("GITHUB_API_URL", "http://127.0.0.1:1")];
+        for url in [
+            "/srv/git/widgets.git",
+            "../widgets.git",
+            "file:///srv/git/widgets.git",
+            "C:/repos/widgets",
+            "https://github.com/acme",
+            "https://github.com/acme/widgets/extra",
+            "https://github.com/",
+            "github.com",
+            "",
+        ] {
+            assert_eq!(infer_repo(Some(url), env(&vars)), None, "{url}");
+        }
+        assert_eq!(infer_repo(None, env(&vars)), None);
     }
 }

@@ -51,6 +51,12 @@ pub enum Error {
     /// A feature that a later release provides. Exit 1, never a fake success.
     #[error("{what} is not available yet")]
     NotAvailable { what: String },
+    /// GitHub's rate limit ran out; a later step continues. `step` ends cleanly on it.
+    #[error("{message}")]
+    RateLimited {
+        message: String,
+        retry_at: chrono::DateTime<chrono::Utc>,
+    },
     /// Another step holds the repository. Not a failure of this step.
     #[error("another hyperloop step holds {path} (pid {pid})")]
     Busy { path: PathBuf, pid: u32 },

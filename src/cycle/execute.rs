@@ -5,6 +5,9 @@
 //! Every change of task state is a commit made without a checkout ([`crate::state`]) and moved
 //! onto the branch by compare-and-swap. A step killed at any instant loses at most the worker runs
 //! in flight, whose branches keep every commit the agents made.
+//!
+//! GitHub mode lives in the `github_mode` submodule, a state branch apart from the base branch in
+//! `state_branch`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -33,6 +36,7 @@ use crate::task::{Attempt, Status, Task};
 use crate::worker::{self, WorkerOutcome, WorkerSpec, result::ResultFile, worktree};
 
 mod github_mode;
+mod state_branch;
 
 /// Task id used for the intake worker (CONTRACT §4).
 pub const INTAKE_ID: &str = "intake";
@@ -117,11 +121,15 @@ pub struct StepReport {
     pub tasks_total: usize,
     pub tasks_complete: usize,
     pub tasks_failed: usize,
-    /// `all-complete`, `working`, `waiting`, `stuck` or `idle`.
+    /// `all-complete`, `working`, `waiting`, `stuck`, `idle`, or `rate-limited` (see
+    /// `rate_limited_until`).
     pub progress: String,
     pub work_remaining: bool,
     pub duration_s: f64,
     pub cost_usd: f64,
+    /// When GitHub's rate limit ended the step early: the time (RFC 3339) to try again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limited_until: Option<String>,
 }
 
 /// What kind of worker a running entry is.
@@ -182,19 +190,33 @@ fn outcome_path(running_dir: &Path, key: &str) -> PathBuf {
 /// Runs one step on `target`.
 pub async fn step(target: &Target, opts: &StepOptions) -> Result<StepReport> {
     let repo = target.repo.clone();
-    if target.config.state_branch() != target.config.target.base_branch {
-        return Err(Error::NotAvailable {
-            what: "a target.state_branch other than the base branch".into(),
-        });
-    }
     let lock = StepLock::acquire(&repo.common_dir.join("hyperloop.lock"))?;
     let defs = definitions::load(&target.config, &repo.root)?;
     let gh = match target.config.target.repo.as_deref() {
-        Some(slug) => Some(github_mode::connect(slug, &repo).await?),
+        Some(slug) => match github_mode::connect(slug, &repo).await {
+            Ok(gh) => Some(gh),
+            Err(Error::RateLimited { message, retry_at }) => {
+                return Ok(github_mode::rate_limited(
+                    StepReport {
+                        cycle: opts.cycle,
+                        ..StepReport::default()
+                    },
+                    &message,
+                    retry_at,
+                ));
+            }
+            Err(e) => return Err(e),
+        },
         None => None,
     };
     let mut stepper = Stepper::new(repo, target.config.clone(), defs, opts, gh)?;
-    let result = stepper.run().await;
+    let result = match stepper.run().await {
+        // Everything done so far is committed (and pushed); the rest waits for the reset.
+        Err(Error::RateLimited { message, retry_at }) => stepper
+            .finish()
+            .map(|report| github_mode::rate_limited(report, &message, retry_at)),
+        other => other,
+    };
     drop(lock);
     result
 }
@@ -278,6 +300,8 @@ struct Stepper {
     cooling: HashSet<String>,
     /// The total spending cap was reached: no worker starts in this step.
     budget_blocked: bool,
+    /// The base branch's tip, when task state lives on another branch (`target.state_branch`).
+    base_tip: Option<String>,
     /// Task worktrees made ready earlier in this step.
     worktrees_ready: HashSet<String>,
     /// The worktree that has the state branch checked out (looked up once per step).
@@ -299,7 +323,7 @@ impl Stepper {
             && config.observability.log_format == crate::config::LogFormat::Console;
         let mut stepper = Stepper {
             repo,
-            branch: branch.clone(),
+            branch,
             tasks: BTreeMap::new(),
             specs: Vec::new(),
             intake_record: BTreeMap::new(),
@@ -325,22 +349,14 @@ impl Stepper {
             defs,
             gh,
             tip: String::new(),
+            base_tip: None,
             worktrees_ready: HashSet::new(),
             checkout: None,
             budget_blocked: false,
             live,
             cooling: HashSet::new(),
         };
-        stepper.tip = if stepper.gh.is_some() {
-            stepper.fetch_state()?
-        } else {
-            stepper.repo.branch_tip(&branch)?.ok_or_else(|| Error::Other {
-                message: format!(
-                    "branch `{branch}` does not exist in {}; commit something to it first (hyperloop works on target.base_branch)",
-                    stepper.repo.root.display()
-                ),
-            })?
-        };
+        stepper.tip = stepper.open_branches()?;
         Ok(stepper)
     }
 
@@ -375,6 +391,9 @@ impl Stepper {
             .collect();
         self.intake_record = tree.intake_record;
         self.intake_failures = tree.intake_failures;
+        if let Some(specs) = self.specs_on_base()? {
+            self.specs = specs;
+        }
         Ok(())
     }
 
@@ -387,6 +406,7 @@ impl Stepper {
 
     async fn run(&mut self) -> Result<StepReport> {
         self.repo.finish_interrupted_publish()?;
+        self.sync_state_with_base()?;
         self.reload()?;
         emit!(
             INFO,
@@ -528,6 +548,23 @@ impl Stepper {
 
     fn note_plan(&mut self, plan: &Plan) {
         self.report.blocked = plan.blocked.iter().map(|b| b.task_id.clone()).collect();
+        if self.gh.is_none() {
+            // GitHub mode says this when it polls; locally the plan is the check. The key is the
+            // one a poll uses, so each parked task is reported once per step.
+            for p in &plan.parked {
+                if let Some(t) = self.tasks.get(&p.task_id).cloned()
+                    && self.first_attempt(&p.task_id, &t, "poll")
+                {
+                    emit!(
+                        DEBUG,
+                        "gate_checked",
+                        task_id = p.task_id.as_str(),
+                        gate = p.step.as_str(),
+                        cleared = false
+                    );
+                }
+            }
+        }
     }
 
     fn past_deadline(&self) -> bool {
@@ -825,17 +862,7 @@ impl Stepper {
 
     fn publish(&mut self, mut new: String) -> Result<()> {
         for _ in 0..5 {
-            let published = if self.gh.is_some() {
-                self.push_state(&new)?
-            } else {
-                if self.checkout.is_none() {
-                    self.checkout = Some(self.repo.worktree_on(&format!("refs/heads/{}", self.branch))?);
-                }
-                let checkout = self.checkout.clone().flatten();
-                self.repo
-                    .publish_with(&self.branch, &self.tip, &new, checkout.as_deref())?
-            };
-            match published {
+            match self.move_state(&new)? {
                 Publish::Moved => {
                     crate::fault::point("after-publish");
                     self.tip = new;
@@ -879,6 +906,20 @@ impl Stepper {
         )))
     }
 
+    /// Moves the state branch from the current tip to `new` by compare-and-swap (pushing, in
+    /// GitHub mode).
+    fn move_state(&mut self, new: &str) -> Result<Publish> {
+        if self.gh.is_some() {
+            return self.push_state(new);
+        }
+        if self.checkout.is_none() {
+            self.checkout = Some(self.repo.worktree_on(&format!("refs/heads/{}", self.branch))?);
+        }
+        let checkout = self.checkout.clone().flatten();
+        self.repo
+            .publish_with(&self.branch, &self.tip, new, checkout.as_deref())
+    }
+
     /// After the branch moved under us: take what the other writer changed, except for the
     /// tasks this step has workers for (a change to those would have made the replay conflict).
     fn reload_keep_tasks(&mut self) -> Result<()> {
@@ -893,6 +934,9 @@ impl Stepper {
                 hash: s.hash,
             })
             .collect();
+        if let Some(specs) = self.specs_on_base()? {
+            self.specs = specs;
+        }
         let busy: HashSet<String> = self.running.values().map(|r| r.record.task_id.clone()).collect();
         for t in tree.tasks {
             if !busy.contains(&t.id) {
@@ -1161,7 +1205,7 @@ impl Stepper {
                 task_id,
                 &task.spec_ref,
                 &branch,
-                &self.tip,
+                self.base_tip(),
             )?;
             self.worktrees_ready.insert(task_id.to_string());
             wt
@@ -1221,7 +1265,8 @@ impl Stepper {
             return Ok(Vec::new());
         };
         let mut sections = Vec::new();
-        if let MergeTree::Conflict(files) = self.repo.merge_tree(&self.tip, &branch_tip)? {
+        let base_tip = self.base_tip().to_string();
+        if let MergeTree::Conflict(files) = self.repo.merge_tree(&base_tip, &branch_tip)? {
             sections.push((
                 "Conflicting files".to_string(),
                 files.iter().map(|f| format!("- {f}\n")).collect(),
@@ -1230,7 +1275,7 @@ impl Stepper {
         let base = self
             .repo
             .git
-            .run_trim(["merge-base", &self.tip, &branch_tip])
+            .run_trim(["merge-base", &base_tip, &branch_tip])
             .unwrap_or_default();
         if !base.is_empty() {
             let log = self.repo.git.run([
@@ -1239,15 +1284,15 @@ impl Stepper {
                 "--no-decorate",
                 "-n",
                 "50",
-                &format!("{base}..{}", self.tip),
+                &format!("{base}..{base_tip}"),
             ])?;
-            let stat = self.repo.git.run(["diff", "--stat", &base, &self.tip])?;
+            let stat = self.repo.git.run(["diff", "--stat", &base, &base_tip])?;
             sections.push((
                 format!(
                     "Changes on {} since this branch started",
                     self.config.target.base_branch
                 ),
-                format!("Base branch tip: {}\n\n{log}\n{stat}", self.tip),
+                format!("Base branch tip: {base_tip}\n\n{log}\n{stat}"),
             ));
         }
         Ok(sections)
@@ -1756,6 +1801,9 @@ impl Stepper {
             )?;
             return Ok(true);
         };
+        if self.split_state() {
+            return self.merge_to_base(task, &branch, &branch_tip);
+        }
         match self.repo.merge_tree(&self.tip, &branch_tip)? {
             MergeTree::Clean(tree) => {
                 let mut t = task;

@@ -215,6 +215,9 @@ impl From<ForgeError> for crate::Error {
             Some(h) => format!("{e}\n  hint: {h}"),
             None => e.to_string(),
         };
-        crate::Error::Other { message }
+        match e {
+            ForgeError::RateLimited { retry_at, .. } => crate::Error::RateLimited { message, retry_at },
+            _ => crate::Error::Other { message },
+        }
     }
 }

@@ -672,12 +672,13 @@ async fn a_canary_token_never_shows_in_debug_display_or_errors() {
 
 // ---------------------------------------------------------------- GitHub App
 
-struct AppKeys {
-    private_pem: String,
-    public_pem: String,
+#[derive(Debug)]
+pub struct AppKeys {
+    pub private_pem: String,
+    pub public_pem: String,
 }
 
-fn rsa_keys(env: &TestEnv) -> AppKeys {
+pub fn rsa_keys(env: &TestEnv) -> AppKeys {
     let key = env.root().join("app.pem");
     let key_s = key.to_str().expect("utf8");
     // `-traditional` gives PKCS#1, the form GitHub hands out for App keys.

@@ -3,10 +3,11 @@
 //! squash merges through the API, branch deletion, and people merging or closing PRs.
 
 use std::process::Output;
+use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
-use crate::fake_github::FakeGitHub;
+use crate::fake_github::{Canned, FakeGitHub};
 use crate::harness::describe;
 use crate::local::{Project, events, named};
 
@@ -38,10 +39,21 @@ impl GhProject {
     }
 
     fn step(&self) -> Output {
+        self.step_with(&[("GITHUB_TOKEN", &self.gh.token)], true)
+    }
+
+    /// A step with these credentials, against the fake's API, with or without `--repo`.
+    fn step_with(&self, vars: &[(&str, &str)], repo_flag: bool) -> Output {
         let mut cmd = self.p.env.command(crate::harness::hyperloop_bin());
-        cmd.args(["--path", self.p.repo.path_str(), "--repo", "acme/widgets", "step"]);
+        cmd.args(["--path", self.p.repo.path_str()]);
+        if repo_flag {
+            cmd.args(["--repo", "acme/widgets"]);
+        }
+        cmd.arg("step");
         cmd.env("GITHUB_API_URL", &self.gh.url);
-        cmd.env("GITHUB_TOKEN", &self.gh.token);
+        for (k, v) in vars {
+            cmd.env(k, v);
+        }
         cmd.output().expect("hyperloop runs")
     }
 
@@ -351,4 +363,260 @@ fn a_step_in_a_fresh_clone_continues_from_the_agents_earlier_commits() {
         g.origin_git(&["ls-tree", "-r", "--name-only", "main"])
             .contains("impl/task-001.md")
     );
+}
+
+fn pr_of(task_file: &str) -> u64 {
+    field(task_file, "pr")
+        .and_then(|u| u.rsplit('/').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no pr in {task_file}"))
+}
+
+#[test]
+fn a_separate_state_branch_on_github() {
+    let g = GhProject::new("", "target:\n  state_branch: hyperloop-state\n", false);
+    let out = g.step();
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert_eq!(named(&events(&out), "state_branch_created").len(), 1);
+
+    // State on origin's state branch, created from main; code on origin's main, merged once
+    // through a pull request against main.
+    let t = g.origin_git(&["show", "hyperloop-state:specs/tasks/task-001.md"]);
+    assert_eq!(field(&t, "status"), Some("complete"), "{t}");
+    let pr = g.gh.pr_json(pr_of(&t));
+    assert_eq!(pr["merged"], Value::Bool(true), "{pr}");
+    assert_eq!(pr["base"]["ref"], "main", "{pr}");
+    let main_files = g.origin_git(&["ls-tree", "-r", "--name-only", "main"]);
+    assert!(main_files.contains("impl/task-001.md"), "{main_files}");
+    assert!(
+        !main_files.contains("specs/tasks/"),
+        "state leaked to main: {main_files}"
+    );
+    let main_log = g.origin_git(&["log", "--format=%s", "main"]);
+    assert_eq!(main_log.matches("(task-001)").count(), 1, "{main_log}");
+    assert!(!main_log.contains("hyperloop:"), "{main_log}");
+    // The state branch holds main's merge too.
+    g.origin_git(&["merge-base", "--is-ancestor", "main", "hyperloop-state"]);
+    // The local main follows origin's.
+    assert_eq!(
+        g.p.git(&["rev-parse", "main"]),
+        g.origin_git(&["rev-parse", "main"])
+    );
+}
+
+#[test]
+fn a_rate_limit_ends_the_step_cleanly_and_the_next_step_continues() {
+    let g = GhProject::new("", "", false);
+    let reset = chrono::Utc::now() + chrono::TimeDelta::hours(1);
+    g.gh.fail_next("PUT", "/merge", 1, Canned::primary_rate_limit(reset));
+    let out = g.step();
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let evs = events(&out);
+    let limited = named(&evs, "rate_limited");
+    assert_eq!(limited.len(), 1, "{}", describe(&out));
+    let at = limited[0]["retry_at"].as_str().expect("retry_at");
+    assert!(
+        at.starts_with(&reset.format("%Y-%m-%dT%H:%M").to_string()),
+        "{at} vs {reset}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("rate limit"),
+        "{}",
+        describe(&out)
+    );
+    // What happened before the limit is on origin: the work is verified and waits to merge.
+    let t = g.origin_task("task-001");
+    assert_eq!(field(&t, "status"), Some("in-progress"), "{t}");
+    assert_eq!(field(&t, "phase"), Some("merge-pr"), "{t}");
+    assert!(
+        !g.origin_git(&["log", "--format=%s", "main"])
+            .contains("(task-001)")
+    );
+
+    let out = g.step();
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert!(named(&events(&out), "rate_limited").is_empty());
+    assert_eq!(field(&g.origin_task("task-001"), "status"), Some("complete"));
+    let log = g.origin_git(&["log", "--format=%s", "main"]);
+    assert_eq!(log.matches("(task-001)").count(), 1, "{log}");
+}
+
+#[test]
+fn permission_errors_fail_the_step_and_name_what_is_missing() {
+    let g = GhProject::new("", "", true);
+    g.gh.fail_next("GET", "/pulls", 1, Canned::status(403));
+    let out = g.step();
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("pull-requests: read"), "{stderr}");
+
+    g.gh.fail_next("GET", "/pulls", 1, Canned::status(401));
+    let out = g.step();
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("hint:") && stderr.contains("GITHUB_TOKEN"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(&g.gh.token), "{stderr}");
+}
+
+#[test]
+fn an_idle_step_over_a_hundred_gated_tasks_costs_one_listing() {
+    let g = GhProject::new("", "", true);
+    let main = g.p.git(&["rev-parse", "main"]);
+    let mut refs = String::new();
+    for i in 1..=100 {
+        refs.push_str(&format!("create refs/heads/worker/task-{i:03} {main}\n"));
+    }
+    let mut cmd = g.p.env.command("git");
+    cmd.current_dir(&g.p.repo.path)
+        .args(["update-ref", "--stdin"])
+        .stdin(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("git runs");
+    std::io::Write::write_all(child.stdin.as_mut().expect("stdin"), refs.as_bytes()).expect("refs");
+    assert!(child.wait().expect("git").success());
+    g.p.git(&["push", "-q", "origin", "refs/heads/worker/*:refs/heads/worker/*"]);
+    for i in 1..=100 {
+        let id = format!("task-{i:03}");
+        let n = g.gh.open_pr(
+            &format!("worker/{id}"),
+            "main",
+            &format!("Task {id} ({id})"),
+            true,
+        );
+        g.p.repo.write(
+            &format!("specs/tasks/{id}.md"),
+            &format!(
+                "---\nid: {id}\ntitle: Task {id}\nspec_ref: specs/a.md\nstatus: in-progress\nphase: human-review\nposition: [1]\ndeps: []\nround: 1\nbranch: worker/{id}\npr: https://github.com/acme/widgets/pull/{n}\n---\nImplement {id}.\n"
+            ),
+        );
+    }
+    g.p.commit_all("a hundred tasks at their gate");
+    g.p.git(&["push", "-q", "origin", "main"]);
+    let before = g.origin_git(&["rev-parse", "main"]);
+
+    g.gh.clear_requests();
+    let out = g.step();
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let calls = g.gh.requests();
+    assert!(
+        calls.len() <= 3,
+        "an idle step over 100 gated tasks made {} API calls: {:?}",
+        calls.len(),
+        calls
+            .iter()
+            .map(|r| format!("{} {}?{}", r.method, r.path, r.query))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(g.origin_git(&["rev-parse", "main"]), before, "nothing to commit");
+    let evs = events(&out);
+    let cycle = named(&evs, "cycle_completed");
+    assert_eq!(cycle[0]["progress"], "waiting", "{}", describe(&out));
+
+    // One approval among them is found by the same listing.
+    g.gh.add_label_to_pr(37, "lgtm");
+    let out = g.step();
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let cleared: Vec<_> = named(&events(&out), "gate_checked")
+        .into_iter()
+        .filter(|e| e["cleared"] == Value::Bool(true))
+        .map(|e| e["task_id"].clone())
+        .collect();
+    assert_eq!(cleared, vec![Value::from("task-037")], "{}", describe(&out));
+    assert_ne!(field(&g.origin_task("task-037"), "phase"), Some("human-review"));
+    assert_eq!(field(&g.origin_task("task-036"), "phase"), Some("human-review"));
+}
+
+#[test]
+fn a_github_app_opens_the_pull_requests() {
+    let g = GhProject::new("", "", true);
+    let keys = crate::github::rsa_keys(&g.p.env);
+    g.gh.enable_app(4242, 77, &keys.public_pem, Duration::from_secs(3600));
+    let out = g.step_with(
+        &[
+            ("HYPERLOOP_APP_ID", "4242"),
+            ("HYPERLOOP_APP_PRIVATE_KEY", keys.private_pem.as_str()),
+        ],
+        true,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let minted = g.gh.issued_tokens();
+    assert!(!minted.is_empty(), "an installation token was minted");
+    let creates: Vec<_> =
+        g.gh.requests()
+            .into_iter()
+            .filter(|r| r.method == "POST" && r.path.ends_with("/pulls"))
+            .collect();
+    assert_eq!(creates.len(), 1, "{creates:?}");
+    let auth = creates[0].authorization.clone().unwrap_or_default();
+    assert!(minted.iter().any(|t| auth == format!("Bearer {t}")), "{auth}");
+    // Git pushes went through too: the branch and the state are on origin.
+    assert!(!g.origin_git(&["branch", "--list", "worker/task-001"]).is_empty());
+    let t = g.origin_task("task-001");
+    assert_eq!(field(&t, "phase"), Some("human-review"), "{t}");
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        minted.iter().all(|t| !all.contains(t.as_str())),
+        "token in output"
+    );
+    assert!(!all.contains("PRIVATE KEY"), "key in output");
+}
+
+#[test]
+fn a_merge_refused_as_not_mergeable_updates_the_branch_and_merges_once_later() {
+    let g = GhProject::new("", "", true);
+    let out = g.step();
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let number = pr_of(&g.origin_task("task-001"));
+    g.gh.add_label_to_pr(number, "lgtm");
+    g.gh.fail_next(
+        "PUT",
+        "/merge",
+        1,
+        Canned::json(405, json!({ "message": "Pull Request is not mergeable" })),
+    );
+    let out = g.step();
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert_eq!(g.gh.count("PUT", "/update-branch"), 1, "{}", describe(&out));
+    let t = g.origin_task("task-001");
+    assert_eq!(field(&t, "status"), Some("in-progress"), "{t}");
+    assert!(
+        !g.origin_git(&["log", "--format=%s", "main"])
+            .contains("(task-001)")
+    );
+
+    let out = g.step();
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert_eq!(field(&g.origin_task("task-001"), "status"), Some("complete"));
+    assert_eq!(g.gh.pr_json(number)["merged"], Value::Bool(true));
+    let log = g.origin_git(&["log", "--format=%s", "main"]);
+    assert_eq!(log.matches("(task-001)").count(), 1, "merged once: {log}");
+    assert_eq!(g.gh.count("PUT", "/merge"), 2, "one refusal, one merge");
+}
+
+#[test]
+fn the_repository_is_taken_from_origin_only_with_a_token() {
+    let g = GhProject::new("", "", true);
+    // origin names a GitHub Enterprise repository; git reaches it through the local bare copy.
+    let url = "https://github.example.test/acme/widgets.git";
+    let bare = g.p.repo.origin.display().to_string();
+    g.p.git(&["remote", "set-url", "origin", url]);
+    g.p.git(&["config", &format!("url.{bare}.insteadOf"), url]);
+
+    let out = g.step_with(&[("GITHUB_TOKEN", &g.gh.token)], false);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let evs = events(&out);
+    assert_eq!(named(&evs, "orchestrator_started")[0]["mode"], "github");
+    assert_eq!(g.gh.pr_count(), 1, "{}", describe(&out));
+
+    // Without a credential the same repository is a local run that asks GitHub nothing.
+    g.gh.clear_requests();
+    let out = g.step_with(&[], false);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert_eq!(named(&events(&out), "orchestrator_started")[0]["mode"], "local");
+    assert!(g.gh.requests().is_empty());
 }

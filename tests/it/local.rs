@@ -1004,3 +1004,121 @@ fn processes_an_agent_detached_into_its_own_session_are_stopped() {
     });
     assert!(gone, "the detached process {pid} outlived the step");
 }
+
+#[test]
+fn a_separate_state_branch_keeps_the_base_for_code() {
+    let p = Project::new("", "target:\n  state_branch: hyperloop-state\n");
+    p.repo.write("specs/a.md", "# A\n\nBuild A.\n");
+    p.commit_all("spec a");
+    assert!(p.git(&["branch", "--list", "hyperloop-state"]).is_empty());
+
+    let out = p.hyperloop(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let evs = events(&out);
+    assert_eq!(named(&evs, "state_branch_created").len(), 1, "{}", describe(&out));
+    assert_eq!(named(&evs, "merge_attempted").len(), 1, "{}", describe(&out));
+
+    // The code reached main in one squash commit; hyperloop's bookkeeping did not.
+    let main_files = p.git(&["ls-tree", "-r", "--name-only", "main"]);
+    assert!(main_files.contains("impl/task-001.md"), "{main_files}");
+    assert!(!main_files.contains("specs/tasks/"), "{main_files}");
+    assert!(!main_files.contains("specs/reviews/"), "{main_files}");
+    let main_log = p.git(&["log", "--format=%s", "main"]);
+    assert_eq!(main_log.matches("(task-001)").count(), 1, "{main_log}");
+    assert!(
+        !main_log.contains("hyperloop:"),
+        "state commits on main: {main_log}"
+    );
+
+    // Task state, the intake record and reviews live on the state branch, which contains main.
+    let state = p.git(&["show", "hyperloop-state:specs/tasks/task-001.md"]);
+    assert!(state.contains("status: complete"), "{state}");
+    let state_files = p.git(&["ls-tree", "-r", "--name-only", "hyperloop-state"]);
+    assert!(state_files.contains("specs/tasks/.intake.json"), "{state_files}");
+    assert!(state_files.contains("specs/reviews/"), "{state_files}");
+    p.git(&["merge-base", "--is-ancestor", "main", "hyperloop-state"]);
+    assert_eq!(p.task("task-001")["status"], "complete");
+    assert_clean_tree(&p);
+
+    // A spec people add to main later is read from main and taken in; its task branches from
+    // main and merges there.
+    p.repo.write("specs/b.md", "# B\n\nBuild B.\n");
+    p.commit_all("spec b");
+    let out = p.hyperloop(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let tasks = p.status();
+    assert_eq!(tasks.len(), 2, "{tasks:?}");
+    assert!(tasks.iter().all(|t| t["status"] == "complete"), "{tasks:?}");
+    let main_files = p.git(&["ls-tree", "-r", "--name-only", "main"]);
+    assert!(main_files.contains("impl/task-002.md"), "{main_files}");
+    assert!(!main_files.contains("specs/tasks/"), "{main_files}");
+    p.git(&["merge-base", "--is-ancestor", "main", "hyperloop-state"]);
+    assert_clean_tree(&p);
+}
+
+#[test]
+fn a_state_branch_merge_cut_short_is_not_merged_twice() {
+    // A step that merged into main and died before recording it: the next step sees the
+    // branch's changes in main already and records the completion without a second merge.
+    let p = Project::new("", "target:\n  state_branch: hyperloop-state\n");
+    p.repo.write("specs/a.md", "# A\n");
+    p.write_task("task-001", "specs/a.md", &[]);
+    p.commit_all("task");
+    let out = p
+        .env
+        .command(crate::harness::hyperloop_bin())
+        .args(["--path", p.repo.path_str(), "step"])
+        .env("HYPERLOOP_FAULT", "merge-after-publish:1")
+        .output()
+        .expect("runs");
+    assert_ne!(out.status.code(), Some(0), "{}", describe(&out));
+    assert_eq!(
+        p.git(&["log", "--format=%s", "main"])
+            .matches("(task-001)")
+            .count(),
+        1
+    );
+    let out = p.hyperloop(&["step"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let evs = events(&out);
+    let merges = named(&evs, "merge_attempted");
+    assert_eq!(merges.len(), 1, "{}", describe(&out));
+    assert_eq!(merges[0]["outcome"], "already-merged");
+    assert_eq!(p.task("task-001")["status"], "complete");
+    let main_log = p.git(&["log", "--format=%s", "main"]);
+    assert_eq!(main_log.matches("(task-001)").count(), 1, "{main_log}");
+}
+
+#[test]
+fn a_closed_gate_is_reported_once_per_step() {
+    let p = Project::new("", "  log_level: debug\n");
+    p.repo.write(
+        ".hyperloop/agents/kustomization.yaml",
+        "resources:\n  - github.com/jsell-rh/hyperloop//base?ref=main\npatches:\n  - path: process.yaml\n",
+    );
+    p.repo.write(
+        ".hyperloop/agents/process.yaml",
+        "apiVersion: hyperloop.io/v1\nkind: Process\nmetadata:\n  name: default\npipeline:\n  - loop:\n      - role: implementer\n      - role: verifier\n  - gate: human-review\n  - action: merge-pr\n",
+    );
+    let cfg = p.repo.read(".hyperloop.yaml");
+    p.repo
+        .write(".hyperloop.yaml", &format!("overlay: .hyperloop/agents\n{cfg}"));
+    p.repo.write("specs/a.md", "# A\n");
+    p.repo.write(
+        "specs/tasks/task-001.md",
+        "---\nid: task-001\ntitle: Task task-001\nspec_ref: specs/a.md\nstatus: in-progress\nphase: human-review\nposition: [1]\ndeps: []\nround: 1\nbranch: null\npr: null\n---\nImplement task-001.\n",
+    );
+    p.commit_all("a task at its gate");
+    let out = p.hyperloop(&["step"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let evs = events(&out);
+    let checks = named(&evs, "gate_checked");
+    assert_eq!(checks.len(), 1, "{}", describe(&out));
+    assert_eq!(checks[0]["task_id"], "task-001");
+    assert_eq!(checks[0]["gate"], "human-review");
+    assert_eq!(checks[0]["cleared"], Value::Bool(false));
+    assert_eq!(
+        checks[0]["level"].as_str().map(str::to_lowercase).as_deref(),
+        Some("debug")
+    );
+}

@@ -8,7 +8,7 @@ mod definitions;
 mod events;
 mod fake_github;
 mod faults;
-mod github;
+pub mod github;
 mod github_mode;
 mod harness;
 mod init;

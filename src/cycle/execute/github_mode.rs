@@ -6,6 +6,17 @@
 //!
 //! Git is authenticated through an `http.extraHeader` passed in the git child's environment
 //! (`GIT_CONFIG_*`), so the token is never written to `.git/config`, a file, or a command line.
+//!
+//! A rate limit that outlasts the client's short wait ends the step cleanly: every change made so
+//! far is already committed and pushed (one commit per change), the step exits 0 with a
+//! `rate_limited` event and `rate_limited_until` in its report, and the next scheduled step
+//! continues. A CI job is not held for an hour, and a scheduler does not see a failure for what is
+//! only a quota. A 401 or 403 is different: nothing changes until someone fixes the token, so the
+//! step fails (exit 1) with a hint naming the missing permission.
+//!
+//! A merge GitHub refuses as not mergeable asks GitHub to update the branch; the next step
+//! fast-forwards the local branch to the updated head (when it still contains what was verified)
+//! and merges that.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -44,6 +55,28 @@ pub(super) fn wait<F: Future>(fut: F) -> F::Output {
 
 fn forge(e: crate::forge::ForgeError) -> Error {
     Error::from(e)
+}
+
+/// Ends a step that GitHub's rate limit stopped: not a failure (exit 0), with the time to come
+/// back in the report and in a `rate_limited` event. Whatever the step did before is committed
+/// and pushed already, one commit per change.
+pub(super) fn rate_limited(
+    mut report: super::StepReport,
+    message: &str,
+    retry_at: chrono::DateTime<chrono::Utc>,
+) -> super::StepReport {
+    let at = retry_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    emit!(
+        WARN,
+        "rate_limited",
+        retry_at = at.as_str(),
+        detail = message,
+        hint = "the next step after that time continues where this one stopped"
+    );
+    report.progress = "rate-limited".to_string();
+    report.work_remaining = true;
+    report.rate_limited_until = Some(at);
+    report
 }
 
 /// Connects to GitHub for `slug` (OWNER/REPO) with credentials from the environment.
@@ -144,9 +177,9 @@ impl Stepper {
         self.gh.as_ref().ok_or_else(|| Error::other("not in GitHub mode"))
     }
 
-    fn remote_ref(&self) -> String {
+    fn remote_ref(&self, branch: &str) -> String {
         let remote = self.gh.as_ref().map_or("origin", |g| g.remote.as_str());
-        format!("refs/remotes/{remote}/{}", self.branch)
+        format!("refs/remotes/{remote}/{branch}")
     }
 
     /// Brings in the task branches `origin` has: a step in a fresh clone (every CI job) must
@@ -173,25 +206,59 @@ impl Stepper {
 
     /// Fetches the state branch from `origin`; returns its tip there.
     pub(super) fn fetch_state(&self) -> Result<String> {
+        let branch = self.branch.clone();
+        self.fetch_branch(&branch)?.ok_or_else(|| Error::Other {
+            message: format!(
+                "branch `{branch}` does not exist on {}",
+                self.gh.as_ref().map_or("origin", |g| g.remote.as_str())
+            ),
+        })
+    }
+
+    /// Fetches `branch` from `origin`: its tip there, or `None` when origin has no such branch.
+    pub(super) fn fetch_branch(&self, branch: &str) -> Result<Option<String>> {
         let gh = self.gh()?;
-        let refspec = format!(
-            "+refs/heads/{b}:refs/remotes/{r}/{b}",
-            b = self.branch,
-            r = gh.remote
-        );
-        gh.git.run([
+        let refspec = format!("+refs/heads/{branch}:refs/remotes/{}/{branch}", gh.remote);
+        let out = gh.git.output([
             "fetch",
             "--quiet",
             "--no-tags",
             gh.remote.as_str(),
             refspec.as_str(),
         ])?;
-        self.repo
+        if !out.status.success() {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            if stderr.contains("couldn't find remote ref") {
+                return Ok(None);
+            }
+            return Err(Error::Git {
+                args: format!("fetch {} {refspec}", gh.remote),
+                dir: self.repo.root.clone(),
+                stderr: stderr.trim().to_string(),
+            });
+        }
+        self.repo.git.rev_parse(&self.remote_ref(branch))
+    }
+
+    /// Creates `branch` on origin at `commit`, unless someone created it first. Returns where it
+    /// is now.
+    pub(super) fn create_remote_branch(&self, branch: &str, commit: &str) -> Result<String> {
+        let gh = self.gh()?;
+        let refspec = format!("{commit}:refs/heads/{branch}");
+        let out = gh
             .git
-            .rev_parse(&self.remote_ref())?
-            .ok_or_else(|| Error::Other {
-                message: format!("branch `{}` does not exist on {}", self.branch, gh.remote),
-            })
+            .output(["push", "--quiet", gh.remote.as_str(), refspec.as_str()])?;
+        if !out.status.success() {
+            // Lost a race with another creator: theirs stands.
+            return self.fetch_branch(branch)?.ok_or_else(|| Error::Git {
+                args: format!("push {} {refspec}", gh.remote),
+                dir: self.repo.root.clone(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        let remote_ref = self.remote_ref(branch);
+        self.repo.git.run(["update-ref", remote_ref.as_str(), commit])?;
+        Ok(commit.to_string())
     }
 
     /// Pushes `new` (a descendant of the current tip) to the state branch on `origin`. A
@@ -229,28 +296,32 @@ impl Stepper {
                 stderr: format!("{}{}", stderr.trim(), stdout.trim()),
             });
         }
-        let remote_ref = self.remote_ref();
+        let remote_ref = self.remote_ref(&self.branch);
         self.repo.git.run(["update-ref", remote_ref.as_str(), new])?;
-        // Keep a local branch of the same name (e.g. a CI checkout) following, when it can
-        // fast-forward; a branch with commits of its own is left alone.
-        if let Some(local) = self.repo.branch_tip(&self.branch)?
+        let branch = self.branch.clone();
+        self.follow_local(&branch, new)?;
+        Ok(Publish::Moved)
+    }
+
+    /// Keeps a local branch of the same name (e.g. a CI checkout) following origin, when it can
+    /// fast-forward; a branch with commits of its own is left alone.
+    pub(super) fn follow_local(&self, branch: &str, new: &str) -> Result<()> {
+        if let Some(local) = self.repo.branch_tip(branch)?
             && local != new
             && self
                 .repo
                 .git
                 .succeeds(["merge-base", "--is-ancestor", local.as_str(), new])?
+            && let Err(e) = self.repo.publish(branch, &local, new)
         {
-            let branch = self.branch.clone();
-            if let Err(e) = self.repo.publish(&branch, &local, new) {
-                emit!(
-                    WARN,
-                    "checkout_not_updated",
-                    branch = branch.as_str(),
-                    error = e.to_string().as_str()
-                );
-            }
+            emit!(
+                WARN,
+                "checkout_not_updated",
+                branch = branch,
+                error = e.to_string().as_str()
+            );
         }
-        Ok(Publish::Moved)
+        Ok(())
     }
 
     /// Reads every hyperloop pull request once, and lets tasks follow what people did to them:
@@ -314,11 +385,7 @@ impl Stepper {
     /// recording it) is complete; nothing is merged again.
     fn complete_merged_elsewhere(&mut self, task: Task, pr: &PrState) -> Result<()> {
         // Bring the merge into our view of the base branch first.
-        let remote_tip = self.fetch_state()?;
-        if remote_tip != self.tip {
-            self.tip = remote_tip;
-            self.reload_keep_tasks()?;
-        }
+        self.refresh_after_base_moved()?;
         let mut t = task;
         let before = t.clone();
         t.status = Status::Complete;
@@ -364,12 +431,12 @@ impl Stepper {
         let Some(branch_tip) = self.repo.branch_tip(&branch)? else {
             return Ok(None);
         };
-        if branch_tip == self.tip
+        if branch_tip == self.base_tip()
             || self.repo.git.succeeds([
                 "merge-base",
                 "--is-ancestor",
                 branch_tip.as_str(),
-                self.tip.as_str(),
+                self.base_tip(),
             ])?
         {
             // Nothing of its own to propose yet.
@@ -415,6 +482,47 @@ impl Stepper {
             gh.prs.insert(branch, pr);
         }
         Ok(Some(url))
+    }
+
+    /// The task branch's tip to merge. When GitHub moved the branch on origin ("Update branch",
+    /// asked for after a refused merge, or pressed by a person) and what is there still contains
+    /// everything hyperloop verified, the local branch (and its worktree) fast-forwards to it, so
+    /// the merge names the head GitHub has. A branch that went elsewhere keeps the local tip, and
+    /// GitHub refuses that merge as a modified head.
+    fn adopt_remote_head(&mut self, branch: &str) -> Result<Option<String>> {
+        let Some(local) = self.task_branch_tip(branch)? else {
+            return Ok(None);
+        };
+        let Some(pr) = self.gh()?.prs.get(branch).filter(|p| p.is_open()).cloned() else {
+            return Ok(Some(local));
+        };
+        if pr.head_sha == local || pr.head_sha.is_empty() {
+            return Ok(Some(local));
+        }
+        let Some(remote) = self.fetch_branch(branch)? else {
+            return Ok(Some(local));
+        };
+        if remote == local
+            || !self
+                .repo
+                .git
+                .succeeds(["merge-base", "--is-ancestor", local.as_str(), remote.as_str()])?
+        {
+            return Ok(Some(local));
+        }
+        match self.repo.publish(branch, &local, &remote)? {
+            Publish::Moved => {
+                emit!(
+                    INFO,
+                    "branch_updated",
+                    branch = branch,
+                    from = local.as_str(),
+                    to = remote.as_str()
+                );
+                Ok(Some(remote))
+            }
+            Publish::Raced(_) => Ok(Some(local)),
+        }
     }
 
     fn push_task_branch(&self, branch: &str) -> Result<()> {
@@ -572,7 +680,7 @@ impl Stepper {
             self.complete_merged_elsewhere(task, &pr)?;
             return Ok(true);
         }
-        let Some(branch_tip) = self.task_branch_tip(&branch)? else {
+        let Some(branch_tip) = self.adopt_remote_head(&branch)? else {
             let mut t = task;
             let change = transition::action_done(&mut t, self.pipeline());
             self.save_task(
@@ -583,7 +691,8 @@ impl Stepper {
             return Ok(true);
         };
         // A conflict with the base branch is the rebase-resolver's, here as in local mode.
-        if let MergeTree::Conflict(files) = self.repo.merge_tree(&self.tip, &branch_tip)? {
+        let base_tip = self.base_tip().to_string();
+        if let MergeTree::Conflict(files) = self.repo.merge_tree(&base_tip, &branch_tip)? {
             return self.conflict(task, &branch, &files).map(|()| true);
         }
         let mut t = task;
@@ -622,9 +731,7 @@ impl Stepper {
         match outcome {
             MergeOutcome::Merged { .. } | MergeOutcome::AlreadyMerged { .. } => {
                 crate::fault::point("github-merged");
-                let remote_tip = self.fetch_state()?;
-                self.tip = remote_tip;
-                self.reload_keep_tasks()?;
+                self.refresh_after_base_moved()?;
                 let change = transition::action_done(&mut t, self.pipeline());
                 emit!(
                     INFO,
