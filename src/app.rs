@@ -515,7 +515,9 @@ fn approve(target: &Target, task_id: &str, gate: Option<&str>) -> Result<Outcome
         &[&task.spec_ref],
         task_id,
     );
-    let Some(commit) = repo.commit_changes(&tip, &changes, &message)? else {
+    let committed = repo.commit_changes(&tip, &changes, &message);
+    repo.discard_private_indexes();
+    let Some(commit) = committed? else {
         return Ok(Outcome::ok(format!("{task_id}: nothing to change\n")));
     };
     match repo.publish(branch, &tip, &commit)? {

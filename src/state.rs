@@ -30,6 +30,18 @@ pub struct Repo {
     pub root: PathBuf,
     /// The shared git directory.
     pub common_dir: PathBuf,
+    /// What the private index holds, and trees of commits this process made: a step commits
+    /// many times in a row on top of its own last commit, and each known tree is a git process
+    /// saved.
+    cache: std::sync::Arc<std::sync::Mutex<TreeCache>>,
+}
+
+#[derive(Debug, Default)]
+struct TreeCache {
+    /// The tree the private index currently holds.
+    index_tree: Option<String>,
+    /// Commit → tree, for commits made or looked up by this process.
+    trees: std::collections::HashMap<String, String>,
 }
 
 /// What a commit's tree holds that a step needs.
@@ -127,6 +139,7 @@ impl Repo {
         let git = Git::new(&root);
         let common_dir = git.common_dir()?;
         Ok(Repo {
+            cache: std::sync::Arc::default(),
             git,
             root,
             common_dir,
@@ -261,15 +274,17 @@ impl Repo {
 
     /// Writes `changes` on top of `tree_of` (a commit or tree) and returns the new tree id.
     pub fn write_tree(&self, tree_of: &str, changes: &Changes) -> Result<String> {
-        let index = self
-            .common_dir
-            .join(format!("hyperloop-index-{}", std::process::id()));
+        let base = self.tree_of(tree_of)?;
+        let index = self.index_path();
         let git = self
             .git
             .clone()
             .with_env("GIT_INDEX_FILE", index.display().to_string());
+        let held = self.cache.lock().ok().and_then(|c| c.index_tree.clone());
         let result = (|| {
-            git.run(["read-tree", tree_of])?;
+            if held.as_deref() != Some(base.as_str()) || !index.exists() {
+                git.run(["read-tree", base.as_str()])?;
+            }
             let mut index_info = String::new();
             for (path, entry) in &changes.files {
                 match entry {
@@ -290,8 +305,35 @@ impl Repo {
             }
             git.run_trim(["write-tree"])
         })();
-        let _ = std::fs::remove_file(&index);
+        if let Ok(mut c) = self.cache.lock() {
+            // After a failure the index holds something in between: read it afresh next time.
+            c.index_tree = result.as_ref().ok().cloned();
+        }
+        if result.is_err() {
+            let _ = std::fs::remove_file(&index);
+        }
         result
+    }
+
+    fn index_path(&self) -> PathBuf {
+        self.common_dir
+            .join(format!("hyperloop-index-{}", std::process::id()))
+    }
+
+    /// Removes this process's private index (and any a dead step left behind). Call with the
+    /// step lock held.
+    pub fn discard_private_indexes(&self) {
+        if let Ok(mut c) = self.cache.lock() {
+            c.index_tree = None;
+        }
+        let Ok(entries) = std::fs::read_dir(&self.common_dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with("hyperloop-index-") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
     }
 
     /// Creates a commit of `tree` with `parents` and `message`; returns its id.
@@ -301,20 +343,36 @@ impl Repo {
             args.push("-p".into());
             args.push((*p).to_string());
         }
-        self.git
+        let commit = self
+            .git
             .run_with_input(&args, message.as_bytes())
-            .map(|s| s.trim().to_string())
+            .map(|s| s.trim().to_string())?;
+        if let Ok(mut c) = self.cache.lock() {
+            c.trees.insert(commit.clone(), tree.to_string());
+        }
+        Ok(commit)
     }
 
-    /// The tree id of a commit.
+    /// The tree id of a commit (or of a tree: itself).
     pub fn tree_of(&self, commit: &str) -> Result<String> {
-        self.git.run_trim(["rev-parse", &format!("{commit}^{{tree}}")])
+        // Only object ids are cached: a ref name can move.
+        let is_id =
+            (commit.len() == 40 || commit.len() == 64) && commit.bytes().all(|b| b.is_ascii_hexdigit());
+        if is_id && let Some(t) = self.cache.lock().ok().and_then(|c| c.trees.get(commit).cloned()) {
+            return Ok(t);
+        }
+        let tree = self.git.run_trim(["rev-parse", &format!("{commit}^{{tree}}")])?;
+        if is_id && let Ok(mut c) = self.cache.lock() {
+            c.trees.insert(commit.to_string(), tree.clone());
+        }
+        Ok(tree)
     }
 
     /// Commits `changes` on top of `parent`. Returns `None` when they change nothing (hyperloop
     /// makes no empty commits).
     pub fn commit_changes(&self, parent: &str, changes: &Changes, message: &str) -> Result<Option<String>> {
         let tree = self.write_tree(parent, changes)?;
+        // write_tree looked the parent's tree up (or knew it): this costs no process.
         if tree == self.tree_of(parent)? {
             return Ok(None);
         }

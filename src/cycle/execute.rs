@@ -321,6 +321,8 @@ impl Stepper {
         let started = Instant::now();
         let live = std::io::IsTerminal::is_terminal(&std::io::stderr())
             && config.observability.log_format == crate::config::LogFormat::Console;
+        // Under the step lock: whatever private index a dead step left is garbage now.
+        repo.discard_private_indexes();
         let mut stepper = Stepper {
             repo,
             branch,
@@ -1599,6 +1601,20 @@ impl Stepper {
             record.round
         );
         let (spec, id) = (task.spec_ref.clone(), task.id.clone());
+        if self.merges_cleanly_next(&task)? {
+            // The pass leads straight to a merge that will go through: record both in the merge
+            // commit, one commit instead of two, and just as atomic.
+            self.note_change(&task, &change);
+            self.tasks.insert(id.clone(), task.clone());
+            let attempted = (
+                id,
+                task.position.clone().unwrap_or_default(),
+                MERGE_PR.to_string(),
+            );
+            self.attempted.insert(attempted);
+            self.merge_with(task, changes)?;
+            return Ok(());
+        }
         self.commit(&changes, &subject, &[&spec], &id)?;
         self.note_change(&task, &change);
         if self.gh.is_some() {
@@ -1606,6 +1622,40 @@ impl Stepper {
         }
         self.tasks.insert(id, task);
         Ok(())
+    }
+
+    /// Whether the task now stands at a `merge-pr` this step performs at once (local mode,
+    /// automatic merges) and its branch merges without conflict.
+    fn merges_cleanly_next(&self, task: &Task) -> Result<bool> {
+        if self.gh.is_some()
+            || self.split_state()
+            || !self.config.merge.auto_merge
+            || task.status != Status::InProgress
+        {
+            return Ok(false);
+        }
+        let at_merge = matches!(
+            task.position
+                .clone()
+                .map(pipeline::Position)
+                .as_ref()
+                .and_then(|p| pipeline::step_at(self.pipeline(), p)),
+            Some(Step::Action { name }) if name == MERGE_PR
+        );
+        if !at_merge {
+            return Ok(false);
+        }
+        let branch = task
+            .branch
+            .clone()
+            .unwrap_or_else(|| format!("worker/{}", task.id));
+        let Some(branch_tip) = self.repo.branch_tip(&branch)? else {
+            return Ok(false);
+        };
+        Ok(matches!(
+            self.repo.merge_tree(&self.tip, &branch_tip)?,
+            MergeTree::Clean(_)
+        ))
     }
 
     fn record_intake(&mut self, record: &RunRecord, outcome: &WorkerOutcome, duration: f64) -> Result<()> {
@@ -1780,6 +1830,12 @@ impl Stepper {
     // ----- merging ----------------------------------------------------------------------------
 
     fn merge(&mut self, task: Task) -> Result<bool> {
+        self.merge_with(task, Changes::default())
+    }
+
+    /// Merges the task's branch; `extra` changes (e.g. the verifier's review) go into the same
+    /// commit.
+    fn merge_with(&mut self, task: Task, extra: Changes) -> Result<bool> {
         let id = task.id.clone();
         let branch = task.branch.clone().unwrap_or_else(|| format!("worker/{id}"));
         let Some(branch_tip) = self.repo.branch_tip(&branch)? else {
@@ -1808,7 +1864,7 @@ impl Stepper {
             MergeTree::Clean(tree) => {
                 let mut t = task;
                 let change = transition::action_done(&mut t, self.pipeline());
-                let mut changes = Changes::default();
+                let mut changes = extra;
                 changes.put_task(&self.tasks_rel(), &t);
                 let merged_tree = self.repo.write_tree(&tree, &changes)?;
                 let trailer = trailers(&t.spec_ref, &t.id);
@@ -2108,6 +2164,7 @@ impl Stepper {
     // ----- the end ----------------------------------------------------------------------------
 
     fn finish(&mut self) -> Result<StepReport> {
+        self.repo.discard_private_indexes();
         let plan = self.plan()?;
         self.note_plan(&plan);
         let tasks: Vec<&Task> = self.tasks.values().collect();
