@@ -483,8 +483,8 @@ impl Stepper {
         let mut any = false;
         loop {
             let plan = self.plan()?;
-            let mut progressed = false;
-            for action in &plan.actions {
+            let mut progressed = self.start_batch(&plan)?;
+            for action in plan.actions.iter().filter(|a| !matches!(a, Action::Start { .. })) {
                 if self.perform(action)? {
                     progressed = true;
                 }
@@ -495,6 +495,49 @@ impl Stepper {
             }
             any = true;
         }
+    }
+
+    /// Starts every task the plan starts, in one commit: the workers of a wave do not wait for
+    /// one state commit each.
+    fn start_batch(&mut self, plan: &Plan) -> Result<bool> {
+        let mut changes = Changes::default();
+        let mut started = Vec::new();
+        let mut progressed = false;
+        for action in &plan.actions {
+            let Action::Start { task_id, .. } = action else { continue };
+            if self.past_deadline() || self.running.contains_key(task_id) || self.over_total_budget() {
+                continue;
+            }
+            let Some(mut t) = self.tasks.get(task_id).cloned() else { continue };
+            if let Some(change) = self.enforce_task_budget(&mut t) {
+                self.save_task(t, &change, &format!("hyperloop: {task_id} failed (budget exceeded)"))?;
+                progressed = true;
+                continue;
+            }
+            let change = transition::start(&mut t, self.pipeline());
+            if t.branch.is_none() {
+                t.branch = Some(format!("worker/{task_id}"));
+            }
+            changes.put_task(&self.tasks_rel(), &t);
+            started.push((t, change));
+        }
+        if started.is_empty() {
+            return Ok(progressed);
+        }
+        let ids: Vec<&str> = started.iter().map(|(t, _)| t.id.as_str()).collect();
+        let specs: Vec<String> = started.iter().map(|(t, _)| t.spec_ref.clone()).collect();
+        let spec_refs: Vec<&str> = specs.iter().map(String::as_str).collect();
+        // Committed before the workers start, so `status` (and a step on another machine) sees
+        // the tasks in progress while their agents work, and a dead step's result can be matched
+        // to the state it started from.
+        let subject = format!("hyperloop: start {}", ids.join(", "));
+        let task_refs = ids.join("\n");
+        self.commit(&changes, &subject, &spec_refs, &task_refs)?;
+        for (t, change) in started {
+            self.note_change(&t, &change);
+            self.tasks.insert(t.id.clone(), t);
+        }
+        Ok(true)
     }
 
     fn plan(&self) -> Result<Plan> {
@@ -706,24 +749,8 @@ impl Stepper {
                 self.spawn_improver(failures)?;
                 Ok(true)
             }
-            Action::Start { task_id, .. } => {
-                if self.past_deadline() || self.running.contains_key(task_id) {
-                    return Ok(false);
-                }
-                let Some(task) = self.tasks.get(task_id).cloned() else {
-                    return Ok(false);
-                };
-                let mut t = task;
-                let change = transition::start(&mut t, self.pipeline());
-                if t.branch.is_none() {
-                    t.branch = Some(format!("worker/{task_id}"));
-                }
-                // Committed before the worker starts, so `status` (and a step on another
-                // machine) sees the task in progress while its agent works, and a dead step's
-                // result can be matched to the state it started from.
-                self.save_task(t, &change, &format!("hyperloop: start {task_id}"))?;
-                Ok(true)
-            }
+            // Tasks start in batches, one commit per wave: see `start_batch`.
+            Action::Start { .. } => Ok(false),
             Action::Spawn { task_id, role, .. } => {
                 if self.past_deadline() || self.running.contains_key(task_id) {
                     return Ok(false);
@@ -2260,7 +2287,10 @@ pub fn commit_message(subject: &str, body: &str, spec_refs: &[&str], task_ref: &
             msg.push_str(&format!("Spec-Ref: {s}\n"));
         }
     }
-    msg.push_str(&format!("Task-Ref: {task_ref}\n"));
+    // Several tasks (one commit starting a batch) give one trailer each, newline-separated.
+    for t in task_ref.lines() {
+        msg.push_str(&format!("Task-Ref: {t}\n"));
+    }
     msg
 }
 
