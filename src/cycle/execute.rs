@@ -504,13 +504,21 @@ impl Stepper {
         let mut started = Vec::new();
         let mut progressed = false;
         for action in &plan.actions {
-            let Action::Start { task_id, .. } = action else { continue };
+            let Action::Start { task_id, .. } = action else {
+                continue;
+            };
             if self.past_deadline() || self.running.contains_key(task_id) || self.over_total_budget() {
                 continue;
             }
-            let Some(mut t) = self.tasks.get(task_id).cloned() else { continue };
+            let Some(mut t) = self.tasks.get(task_id).cloned() else {
+                continue;
+            };
             if let Some(change) = self.enforce_task_budget(&mut t) {
-                self.save_task(t, &change, &format!("hyperloop: {task_id} failed (budget exceeded)"))?;
+                self.save_task(
+                    t,
+                    &change,
+                    &format!("hyperloop: {task_id} failed (budget exceeded)"),
+                )?;
                 progressed = true;
                 continue;
             }

@@ -253,9 +253,25 @@ pub fn ensure_task_worktree(
     }
     ensure_local_excludes(git)?;
     let path = task_worktree_path(repo_root, task_id);
+    let branch_ref = format!("refs/heads/{branch}");
+
+    // The common case, a task's first worker: no branch and no worktree yet. One git command
+    // makes both; everything below is for reuse and repair.
+    if !path.exists()
+        && git.rev_parse(&branch_ref)?.is_none()
+        && let Some(base) = git.rev_parse(base_commit)?
+    {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        }
+        let p = path.to_string_lossy().into_owned();
+        if git.succeeds(["worktree", "add", "-q", "-b", branch, p.as_str(), base.as_str()])? {
+            return Ok(path);
+        }
+        // A stale registration of the same path, say: fall through to the careful way.
+    }
     git.run(["worktree", "prune"])?;
 
-    let branch_ref = format!("refs/heads/{branch}");
     if git.rev_parse(&branch_ref)?.is_none() {
         let Some(base) = git.rev_parse(base_commit)? else {
             return Err(Error::other(format!(
