@@ -185,14 +185,16 @@ where
     }
 }
 
-/// RFC 3339 UTC timestamp with seconds precision.
+/// RFC 3339 UTC timestamp with millisecond precision: a step's events often share a second.
 pub fn timestamp(t: SystemTime) -> String {
-    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let millis = since.subsec_millis();
     let days = secs / 86_400;
     let rem = secs % 86_400;
     let (y, m, d) = civil_from_days(i64::try_from(days).unwrap_or(0));
     format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z",
         rem / 3600,
         rem % 3600 / 60,
         rem % 60
@@ -228,14 +230,14 @@ mod tests {
 
     #[test]
     fn timestamps() {
-        assert_eq!(timestamp(UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        assert_eq!(timestamp(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
         assert_eq!(
-            timestamp(UNIX_EPOCH + Duration::from_secs(1_776_263_381)),
-            "2026-04-15T14:29:41Z"
+            timestamp(UNIX_EPOCH + Duration::from_millis(1_776_263_381_042)),
+            "2026-04-15T14:29:41.042Z"
         );
         assert_eq!(
             timestamp(UNIX_EPOCH + Duration::from_secs(951_782_400)),
-            "2000-02-29T00:00:00Z"
+            "2000-02-29T00:00:00.000Z"
         );
     }
 }

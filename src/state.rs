@@ -557,7 +557,10 @@ impl Repo {
 
     /// The worktree (if any) that has `refname` checked out.
     pub fn worktree_on(&self, refname: &str) -> Result<Option<PathBuf>> {
-        let list = self.git.run(["worktree", "list", "--porcelain"])?;
+        let list = {
+            let _held = crate::worker::worktree::admin_lock();
+            crate::worker::worktree::list_worktrees(&self.git)?
+        };
         let mut current: Option<PathBuf> = None;
         for line in list.lines() {
             if let Some(p) = line.strip_prefix("worktree ") {

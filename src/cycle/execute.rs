@@ -183,6 +183,30 @@ struct SavedOutcome {
     suspicious: Option<String>,
 }
 
+/// A task's first worktree, made on a worker's thread.
+struct NewWorktree {
+    git: Git,
+    root: PathBuf,
+    task_id: String,
+    spec_ref: String,
+    branch: String,
+    base: String,
+}
+
+impl NewWorktree {
+    fn make(self) -> Result<()> {
+        worktree::prepare_task_worktree(
+            &self.git,
+            &self.root,
+            &self.task_id,
+            &self.spec_ref,
+            &self.branch,
+            &self.base,
+        )
+        .map(|_| ())
+    }
+}
+
 fn outcome_path(running_dir: &Path, key: &str) -> PathBuf {
     running_dir.join(format!("{key}.outcome"))
 }
@@ -306,6 +330,16 @@ struct Stepper {
     worktrees_ready: HashSet<String>,
     /// The worktree that has the state branch checked out (looked up once per step).
     checkout: Option<Option<PathBuf>>,
+    /// The last merge computed, by (ours, theirs): checking that a task merges cleanly and then
+    /// merging it asks the same question twice.
+    last_merge: std::cell::RefCell<Option<(String, String, MergeTree)>>,
+    /// Merged tasks whose worktree and branch are to be removed once the workers that can start
+    /// have started: cleanup is never on the way of the next agent.
+    pending_cleanup: Vec<(String, String)>,
+    /// Cleanups that failed in this step, tried again at its end.
+    cleanup_retry: Vec<(String, String)>,
+    /// `.git/info/exclude` was checked in this step.
+    excludes_ok: bool,
 }
 
 impl Stepper {
@@ -354,6 +388,10 @@ impl Stepper {
             base_tip: None,
             worktrees_ready: HashSet::new(),
             checkout: None,
+            last_merge: std::cell::RefCell::new(None),
+            pending_cleanup: Vec::new(),
+            cleanup_retry: Vec::new(),
+            excludes_ok: false,
             budget_blocked: false,
             live,
             cooling: HashSet::new(),
@@ -431,9 +469,10 @@ impl Stepper {
         }
         let outcome = loop {
             if !cancelled {
-                match self.act().await {
-                    Ok(_) => {}
-                    Err(e) => break Err(e),
+                let acted = self.act().await;
+                self.flush_cleanup();
+                if let Err(e) = acted {
+                    break Err(e);
                 }
             }
             if self.workers.is_empty() {
@@ -1158,6 +1197,17 @@ impl Stepper {
     }
 
     fn launch(&mut self, record: RunRecord, spec: WorkerSpec) -> Result<()> {
+        self.launch_with(record, spec, None)
+    }
+
+    /// Starts the worker; `new_worktree`, when given, is made by the worker before its agent
+    /// runs.
+    fn launch_with(
+        &mut self,
+        record: RunRecord,
+        spec: WorkerSpec,
+        new_worktree: Option<NewWorktree>,
+    ) -> Result<()> {
         let dir = self.running_dir();
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         let text = serde_json::to_vec_pretty(&record).map_err(|e| Error::other(e.to_string()))?;
@@ -1198,6 +1248,21 @@ impl Stepper {
         );
         self.workers.spawn(async move {
             let cancelled = cancel.clone();
+            if let Some(nw) = new_worktree {
+                let made = tokio::task::spawn_blocking(move || nw.make()).await;
+                let failure = match made {
+                    Ok(Ok(())) => None,
+                    Ok(Err(e)) => Some(e.to_string()),
+                    Err(e) => Some(e.to_string()),
+                };
+                if let Some(why) = failure {
+                    let detail = format!("cannot prepare the task's worktree: {why}");
+                    return (
+                        key,
+                        WorkerOutcome::error(detail, spec.log_file.clone(), Duration::ZERO),
+                    );
+                }
+            }
             let outcome = worker::run_worker(&spec, cancel).await;
             if let Some(path) = saved
                 && !*cancelled.borrow()
@@ -1232,11 +1297,31 @@ impl Stepper {
         let mut task = task;
         let branch = task.branch.clone().unwrap_or_else(|| format!("worker/{task_id}"));
         let known = worktree::task_worktree_path(&self.repo.root, task_id);
-        let wt = if self.worktrees_ready.contains(task_id) && known.join(".git").exists() {
+        if !self.excludes_ok {
+            worktree::ensure_local_excludes_in(&self.repo.common_dir)?;
+            self.excludes_ok = true;
+        }
+        let mut new_worktree = None;
+        let (wt, start_head) = if self.worktrees_ready.contains(task_id) && known.join(".git").exists() {
             // Checked and repaired earlier in this step; the worker since then settled it.
-            known
+            let head = self.repo.git.at(&known).run_trim(["rev-parse", "HEAD"])?;
+            (known, head)
+        } else if !known.exists() && self.repo.branch_tip(&branch)?.is_none() {
+            // A task's first worker: its worktree is made by the worker itself, so that the
+            // next agent does not wait for this checkout.
+            let base = self.base_tip().to_string();
+            new_worktree = Some(NewWorktree {
+                git: self.repo.git.clone(),
+                root: self.repo.root.clone(),
+                task_id: task_id.to_string(),
+                spec_ref: task.spec_ref.clone(),
+                branch: branch.clone(),
+                base: base.clone(),
+            });
+            self.worktrees_ready.insert(task_id.to_string());
+            (known, base)
         } else {
-            let wt = worktree::ensure_task_worktree(
+            let wt = worktree::prepare_task_worktree(
                 &self.repo.git,
                 &self.repo.root,
                 task_id,
@@ -1245,9 +1330,9 @@ impl Stepper {
                 self.base_tip(),
             )?;
             self.worktrees_ready.insert(task_id.to_string());
-            wt
+            let head = self.repo.git.at(&wt).run_trim(["rev-parse", "HEAD"])?;
+            (wt, head)
         };
-        let start_head = self.repo.git.at(&wt).run_trim(["rev-parse", "HEAD"])?;
         if task.branch.as_deref() != Some(branch.as_str()) {
             // Record the branch before anything runs on it, so cleanup knows hyperloop made it.
             task.branch = Some(branch.clone());
@@ -1293,7 +1378,7 @@ impl Stepper {
             status: Some(task.status.as_str().to_string()),
         };
         let spec = self.worker_spec(&record, text, &task.spec_ref, &branch);
-        self.launch(record, spec)
+        self.launch_with(record, spec, new_worktree)
     }
 
     /// Prompt sections for the rebase-resolver: what conflicts and what changed on the base.
@@ -1688,9 +1773,23 @@ impl Stepper {
             return Ok(false);
         };
         Ok(matches!(
-            self.repo.merge_tree(&self.tip, &branch_tip)?,
+            self.merge_tree(&self.tip, &branch_tip)?,
             MergeTree::Clean(_)
         ))
+    }
+
+    /// [`Repo::merge_tree`], remembering the last answer (both sides are commit ids, so it
+    /// cannot go stale).
+    fn merge_tree(&self, ours: &str, theirs: &str) -> Result<MergeTree> {
+        if let Some((o, t, m)) = self.last_merge.borrow().as_ref()
+            && o == ours
+            && t == theirs
+        {
+            return Ok(m.clone());
+        }
+        let m = self.repo.merge_tree(ours, theirs)?;
+        *self.last_merge.borrow_mut() = Some((ours.to_string(), theirs.to_string(), m.clone()));
+        Ok(m)
     }
 
     fn record_intake(&mut self, record: &RunRecord, outcome: &WorkerOutcome, duration: f64) -> Result<()> {
@@ -1895,7 +1994,7 @@ impl Stepper {
         if self.split_state() {
             return self.merge_to_base(task, &branch, &branch_tip);
         }
-        match self.repo.merge_tree(&self.tip, &branch_tip)? {
+        match self.merge_tree(&self.tip, &branch_tip)? {
             MergeTree::Clean(tree) => {
                 let mut t = task;
                 let change = transition::action_done(&mut t, self.pipeline());
@@ -1934,7 +2033,7 @@ impl Stepper {
                 self.note_change(&t, &change);
                 self.tasks.insert(id.clone(), t);
                 if self.config.merge.delete_branch {
-                    self.delete_task_branch(&id, &branch);
+                    self.pending_cleanup.push((id, branch));
                 }
                 Ok(true)
             }
@@ -1983,7 +2082,7 @@ impl Stepper {
 
     /// Removes a task's worktree and branch after its merge — only a branch the task file says
     /// hyperloop made.
-    fn delete_task_branch(&mut self, task_id: &str, branch: &str) {
+    fn delete_task_branch(&mut self, task_id: &str, branch: &str) -> bool {
         // Only the branch hyperloop names for this task: a task file (written by a person or an
         // agent) naming any other branch must never get that branch deleted.
         if branch != format!("worker/{task_id}")
@@ -1997,10 +2096,11 @@ impl Stepper {
                 branch = branch,
                 reason = "not a branch hyperloop made"
             );
-            return;
+            return true;
         }
         let wt = worktree::task_worktree_path(&self.repo.root, task_id);
-        if let Err(e) = worktree::remove_worktree(&self.repo.git, &wt) {
+        let (removed, deleted) = worktree::remove_worktree_and_branch(&self.repo.git, &wt, branch);
+        if let Err(e) = removed {
             emit!(
                 WARN,
                 "cleanup_failed",
@@ -2009,25 +2109,31 @@ impl Stepper {
                 error = e.to_string().as_str()
             );
         }
-        crate::fault::point("before-branch-delete");
-        match self.repo.git.output(["branch", "-D", branch]) {
-            Ok(out) if out.status.success() => {
-                emit!(DEBUG, "branch_deleted", task_id = task_id, branch = branch)
+        match deleted {
+            Ok(()) => {
+                emit!(DEBUG, "branch_deleted", task_id = task_id, branch = branch);
+                true
             }
-            Ok(out) => emit!(
-                WARN,
-                "cleanup_failed",
-                task_id = task_id,
-                branch = branch,
-                error = String::from_utf8_lossy(&out.stderr).trim()
-            ),
-            Err(e) => emit!(
-                WARN,
-                "cleanup_failed",
-                task_id = task_id,
-                branch = branch,
-                error = e.to_string().as_str()
-            ),
+            Err(e) => {
+                emit!(
+                    WARN,
+                    "cleanup_failed",
+                    task_id = task_id,
+                    branch = branch,
+                    error = e.to_string().as_str()
+                );
+                false
+            }
+        }
+    }
+
+    /// Removes what merges in this step left to clean up; what fails is tried once more at the
+    /// end of the step (and by every later step's start).
+    fn flush_cleanup(&mut self) {
+        for (id, branch) in std::mem::take(&mut self.pending_cleanup) {
+            if !self.delete_task_branch(&id, &branch) {
+                self.cleanup_retry.push((id, branch));
+            }
         }
     }
 
@@ -2199,6 +2305,9 @@ impl Stepper {
     // ----- the end ----------------------------------------------------------------------------
 
     fn finish(&mut self) -> Result<StepReport> {
+        for (id, branch) in std::mem::take(&mut self.cleanup_retry) {
+            self.delete_task_branch(&id, &branch);
+        }
         self.repo.discard_private_indexes();
         let plan = self.plan()?;
         self.note_plan(&plan);

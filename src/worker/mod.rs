@@ -24,7 +24,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use process::{WorkerSpec, run_worker};
-pub use worktree::{ensure_base_worktree, ensure_task_worktree, remove_worktree};
+pub use worktree::{ensure_base_worktree, ensure_task_worktree, remove_worktree, remove_worktree_and_branch};
 
 /// The name of the result file at a worktree's root (CONTRACT §4).
 pub const RESULT_FILE: &str = ".worker-result.json";

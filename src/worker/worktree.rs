@@ -71,7 +71,12 @@ fn check_name(what: &str, name: &str) -> Result<()> {
 
 /// Makes sure `info/exclude` ignores hyperloop's local state and the result file.
 pub fn ensure_local_excludes(git: &Git) -> Result<()> {
-    let info = git.common_dir()?.join("info");
+    ensure_local_excludes_in(&git.common_dir()?)
+}
+
+/// [`ensure_local_excludes`] for a repository whose common git directory is known.
+pub fn ensure_local_excludes_in(common_dir: &Path) -> Result<()> {
+    let info = common_dir.join("info");
     let file = info.join("exclude");
     let current = match std::fs::read_to_string(&file) {
         Ok(t) => t,
@@ -100,6 +105,17 @@ pub fn ensure_local_excludes(git: &Git) -> Result<()> {
     std::fs::write(&file, text).map_err(|e| Error::io(&file, e))
 }
 
+/// git commands that look at worktrees (`worktree add/list/remove/prune`, `branch -D`, `checkout`,
+/// `fetch` into a branch) read every worktree's administrative files and fail on one another
+/// thread is creating ("failed to read .git/worktrees/…/commondir"). hyperloop's own worktree
+/// work takes turns under this lock; it is held for a few git commands at most.
+static ADMIN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Takes the worktree lock (see [`ADMIN`]).
+pub fn admin_lock() -> std::sync::MutexGuard<'static, ()> {
+    ADMIN.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// One entry of `git worktree list --porcelain`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Registered {
@@ -107,8 +123,54 @@ struct Registered {
     branch: Option<String>,
 }
 
+/// `git worktree list --porcelain`. A git killed while it was making a worktree can leave that
+/// worktree's files half written, and then every worktree command fails on them: such a
+/// leftover, still marked as being made after its maker had time to finish, is removed.
+pub fn list_worktrees(git: &Git) -> Result<String> {
+    let mut patience = 20;
+    loop {
+        let out = git.output(["worktree", "list", "--porcelain"])?;
+        if out.status.success() {
+            return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        let failed = || Error::Git {
+            args: "worktree list --porcelain".into(),
+            dir: git.dir().to_path_buf(),
+            stderr: stderr.clone(),
+        };
+        let Some(name) = half_made_worktree(&stderr) else {
+            return Err(failed());
+        };
+        if patience > 0 {
+            // Perhaps being made right now, by a git outliving the step that started it.
+            patience -= 1;
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            continue;
+        }
+        let admin = git.common_dir()?.join("worktrees").join(name);
+        let marker = std::fs::read_to_string(admin.join("locked")).unwrap_or_default();
+        if check_name("worktree", name).is_err() || marker.trim() != "initializing" {
+            return Err(failed());
+        }
+        tracing::warn!(path = %admin.display(), "removing a worktree whose creation was cut short");
+        std::fs::remove_dir_all(&admin).map_err(|e| Error::io(&admin, e))?;
+        patience = 0;
+    }
+}
+
+/// The name of the worktree whose files git could not read, from its error message.
+fn half_made_worktree(stderr: &str) -> Option<&str> {
+    let at = stderr.find("failed to read ")?;
+    let rest = &stderr[at..];
+    let after = &rest[rest.find("worktrees/")? + "worktrees/".len()..];
+    let name = &after[..after.find('/')?];
+    let file = &after[name.len() + 1..];
+    (file.starts_with("commondir") || file.starts_with("gitdir")).then_some(name)
+}
+
 fn registered_worktrees(git: &Git) -> Result<Vec<Registered>> {
-    let text = git.run(["worktree", "list", "--porcelain"])?;
+    let text = list_worktrees(git)?;
     let mut out = Vec::new();
     let mut current: Option<Registered> = None;
     for line in text.lines() {
@@ -220,6 +282,16 @@ fn clear_interrupted_operations(wt: &Git) -> Result<()> {
 /// Removes a worktree directory and its registration, however broken either is. The branch is
 /// kept.
 pub fn remove_worktree(git: &Git, path: &Path) -> Result<()> {
+    let held = admin_lock();
+    remove_worktree_held(git, path, &held)
+}
+
+/// [`remove_worktree`] for a caller that holds [`admin_lock`].
+pub fn remove_worktree_held(
+    git: &Git,
+    path: &Path,
+    _held: &std::sync::MutexGuard<'static, ()>,
+) -> Result<()> {
     let listed = registered_worktrees(git)?
         .into_iter()
         .any(|r| same_path(&r.path, path));
@@ -235,6 +307,25 @@ pub fn remove_worktree(git: &Git, path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Removes a merged task's worktree, then its branch; each part reports on its own (the branch
+/// goes even when the worktree's removal stumbled, if git lets it).
+pub fn remove_worktree_and_branch(git: &Git, path: &Path, branch: &str) -> (Result<()>, Result<()>) {
+    // `branch -D` looks at every worktree too: one turn of the lock for both.
+    let held = admin_lock();
+    let worktree = remove_worktree_held(git, path, &held);
+    crate::fault::point("before-branch-delete");
+    let deleted = git.output(["branch", "-D", branch]).and_then(|out| {
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(Error::other(
+                String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            ))
+        }
+    });
+    (worktree, deleted)
+}
+
 /// Checks out the task's branch in its worktree, creating the branch from `base_commit` the first
 /// time, and returns the worktree's path. Reuses a healthy worktree, repairs a broken one, and
 /// commits uncommitted work a dead agent left in it (`spec_ref` and `task_id` go into the
@@ -247,11 +338,25 @@ pub fn ensure_task_worktree(
     branch: &str,
     base_commit: &str,
 ) -> Result<PathBuf> {
+    ensure_local_excludes(git)?;
+    prepare_task_worktree(git, repo_root, task_id, spec_ref, branch, base_commit)
+}
+
+/// [`ensure_task_worktree`] for a caller that has made sure of the local excludes already
+/// ([`ensure_local_excludes`]): safe to run for several tasks at once.
+pub fn prepare_task_worktree(
+    git: &Git,
+    repo_root: &Path,
+    task_id: &str,
+    spec_ref: &str,
+    branch: &str,
+    base_commit: &str,
+) -> Result<PathBuf> {
     check_name("task id", task_id)?;
+    let held = admin_lock();
     if !git.succeeds(["check-ref-format", "--branch", branch])? {
         return Err(Error::other(format!("{branch:?} is not a valid branch name")));
     }
-    ensure_local_excludes(git)?;
     let path = task_worktree_path(repo_root, task_id);
     let branch_ref = format!("refs/heads/{branch}");
 
@@ -287,7 +392,7 @@ pub fn ensure_task_worktree(
     for r in &registered {
         if r.branch.as_deref() == Some(branch_ref.as_str()) && !same_path(&r.path, &path) {
             if r.path.starts_with(worktrees_dir(repo_root)) || !r.path.exists() {
-                remove_worktree(git, &r.path)?;
+                remove_worktree_held(git, &r.path, &held)?;
             } else {
                 return Err(Error::other(format!(
                     "branch {branch} is checked out at {}; hyperloop needs it for task {task_id}",
@@ -304,9 +409,9 @@ pub fn ensure_task_worktree(
             return Ok(path);
         }
         // Beyond repair (e.g. its git files are damaged): start it afresh from the branch.
-        remove_worktree(git, &path)?;
+        remove_worktree_held(git, &path, &held)?;
     } else if ours.is_some() || path.exists() {
-        remove_worktree(git, &path)?;
+        remove_worktree_held(git, &path, &held)?;
     }
     add_worktree(git, &path, &[branch])?;
     Ok(path)
@@ -356,6 +461,7 @@ fn add_worktree(git: &Git, path: &Path, rest: &[&str]) -> Result<()> {
 /// taken from its commits, which the caller records.
 pub fn ensure_base_worktree(git: &Git, repo_root: &Path, name: &str, commit: &str) -> Result<PathBuf> {
     check_name("worktree name", name)?;
+    let held = admin_lock();
     ensure_local_excludes(git)?;
     let Some(commit) = git.rev_parse(commit)? else {
         return Err(Error::other(format!(
@@ -374,9 +480,9 @@ pub fn ensure_base_worktree(git: &Git, repo_root: &Path, name: &str, commit: &st
         if reset.is_ok() {
             return Ok(path);
         }
-        remove_worktree(git, &path)?;
+        remove_worktree_held(git, &path, &held)?;
     } else if ours || path.exists() {
-        remove_worktree(git, &path)?;
+        remove_worktree_held(git, &path, &held)?;
     }
     add_worktree(git, &path, &["--detach", commit.as_str()])?;
     Ok(path)
@@ -385,6 +491,23 @@ pub fn ensure_base_worktree(git: &Git, repo_root: &Path, name: &str, commit: &st
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn half_made_worktrees_are_named_from_gits_error() {
+        assert_eq!(
+            half_made_worktree("fatal: failed to read .git/worktrees/task-002/commondir: Success"),
+            Some("task-002")
+        );
+        assert_eq!(
+            half_made_worktree("fatal: failed to read /r/.git/worktrees/x/gitdir: No such file"),
+            Some("x")
+        );
+        assert_eq!(half_made_worktree("fatal: not a git repository"), None);
+        assert_eq!(
+            half_made_worktree("fatal: failed to read .git/worktrees/x/HEAD"),
+            None
+        );
+    }
 
     #[test]
     fn names_that_cannot_be_directories() {

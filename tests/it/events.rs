@@ -83,12 +83,13 @@ impl Ev {
 
 fn is_timestamp(s: &str) -> bool {
     let b = s.as_bytes();
-    b.len() == 20
+    b.len() == 24
         && b.iter().enumerate().all(|(i, c)| match i {
             4 | 7 => *c == b'-',
             10 => *c == b'T',
             13 | 16 => *c == b':',
-            19 => *c == b'Z',
+            19 => *c == b'.',
+            23 => *c == b'Z',
             _ => c.is_ascii_digit(),
         })
 }
@@ -132,7 +133,7 @@ fn console_events(out: &Output) -> Vec<Ev> {
         .lines()
         .map(|line| {
             let (ts, rest) = line
-                .split_at_checked(20)
+                .split_at_checked(24)
                 .unwrap_or_else(|| panic!("short line: {line}"));
             assert!(is_timestamp(ts), "timestamp: {line}");
             let rest = rest

@@ -5,7 +5,10 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use hyperloop::worker::{Verdict, ensure_base_worktree, ensure_task_worktree, remove_worktree, run_worker};
+use hyperloop::worker::{
+    Verdict, ensure_base_worktree, ensure_task_worktree, remove_worktree, remove_worktree_and_branch,
+    run_worker,
+};
 
 use crate::support::worker_fixture::{WorkerFixture, process_dead, read_pid, run, wait_for_file};
 
@@ -587,6 +590,79 @@ fn stale_worktrees_are_repaired() {
     remove_worktree(&f.git, &wt).expect("remove");
     assert!(!wt.exists());
     assert!(f.git_in(&f.repo.path, &["rev-parse", "worker/task-001"]).len() == 40);
+}
+
+/// Workers make their tasks' first worktrees on their own threads while the step removes merged
+/// tasks' worktrees and branches: git's worktree commands read every worktree's files and failed
+/// on one being made ("failed to read .git/worktrees/…/commondir"), which left merged branches
+/// behind.
+#[test]
+fn worktrees_made_on_threads_while_others_are_removed() {
+    let f = WorkerFixture::new("rules: []\n");
+    let old: Vec<String> = (0..12).map(|i| format!("old-{i:02}")).collect();
+    for id in &old {
+        f.worktree(id);
+    }
+    let made: Vec<std::thread::JoinHandle<Vec<String>>> = (0..3)
+        .map(|t| {
+            let (git, root, base) = (f.git.clone(), f.repo.path.clone(), f.base.clone());
+            std::thread::spawn(move || {
+                (0..8)
+                    .filter_map(|i| {
+                        let id = format!("new-{t}-{i}");
+                        ensure_task_worktree(&git, &root, &id, "specs/a.md", &format!("worker/{id}"), &base)
+                            .err()
+                            .map(|e| format!("{id}: {e}"))
+                    })
+                    .collect()
+            })
+        })
+        .collect();
+    let mut errors = Vec::new();
+    for id in &old {
+        let path = f.repo.path.join(".hyperloop/worktrees").join(id);
+        let (removed, deleted) = remove_worktree_and_branch(&f.git, &path, &format!("worker/{id}"));
+        errors.extend(removed.err().map(|e| format!("remove {id}: {e}")));
+        errors.extend(deleted.err().map(|e| format!("delete {id}: {e}")));
+    }
+    for h in made {
+        errors.extend(h.join().expect("thread"));
+    }
+    assert!(errors.is_empty(), "{errors:#?}");
+    assert_eq!(f.git_in(&f.repo.path, &["branch", "--list", "worker/old-*"]), "");
+    let listed = f.git_in(&f.repo.path, &["worktree", "list", "--porcelain"]);
+    assert_eq!(
+        listed.matches("branch refs/heads/worker/new-").count(),
+        24,
+        "{listed}"
+    );
+}
+
+/// What a git killed while making a worktree can leave: its files half written and still marked
+/// as being made. Every worktree command fails on it; the next worktree work repairs it.
+#[test]
+fn a_worktree_whose_creation_was_killed_is_cleared() {
+    let f = WorkerFixture::new("rules: []\n");
+    let admin = f.repo.path.join(".git/worktrees/task-009");
+    std::fs::create_dir_all(&admin).expect("mkdir");
+    std::fs::write(admin.join("locked"), "initializing\n").expect("locked");
+    let gitdir = f.repo.path.join(".hyperloop/worktrees/task-009/.git");
+    std::fs::write(admin.join("gitdir"), format!("{}\n", gitdir.display())).expect("gitdir");
+    std::fs::write(admin.join("commondir"), "").expect("commondir");
+    let listed = f
+        .env
+        .command("git")
+        .current_dir(&f.repo.path)
+        .args(["worktree", "list"])
+        .output()
+        .expect("git");
+    assert!(!listed.status.success(), "git itself fails on it");
+    let wt = f.worktree("task-001");
+    assert!(wt.join(".git").exists());
+    assert!(!admin.exists());
+    let path = f.repo.path.join(".hyperloop/worktrees/task-001");
+    let (removed, deleted) = remove_worktree_and_branch(&f.git, &path, "worker/task-001");
+    assert!(removed.is_ok() && deleted.is_ok(), "{removed:?} {deleted:?}");
 }
 
 #[test]

@@ -187,6 +187,7 @@ impl Stepper {
     /// local branch with commits of its own (or one checked out in a worktree) is left alone.
     pub(super) fn fetch_task_branches(&self) -> Result<()> {
         let gh = self.gh()?;
+        let _held = crate::worker::worktree::admin_lock();
         let out = gh.git.output([
             "fetch",
             "--quiet",
@@ -219,6 +220,7 @@ impl Stepper {
     pub(super) fn fetch_branch(&self, branch: &str) -> Result<Option<String>> {
         let gh = self.gh()?;
         let refspec = format!("+refs/heads/{branch}:refs/remotes/{}/{branch}", gh.remote);
+        let _held = crate::worker::worktree::admin_lock();
         let out = gh.git.output([
             "fetch",
             "--quiet",
@@ -648,6 +650,7 @@ impl Stepper {
         }
         let gh = self.gh()?;
         let refspec = format!("refs/heads/{branch}:refs/heads/{branch}");
+        let _held = crate::worker::worktree::admin_lock();
         let out = gh.git.output([
             "fetch",
             "--quiet",
