@@ -133,8 +133,8 @@ fn ten_specs(root: &Path, run: usize) -> Duration {
     hyperloop(&repo, &["run"])
 }
 
-fn slow_agents(root: &Path) -> Duration {
-    let repo = new_repo(root, "slow");
+fn slow_agents(root: &Path, run: usize) -> Duration {
+    let repo = new_repo(root, &format!("slow-{run}"));
     let tasks = repo.join("specs/tasks");
     std::fs::create_dir_all(&tasks).expect("mkdir");
     std::fs::write(repo.join("specs/a.md"), "# A\n").expect("spec");
@@ -146,7 +146,7 @@ fn slow_agents(root: &Path) -> Duration {
         )
         .expect("task");
     }
-    let script = root.join("slow.yaml");
+    let script = root.join(format!("slow-{run}.yaml"));
     std::fs::write(
         &script,
         "rules:\n  - role: implementer\n    actions:\n      - sleep: 2\n      - implement_task: true\n      - verdict: {verdict: pass}\n  - role: verifier\n    actions:\n      - verdict: {verdict: pass}\n",
@@ -190,7 +190,7 @@ fn main() {
         "10 specs, 4 workers, instant agent: spec to merged",
         t.as_secs_f64()
     );
-    let t = slow_agents(root);
+    let t = median((0..3).map(|i| slow_agents(root, i)).collect());
     let ideal = 4.0;
     println!(
         "{:<58} {:>8.2} s  (ideal {ideal:.1} s, efficiency {:.2})",

@@ -551,8 +551,12 @@ impl Repo {
             .unwrap_or_default()
             .trim()
             .to_string();
-        let message = self.git.run(["log", "-1", "--format=%B", commit])?;
-        self.commit_tree(&tree, &[onto_new], &message).map(Some)
+        // A merge commit stays a merge: only its first parent (the state it was made on) moves.
+        let raw = self.git.run(["cat-file", "commit", commit])?;
+        let (header, message) = raw.split_once("\n\n").unwrap_or((raw.as_str(), ""));
+        let mut parents = vec![onto_new];
+        parents.extend(header.lines().filter_map(|l| l.strip_prefix("parent ")).skip(1));
+        self.commit_tree(&tree, &parents, message).map(Some)
     }
 
     /// The worktree (if any) that has `refname` checked out.

@@ -340,6 +340,11 @@ struct Stepper {
     cleanup_retry: Vec<(String, String)>,
     /// `.git/info/exclude` was checked in this step.
     excludes_ok: bool,
+    /// Role overlays read at a state commit, by role; carried over to commits that do not
+    /// touch the prompts folder.
+    overlays: std::cell::RefCell<(String, HashMap<String, Option<String>>)>,
+    /// The commit being published leaves the prompts folder as it was.
+    prompts_unchanged: bool,
 }
 
 impl Stepper {
@@ -392,6 +397,8 @@ impl Stepper {
             pending_cleanup: Vec::new(),
             cleanup_retry: Vec::new(),
             excludes_ok: false,
+            overlays: std::cell::RefCell::new((String::new(), HashMap::new())),
+            prompts_unchanged: false,
             budget_blocked: false,
             live,
             cooling: HashSet::new(),
@@ -932,7 +939,11 @@ impl Stepper {
             return Ok(false);
         };
         crate::fault::point("before-publish");
-        self.publish(new)?;
+        let prompts = format!("{}/prompts/", self.specs_dir().trim_end_matches('/'));
+        self.prompts_unchanged = !changes.files.keys().any(|p| p.starts_with(&prompts));
+        let published = self.publish(new);
+        self.prompts_unchanged = false;
+        published?;
         Ok(true)
     }
 
@@ -941,6 +952,10 @@ impl Stepper {
             match self.move_state(&new)? {
                 Publish::Moved => {
                     crate::fault::point("after-publish");
+                    let overlays = self.overlays.get_mut();
+                    if self.prompts_unchanged && overlays.0 == self.tip {
+                        overlays.0.clone_from(&new);
+                    }
                     self.tip = new;
                     self.report.commits += 1;
                     return Ok(());
@@ -1140,6 +1155,23 @@ impl Stepper {
     }
 
     fn role_overlay(&self, role: &str) -> Result<Option<String>> {
+        {
+            let mut cache = self.overlays.borrow_mut();
+            if cache.0 != self.tip {
+                *cache = (self.tip.clone(), HashMap::new());
+            } else if let Some(known) = cache.1.get(role) {
+                return Ok(known.clone());
+            }
+        }
+        let overlay = self.read_role_overlay(role)?;
+        self.overlays
+            .borrow_mut()
+            .1
+            .insert(role.to_string(), overlay.clone());
+        Ok(overlay)
+    }
+
+    fn read_role_overlay(&self, role: &str) -> Result<Option<String>> {
         let rel = format!(
             "{}/prompts/{role}-overlay.yaml",
             self.specs_dir().trim_end_matches('/')
@@ -1183,6 +1215,7 @@ impl Stepper {
             base_commit: Some(record.start_head.clone()),
             secret_env: self.secret_env(),
             parent_env: None,
+            known_head: None,
         }
     }
 
@@ -1377,7 +1410,11 @@ impl Stepper {
             position: Some(task.position.clone().unwrap_or_default()),
             status: Some(task.status.as_str().to_string()),
         };
-        let spec = self.worker_spec(&record, text, &task.spec_ref, &branch);
+        let mut spec = self.worker_spec(&record, text, &task.spec_ref, &branch);
+        if new_worktree.is_none() {
+            // Looked up just now, and nothing moves a task's worktree between here and the agent.
+            spec.known_head = Some(record.start_head.clone());
+        }
         self.launch_with(record, spec, new_worktree)
     }
 

@@ -68,6 +68,9 @@ pub struct WorkerSpec {
     pub secret_env: Vec<String>,
     /// The environment the allowlist is applied to; `None` means hyperloop's own.
     pub parent_env: Option<Vec<(OsString, OsString)>>,
+    /// The commit the worktree has checked out, when the caller has just looked; `None`: the
+    /// worker asks git.
+    pub known_head: Option<String>,
 }
 
 impl WorkerSpec {
@@ -157,7 +160,11 @@ pub async fn run_worker(spec: &WorkerSpec, mut cancel: watch::Receiver<bool>) ->
     };
     let worktree = absolute(&spec.worktree);
     let wt = Git::new(&worktree);
-    let pre_head = match wt.rev_parse("HEAD") {
+    let looked_up = match &spec.known_head {
+        Some(h) => Ok(Some(h.clone())),
+        None => wt.rev_parse("HEAD"),
+    };
+    let pre_head = match looked_up {
         Ok(Some(h)) => h,
         Ok(None) => {
             return fail(format!(

@@ -10,7 +10,7 @@
 //! already), and uncommitted work is committed for the agent, both with trailers.
 
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
@@ -120,7 +120,8 @@ pub struct BranchReport {
     pub tree_changed: bool,
 }
 
-/// Cleans up the worktree's branch after a run that started at `pre_head`.
+/// Cleans up the worktree's branch after a run that started at `pre_head`. The common case (the
+/// agent committed its work and left nothing behind) costs three git commands.
 pub fn settle_branch(
     wt: &Git,
     pre_head: &str,
@@ -128,36 +129,74 @@ pub fn settle_branch(
     spec_ref: &str,
     task_id: &str,
 ) -> Result<BranchReport> {
-    let mut report = BranchReport {
-        agent_commits: rev_list(wt, pre_head)?.len(),
-        ..BranchReport::default()
-    };
+    let mut report = BranchReport::default();
     // The index may still be locked by a git the agent's group was running when it was killed.
-    let gitdir = std::path::PathBuf::from(wt.run_trim(["rev-parse", "--absolute-git-dir"])?);
+    let gitdir = git_dir(wt)?;
     let lock = gitdir.join("index.lock");
     if lock.exists() {
         std::fs::remove_file(&lock).map_err(|e| Error::io(&lock, e))?;
     }
 
-    let tracked = !wt
-        .run(["ls-tree", "--name-only", "HEAD", "--", RESULT_FILE])?
-        .trim()
-        .is_empty();
-    if tracked {
+    let result_blob = format!("HEAD:{RESULT_FILE}");
+    let pre_tree = format!("{pre_head}^{{tree}}");
+    let found = batch_check(wt, &[&result_blob, &pre_tree, "HEAD^{tree}"])?;
+    if found[0].is_some() {
         drop_result_file(wt, &gitdir, spec_ref, task_id)?;
         report.dropped_result_file = true;
     }
-
     if super::worktree::is_dirty(wt)? {
         let subject = format!("{role}: uncommitted work left by the agent");
         report.committed_leftovers = commit_all(wt, &subject, spec_ref, task_id)?.is_some();
     }
 
     report.commits = rev_list(wt, pre_head)?;
-    let before = wt.run_trim(["rev-parse", &format!("{pre_head}^{{tree}}")])?;
-    let after = wt.run_trim(["rev-parse", "HEAD^{tree}"])?;
-    report.tree_changed = before != after;
+    let ours = usize::from(report.dropped_result_file) + usize::from(report.committed_leftovers);
+    report.agent_commits = report.commits.len().saturating_sub(ours);
+    let after = if ours == 0 {
+        found[2].clone()
+    } else {
+        Some(wt.run_trim(["rev-parse", "HEAD^{tree}"])?)
+    };
+    report.tree_changed = found[1] != after;
     Ok(report)
+}
+
+/// The worktree's own git directory, read from its `.git` file (a linked worktree) or the
+/// directory itself, without running git.
+fn git_dir(wt: &Git) -> Result<PathBuf> {
+    let dot_git = wt.dir().join(".git");
+    if dot_git.is_dir() {
+        return Ok(dot_git);
+    }
+    let text = std::fs::read_to_string(&dot_git).map_err(|e| Error::io(&dot_git, e))?;
+    match text.trim().strip_prefix("gitdir:") {
+        Some(p) => {
+            let p = Path::new(p.trim());
+            Ok(if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                wt.dir().join(p)
+            })
+        }
+        // Not the usual layout: ask git.
+        None => Ok(PathBuf::from(wt.run_trim(["rev-parse", "--absolute-git-dir"])?)),
+    }
+}
+
+/// The object ids of `revs` (`None` for what does not exist), in one git command.
+fn batch_check(wt: &Git, revs: &[&str]) -> Result<Vec<Option<String>>> {
+    let input: String = revs.iter().map(|r| format!("{r}\n")).collect();
+    let out = wt.run_with_input(["cat-file", "--batch-check=%(objectname)"], input.as_bytes())?;
+    let mut lines = out.lines();
+    Ok(revs
+        .iter()
+        .map(|_| {
+            lines
+                .next()
+                .filter(|l| !l.ends_with(" missing") && !l.ends_with(" ambiguous"))
+                .map(str::to_string)
+        })
+        .collect())
 }
 
 /// Commits the removal of the result file, and nothing else: whatever the agent staged stays

@@ -113,3 +113,49 @@ fn publish_detects_a_moved_branch() {
         "their commit is untouched"
     );
 }
+
+/// A merge commit replayed onto a branch that moved keeps its second parent: the task branch's
+/// commits stay reachable after the branch is deleted.
+#[test]
+fn a_replayed_merge_commit_keeps_the_merged_branch() {
+    let env = TestEnv::new();
+    let r = env.repo("r");
+    let repo = Repo::open(&r.path).expect("open");
+    let base = repo.branch_tip("main").expect("tip").expect("exists");
+    env.git(&r.path, &["checkout", "-q", "-b", "worker/task-001"]);
+    r.write("feature.txt", "feature\n");
+    env.git(&r.path, &["add", "-A"]);
+    env.git(&r.path, &["commit", "-qm", "agent work"]);
+    let work = env.git(&r.path, &["rev-parse", "HEAD"]);
+    env.git(&r.path, &["checkout", "-q", "main"]);
+    let tree = env.git(&r.path, &["rev-parse", "worker/task-001^{tree}"]);
+    let merge = repo
+        .commit_tree(
+            &tree,
+            &[base.as_str(), work.as_str()],
+            "Merge worker/task-001\n\nTask-Ref: task-001\n",
+        )
+        .expect("merge commit");
+    r.write("other.txt", "other\n");
+    env.git(&r.path, &["add", "-A"]);
+    env.git(&r.path, &["commit", "-qm", "someone else"]);
+    let theirs = env.git(&r.path, &["rev-parse", "HEAD"]);
+
+    let replayed = repo
+        .replay(&merge, &base, &theirs)
+        .expect("replay")
+        .expect("no conflict");
+    assert_eq!(
+        env.git(&r.path, &["log", "-1", "--format=%P", &replayed]),
+        format!("{theirs} {work}")
+    );
+    assert_eq!(
+        env.git(&r.path, &["log", "-1", "--format=%B", &replayed]),
+        "Merge worker/task-001\n\nTask-Ref: task-001"
+    );
+    let files = env.git(&r.path, &["ls-tree", "--name-only", &replayed]);
+    assert!(
+        files.contains("feature.txt") && files.contains("other.txt"),
+        "{files}"
+    );
+}

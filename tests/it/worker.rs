@@ -286,6 +286,20 @@ async fn implementer_pass_without_work_is_suspicious() {
 }
 
 #[tokio::test]
+async fn implementer_commits_that_change_nothing_are_suspicious() {
+    let f = WorkerFixture::new(
+        "rules:\n  - role: implementer\n    actions:\n      - shell: git commit -q --allow-empty -m nothing\n      - verdict: {verdict: pass, detail: done}\n",
+    );
+    let out = run(&f.spec("task-001", "implementer")).await;
+    assert_eq!(out.verdict, Verdict::Pass);
+    assert_eq!(out.commits.len(), 1, "{out:?}");
+    assert_eq!(
+        out.suspicious.as_deref(),
+        Some("implementer reported pass but its commits change nothing")
+    );
+}
+
+#[tokio::test]
 async fn stale_result_file_is_removed_before_start() {
     let f = WorkerFixture::new("rules:\n  - role: verifier\n    actions:\n      - print: nothing\n");
     let spec = f.spec("task-001", "verifier");

@@ -92,6 +92,7 @@ impl WorkerFixture {
             base_commit: Some(self.base.clone()),
             secret_env: Vec::new(),
             parent_env: Some(self.parent_env()),
+            known_head: None,
         }
     }
 
