@@ -155,6 +155,32 @@ impl Git {
         self.check(&shown, &out)
     }
 
+    /// Starts a [`BlobWriter`]; its scratch files go in `scratch`.
+    pub fn blob_writer(&self, scratch: &Path) -> Result<BlobWriter> {
+        std::fs::create_dir_all(scratch).map_err(|e| Error::io(scratch, e))?;
+        let (mut cmd, shown) = self.command(["hash-object", "-w", "--no-filters", "--stdin-paths"]);
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        let mut child = cmd.spawn().map_err(|e| Error::Git {
+            args: shown.clone(),
+            dir: self.dir.clone(),
+            stderr: format!("cannot start git: {e}"),
+        })?;
+        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(Error::other("git hash-object: no pipes"));
+        };
+        Ok(BlobWriter {
+            child,
+            stdin: Some(stdin),
+            stdout: std::io::BufReader::new(stdout),
+            scratch: scratch.to_path_buf(),
+            written: 0,
+        })
+    }
+
     /// Like [`Git::run`], trimmed.
     pub fn run_trim<I, S>(&self, args: I) -> Result<String>
     where
@@ -208,4 +234,67 @@ impl Git {
 /// Formats `Spec-Ref`/`Task-Ref` trailers for a commit message.
 pub fn trailers(spec_ref: &str, task_ref: &str) -> String {
     format!("Spec-Ref: {spec_ref}\nTask-Ref: {task_ref}")
+}
+
+/// A long-lived `git hash-object -w --stdin-paths`: a step writes a blob for every state commit,
+/// and a file write is much cheaper than a git process.
+pub struct BlobWriter {
+    child: std::process::Child,
+    stdin: Option<std::process::ChildStdin>,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+    scratch: PathBuf,
+    written: u64,
+}
+
+impl std::fmt::Debug for BlobWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlobWriter")
+            .field("scratch", &self.scratch)
+            .field("written", &self.written)
+            .finish()
+    }
+}
+
+impl BlobWriter {
+    /// Writes `content` as a blob; returns its id. After an error the writer is not to be used
+    /// again.
+    pub fn write(&mut self, content: &[u8]) -> Result<String> {
+        use std::io::{BufRead, Write};
+        self.written += 1;
+        let path = self
+            .scratch
+            .join(format!("blob-{}-{}", std::process::id(), self.written));
+        let shown = path.to_string_lossy().into_owned();
+        if shown.contains('\n') {
+            return Err(Error::other("the scratch path cannot be passed on a line"));
+        }
+        std::fs::write(&path, content).map_err(|e| Error::io(&path, e))?;
+        let asked = (|| -> std::io::Result<String> {
+            let stdin = self
+                .stdin
+                .as_mut()
+                .ok_or_else(|| std::io::Error::other("closed"))?;
+            writeln!(stdin, "{shown}")?;
+            stdin.flush()?;
+            let mut line = String::new();
+            self.stdout.read_line(&mut line)?;
+            Ok(line.trim().to_string())
+        })();
+        let _ = std::fs::remove_file(&path);
+        let oid = asked.map_err(|e| Error::io(&path, e))?;
+        if oid.len() < 40 || !oid.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(Error::other(format!("git hash-object answered {oid:?}")));
+        }
+        Ok(oid)
+    }
+}
+
+impl Drop for BlobWriter {
+    fn drop(&mut self) {
+        // End of input ends it; it has nothing left to do by then.
+        drop(self.stdin.take());
+        if !matches!(self.child.try_wait(), Ok(Some(_))) {
+            let _ = self.child.wait();
+        }
+    }
 }

@@ -34,6 +34,8 @@ pub struct Repo {
     /// many times in a row on top of its own last commit, and each known tree is a git process
     /// saved.
     cache: std::sync::Arc<std::sync::Mutex<TreeCache>>,
+    /// Started with the first blob a step writes.
+    blobs: std::sync::Arc<std::sync::Mutex<Option<crate::git::BlobWriter>>>,
 }
 
 #[derive(Debug, Default)]
@@ -140,6 +142,7 @@ impl Repo {
         let common_dir = git.common_dir()?;
         Ok(Repo {
             cache: std::sync::Arc::default(),
+            blobs: std::sync::Arc::default(),
             git,
             root,
             common_dir,
@@ -289,8 +292,8 @@ impl Repo {
             for (path, entry) in &changes.files {
                 match entry {
                     Entry::Content(bytes) => {
-                        let oid = self.git.run_with_input(["hash-object", "-w", "--stdin"], bytes)?;
-                        index_info.push_str(&format!("100644 {}\t{}\n", oid.trim(), path));
+                        let oid = self.write_blob(bytes)?;
+                        index_info.push_str(&format!("100644 {oid}\t{path}\n"));
                     }
                     Entry::Blob { mode, oid } => {
                         index_info.push_str(&format!("{mode} {oid}\t{path}\n"));
@@ -322,6 +325,34 @@ impl Repo {
 
     /// Removes this process's private index (and any a dead step left behind). Call with the
     /// step lock held.
+    /// Writes a blob through the step's long-lived writer, or a git process of its own when the
+    /// writer cannot be had.
+    pub fn write_blob(&self, content: &[u8]) -> Result<String> {
+        if let Ok(mut slot) = self.blobs.lock() {
+            if slot.is_none() {
+                *slot = self.git.blob_writer(&self.blob_scratch()).ok();
+            }
+            if let Some(writer) = slot.as_mut() {
+                match writer.write(content) {
+                    Ok(oid) => return Ok(oid),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "the blob writer failed; writing blobs one by one");
+                        *slot = None;
+                    }
+                }
+            }
+        }
+        Ok(self
+            .git
+            .run_with_input(["hash-object", "-w", "--stdin"], content)?
+            .trim()
+            .to_string())
+    }
+
+    fn blob_scratch(&self) -> PathBuf {
+        self.common_dir.join("hyperloop-blobs")
+    }
+
     pub fn discard_private_indexes(&self) {
         if let Ok(mut c) = self.cache.lock() {
             c.index_tree = None;
@@ -332,6 +363,15 @@ impl Repo {
         for e in entries.flatten() {
             if e.file_name().to_string_lossy().starts_with("hyperloop-index-") {
                 let _ = std::fs::remove_file(e.path());
+            }
+        }
+        // Scratch files of a writer that was killed mid-blob; ours are removed as they go.
+        if let Ok(scratch) = std::fs::read_dir(self.blob_scratch()) {
+            let own = format!("blob-{}-", std::process::id());
+            for e in scratch.flatten() {
+                if !e.file_name().to_string_lossy().starts_with(&own) {
+                    let _ = std::fs::remove_file(e.path());
+                }
             }
         }
     }

@@ -345,6 +345,14 @@ struct Stepper {
     overlays: std::cell::RefCell<(String, HashMap<String, Option<String>>)>,
     /// The commit being published leaves the prompts folder as it was.
     prompts_unchanged: bool,
+    /// Local commits on top of the published branch, oldest first (`tip` is the last): a merge
+    /// is published together with the commit that follows it (usually the next task's start),
+    /// and always before a worker starts, a branch is deleted, or the step waits or ends.
+    staged: Vec<String>,
+    /// Where the branch is while `staged` is not empty.
+    published: Option<String>,
+    /// How many of the staged commits are merges.
+    staged_merges: usize,
 }
 
 impl Stepper {
@@ -399,6 +407,9 @@ impl Stepper {
             excludes_ok: false,
             overlays: std::cell::RefCell::new((String::new(), HashMap::new())),
             prompts_unchanged: false,
+            staged: Vec::new(),
+            published: None,
+            staged_merges: 0,
             budget_blocked: false,
             live,
             cooling: HashSet::new(),
@@ -476,7 +487,7 @@ impl Stepper {
         }
         let outcome = loop {
             if !cancelled {
-                let acted = self.act().await;
+                let acted = self.act().await.and_then(|_| self.flush_staged());
                 self.flush_cleanup();
                 if let Err(e) = acted {
                     break Err(e);
@@ -511,6 +522,9 @@ impl Stepper {
                 }
             }
         };
+        // Interrupted or not, a merge made in this step is kept.
+        let flushed = self.flush_staged();
+        let outcome = outcome.and(flushed);
         if outcome.is_err() {
             // Stop what still runs: their tasks stay where they are and run again next step.
             let _ = self.cancel_tx.send(true);
@@ -947,17 +961,48 @@ impl Stepper {
         Ok(true)
     }
 
-    fn publish(&mut self, mut new: String) -> Result<()> {
+    /// Keeps a commit on top of `tip` local for now (see `staged`).
+    fn stage_merge(&mut self, new: String) {
+        self.staged_merges += 1;
+        if self.published.is_none() {
+            self.published = Some(self.tip.clone());
+        }
+        self.staged.push(new.clone());
+        self.tip = new;
+    }
+
+    /// Publishes what is staged.
+    fn flush_staged(&mut self) -> Result<()> {
+        match self.staged.pop() {
+            Some(last) => self.publish(last),
+            None => Ok(()),
+        }
+    }
+
+    /// Moves the state branch to `new`, a child of `tip`, with whatever is staged before it.
+    fn publish(&mut self, new: String) -> Result<()> {
+        let mut chain = std::mem::take(&mut self.staged);
+        let merges = std::mem::take(&mut self.staged_merges);
+        chain.push(new);
+        if let Some(published) = self.published.take() {
+            self.tip = published;
+        }
         for _ in 0..5 {
+            let Some(new) = chain.last().cloned() else {
+                return Ok(());
+            };
             match self.move_state(&new)? {
                 Publish::Moved => {
                     crate::fault::point("after-publish");
+                    for _ in 0..merges {
+                        crate::fault::point("merge-after-publish");
+                    }
                     let overlays = self.overlays.get_mut();
-                    if self.prompts_unchanged && overlays.0 == self.tip {
+                    if self.prompts_unchanged && chain.len() == 1 && overlays.0 == self.tip {
                         overlays.0.clone_from(&new);
                     }
                     self.tip = new;
-                    self.report.commits += 1;
+                    self.report.commits += u32::try_from(chain.len()).unwrap_or(u32::MAX);
                     return Ok(());
                 }
                 Publish::Raced(current) if !current.is_empty() => {
@@ -967,21 +1012,28 @@ impl Stepper {
                         branch = self.branch.as_str(),
                         onto = current.as_str()
                     );
-                    match self.repo.replay(&new, &self.tip, &current)? {
-                        Some(replayed) => {
-                            self.tip = current;
-                            new = replayed;
-                            // Someone else changed the branch: their edits to task files win
-                            // where they touched them, so read the state again.
-                            self.reload_keep_tasks()?;
-                        }
-                        None => {
+                    // Each commit again on top of the other writer's, in order.
+                    let mut replayed = Vec::with_capacity(chain.len());
+                    let (mut parent, mut onto) = (self.tip.clone(), current.clone());
+                    for commit in &chain {
+                        let Some(again) = self.repo.replay(commit, &parent, &onto)? else {
                             return Err(Error::other(format!(
                                 "branch `{}` changed during the step in a way that conflicts with hyperloop's state commit",
                                 self.branch
                             )));
-                        }
+                        };
+                        parent.clone_from(commit);
+                        onto.clone_from(&again);
+                        replayed.push(again);
                     }
+                    self.tip = current;
+                    // Someone else changed the branch: their edits to task files win where
+                    // they touched them, so read the state again — with this step's own
+                    // changes on top, as they will be published.
+                    if let Some(head) = replayed.last() {
+                        self.reload_keep_tasks_at(head)?;
+                    }
+                    chain = replayed;
                 }
                 Publish::Raced(_) => {
                     return Err(Error::other(format!(
@@ -1014,9 +1066,13 @@ impl Stepper {
     /// After the branch moved under us: take what the other writer changed, except for the
     /// tasks this step has workers for (a change to those would have made the replay conflict).
     fn reload_keep_tasks(&mut self) -> Result<()> {
-        let tree = self
-            .repo
-            .read_tree_state(&self.tip, &self.config.target.specs_dir)?;
+        let tip = self.tip.clone();
+        self.reload_keep_tasks_at(&tip)
+    }
+
+    /// [`Stepper::reload_keep_tasks`] from the state at `commit`.
+    fn reload_keep_tasks_at(&mut self, commit: &str) -> Result<()> {
+        let tree = self.repo.read_tree_state(commit, &self.config.target.specs_dir)?;
         self.specs = tree
             .specs
             .into_iter()
@@ -1241,6 +1297,9 @@ impl Stepper {
         spec: WorkerSpec,
         new_worktree: Option<NewWorktree>,
     ) -> Result<()> {
+        // A worker starts from published state only: what it was started for must survive a
+        // crash of this step.
+        self.flush_staged()?;
         let dir = self.running_dir();
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         let text = serde_json::to_vec_pretty(&record).map_err(|e| Error::other(e.to_string()))?;
@@ -2052,8 +2111,12 @@ impl Stepper {
                 let parent_refs: Vec<&str> = parents.iter().map(String::as_str).collect();
                 let commit = self.repo.commit_tree(&merged_tree, &parent_refs, &message)?;
                 crate::fault::point("merge-before-publish");
-                self.publish(commit)?;
-                crate::fault::point("merge-after-publish");
+                if self.gh.is_none() {
+                    self.stage_merge(commit);
+                } else {
+                    self.publish(commit)?;
+                    crate::fault::point("merge-after-publish");
+                }
                 emit!(
                     INFO,
                     "merge_attempted",
@@ -2120,6 +2183,17 @@ impl Stepper {
     /// Removes a task's worktree and branch after its merge — only a branch the task file says
     /// hyperloop made.
     fn delete_task_branch(&mut self, task_id: &str, branch: &str) -> bool {
+        // The merge that makes the branch redundant must be published before it goes.
+        if let Err(e) = self.flush_staged() {
+            emit!(
+                WARN,
+                "cleanup_failed",
+                task_id = task_id,
+                branch = branch,
+                error = e.to_string().as_str()
+            );
+            return false;
+        }
         // Only the branch hyperloop names for this task: a task file (written by a person or an
         // agent) naming any other branch must never get that branch deleted.
         if branch != format!("worker/{task_id}")
@@ -2342,6 +2416,7 @@ impl Stepper {
     // ----- the end ----------------------------------------------------------------------------
 
     fn finish(&mut self) -> Result<StepReport> {
+        self.flush_staged()?;
         for (id, branch) in std::mem::take(&mut self.cleanup_retry) {
             self.delete_task_branch(&id, &branch);
         }

@@ -1122,3 +1122,66 @@ fn a_closed_gate_is_reported_once_per_step() {
         Some("debug")
     );
 }
+
+/// A merge is published together with the next task's start. When someone commits to the base
+/// branch meanwhile, both are replayed on top, in order, and the merge commit still merges the
+/// task's branch.
+#[test]
+fn a_merge_and_the_next_start_are_replayed_over_a_commit_made_meanwhile() {
+    let p = Project::new(
+        r#"
+  - role: verifier
+    task: task-001
+    actions:
+      - shell: 'cd "$(git rev-parse --path-format=absolute --git-common-dir)/.." && echo mine > note.txt && git add note.txt && git commit -qm "a commit of my own"'
+      - verdict: {verdict: pass, detail: "fine"}
+"#,
+        "merge:\n  strategy: merge\n  delete_branch: false\n",
+    );
+    let config = std::fs::read_to_string(p.repo.path.join(".hyperloop.yaml")).expect("config");
+    p.repo.write(
+        ".hyperloop.yaml",
+        &config.replace("max_workers: 2", "max_workers: 1"),
+    );
+    p.repo.write("specs/a.md", "# A\n");
+    p.write_task("task-001", "specs/a.md", &[]);
+    p.write_task("task-002", "specs/a.md", &[]);
+    p.commit_all("tasks");
+    let out = p.hyperloop(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let evs = events(&out);
+    assert!(
+        !named(&evs, "state_rebased").is_empty(),
+        "the race happened: {}",
+        describe(&out)
+    );
+
+    let mine = p.git(&["log", "--format=%H", "--grep=a commit of my own", "main"]);
+    let merge1 = p.git(&["log", "--format=%H", "--merges", "--grep=(task-001)", "main"]);
+    assert_eq!(merge1.lines().count(), 1, "{merge1}");
+    assert!(
+        p.env
+            .command("git")
+            .current_dir(&p.repo.path)
+            .args(["merge-base", "--is-ancestor", &mine, &merge1])
+            .status()
+            .expect("git")
+            .success(),
+        "the merge comes after the commit made meanwhile"
+    );
+    assert_eq!(
+        p.git(&["rev-parse", &format!("{merge1}^2")]),
+        p.git(&["rev-parse", "worker/task-001"])
+    );
+    // The start of task-002 follows the merge, as it was made.
+    let after = p.git(&["log", "--format=%s", "--reverse", &format!("{merge1}..main")]);
+    assert!(
+        after.lines().next().is_some_and(|l| l.contains("start task-002")),
+        "{after}"
+    );
+    assert_eq!(p.repo.read("note.txt"), "mine\n");
+    for id in ["task-001", "task-002"] {
+        assert_eq!(p.task(id)["status"], "complete");
+    }
+    assert_clean_tree(&p);
+}
