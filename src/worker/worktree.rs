@@ -375,6 +375,7 @@ pub fn prepare_task_worktree(
         }
         // A stale registration of the same path, say: fall through to the careful way.
     }
+    clear_stale_lock(&git.common_dir()?.join(format!("{branch_ref}.lock")))?;
     git.run(["worktree", "prune"])?;
 
     if git.rev_parse(&branch_ref)?.is_none() {
@@ -415,6 +416,23 @@ pub fn prepare_task_worktree(
     }
     add_worktree(git, &path, &[branch])?;
     Ok(path)
+}
+
+/// Removes a lock file that a killed git left behind (an agent stopped in the middle of a commit
+/// leaves its branch locked for good). A live git holds a lock for milliseconds: one that stays
+/// for a few seconds has no owner.
+pub(crate) fn clear_stale_lock(lock: &Path) -> Result<()> {
+    for _ in 0..40 {
+        if !lock.exists() {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    tracing::warn!(path = %lock.display(), "removing a lock file left by a killed git");
+    match std::fs::remove_file(lock) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(lock, e)),
+        _ => Ok(()),
+    }
 }
 
 fn repair_task_worktree(wt: &Git, task_id: &str, spec_ref: &str, branch: &str) -> Result<()> {

@@ -679,6 +679,39 @@ fn a_worktree_whose_creation_was_killed_is_cleared() {
     assert!(removed.is_ok() && deleted.is_ok(), "{removed:?} {deleted:?}");
 }
 
+/// An agent killed in the middle of a commit leaves its branch's ref locked; the next worker of
+/// the task must not fail on it.
+#[test]
+fn a_branch_lock_left_by_a_killed_git_is_cleared() {
+    let f = WorkerFixture::new("rules: []\n");
+    let wt = f.worktree("task-001");
+    let path = f.repo.path.join(".hyperloop/worktrees/task-001");
+    remove_worktree(&f.git, &path).expect("remove");
+    assert!(!wt.exists());
+    let lock = f.repo.path.join(".git/refs/heads/worker/task-001.lock");
+    std::fs::write(&lock, format!("{}\n", f.base)).expect("lock");
+    let again = f.worktree("task-001");
+    assert!(again.join(".git").exists());
+    assert!(!lock.exists());
+    assert_eq!(
+        f.git_in(&again, &["symbolic-ref", "HEAD"]),
+        "refs/heads/worker/task-001"
+    );
+}
+
+/// The same after the agent itself: its work, left uncommitted behind a lock of its branch, is
+/// still committed.
+#[tokio::test]
+async fn a_branch_lock_left_by_the_agent_does_not_lose_its_work() {
+    let f = WorkerFixture::new(
+        "rules:\n  - role: implementer\n    actions:\n      - shell: 'echo work > work.txt && touch \"$(git rev-parse --path-format=absolute --git-common-dir)/refs/heads/worker/task-001.lock\"'\n      - verdict: {verdict: pass, detail: done}\n",
+    );
+    let out = run(&f.spec("task-001", "implementer")).await;
+    assert_eq!(out.verdict, Verdict::Pass, "{out:?}");
+    assert_eq!(out.commits.len(), 1, "{out:?}");
+    assert!(!f.repo.path.join(".git/refs/heads/worker/task-001.lock").exists());
+}
+
 #[test]
 fn base_worktree_is_detached_and_clean() {
     let f = WorkerFixture::new("rules: []\n");
