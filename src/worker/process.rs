@@ -126,6 +126,21 @@ impl WorkerSpec {
             own.into_iter()
                 .map(|(k, v)| (OsString::from(k), OsString::from(v))),
         );
+        // No background maintenance started from an agent's commits: it would outlive the
+        // worker, and stopping it halfway leaves the repository's locks behind.
+        if !vars.iter().any(|(k, _)| k == "GIT_CONFIG_COUNT") {
+            vars.extend(
+                [
+                    ("GIT_CONFIG_COUNT", "2"),
+                    ("GIT_CONFIG_KEY_0", "maintenance.auto"),
+                    ("GIT_CONFIG_VALUE_0", "false"),
+                    ("GIT_CONFIG_KEY_1", "gc.auto"),
+                    ("GIT_CONFIG_VALUE_1", "0"),
+                ]
+                .into_iter()
+                .map(|(k, v)| (OsString::from(k), OsString::from(v))),
+            );
+        }
         vars
     }
 }
@@ -707,6 +722,13 @@ mod tests {
             env.get("HYPERLOOP_PROMPT_FILE").map(String::as_str),
             Some("/repo/.hyperloop/logs/task-001-implementer-r2-n1.prompt.md")
         );
-        assert_eq!(env.len(), 11);
+        // Background maintenance off, so an agent's commits leave no git running after it.
+        assert_eq!(env.get("GIT_CONFIG_COUNT").map(String::as_str), Some("2"));
+        assert_eq!(
+            env.get("GIT_CONFIG_KEY_0").map(String::as_str),
+            Some("maintenance.auto")
+        );
+        assert_eq!(env.get("GIT_CONFIG_VALUE_1").map(String::as_str), Some("0"));
+        assert_eq!(env.len(), 16);
     }
 }

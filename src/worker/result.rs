@@ -136,12 +136,9 @@ pub fn settle_branch(
     if lock.exists() {
         std::fs::remove_file(&lock).map_err(|e| Error::io(&lock, e))?;
     }
-    // And the branch itself, when the agent was stopped in the middle of a commit.
-    if let Some(lock) = branch_lock(&gitdir)
-        && lock.exists()
-    {
-        super::worktree::clear_stale_lock(&lock)?;
-    }
+    // And the worktree's HEAD and its branch, when the agent was stopped in the middle of a
+    // commit.
+    super::worktree::clear_commit_locks(&gitdir)?;
 
     let result_blob = format!("HEAD:{RESULT_FILE}");
     let pre_tree = format!("{pre_head}^{{tree}}");
@@ -187,17 +184,6 @@ fn git_dir(wt: &Git) -> Result<PathBuf> {
         // Not the usual layout: ask git.
         None => Ok(PathBuf::from(wt.run_trim(["rev-parse", "--absolute-git-dir"])?)),
     }
-}
-
-/// The lock file of the branch a worktree has checked out, from its git files.
-fn branch_lock(gitdir: &Path) -> Option<PathBuf> {
-    let head = std::fs::read_to_string(gitdir.join("HEAD")).ok()?;
-    let refname = head.trim().strip_prefix("ref:")?.trim().to_string();
-    let common = match std::fs::read_to_string(gitdir.join("commondir")) {
-        Ok(c) => gitdir.join(c.trim()),
-        Err(_) => gitdir.to_path_buf(),
-    };
-    Some(common.join(format!("{refname}.lock")))
 }
 
 /// The object ids of `revs` (`None` for what does not exist), in one git command.

@@ -257,6 +257,7 @@ fn clear_interrupted_operations(wt: &Git) -> Result<()> {
     if lock.exists() {
         std::fs::remove_file(&lock).map_err(|e| Error::io(&lock, e))?;
     }
+    clear_commit_locks(&gitdir)?;
     let rebasing = gitdir.join("rebase-merge").exists() || gitdir.join("rebase-apply").exists();
     if rebasing && !wt.succeeds(["rebase", "--abort"])? {
         for d in ["rebase-merge", "rebase-apply"] {
@@ -314,15 +315,28 @@ pub fn remove_worktree_and_branch(git: &Git, path: &Path, branch: &str) -> (Resu
     let held = admin_lock();
     let worktree = remove_worktree_held(git, path, &held);
     crate::fault::point("before-branch-delete");
-    let deleted = git.output(["branch", "-D", branch]).and_then(|out| {
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(Error::other(
-                String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            ))
-        }
-    });
+    let delete = || {
+        git.output(["branch", "-D", branch]).and_then(|out| {
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(Error::other(
+                    String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                ))
+            }
+        })
+    };
+    let mut deleted = delete();
+    // A git killed while it rewrote packed-refs (a background `gc` of an agent's, say) leaves
+    // its lock behind, and no branch can be deleted after that.
+    if deleted
+        .as_ref()
+        .is_err_and(|e| e.to_string().contains("packed-refs.lock"))
+        && let Ok(common) = git.common_dir()
+        && clear_stale_lock(&common.join("packed-refs.lock")).is_ok()
+    {
+        deleted = delete();
+    }
     (worktree, deleted)
 }
 
@@ -433,6 +447,32 @@ pub(crate) fn clear_stale_lock(lock: &Path) -> Result<()> {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(lock, e)),
         _ => Ok(()),
     }
+}
+
+/// Clears the locks a git killed in the middle of a commit leaves in a worktree: its HEAD's and
+/// its branch's.
+pub(crate) fn clear_commit_locks(gitdir: &Path) -> Result<()> {
+    let head_lock = gitdir.join("HEAD.lock");
+    if head_lock.exists() {
+        clear_stale_lock(&head_lock)?;
+    }
+    if let Some(lock) = branch_lock(gitdir)
+        && lock.exists()
+    {
+        clear_stale_lock(&lock)?;
+    }
+    Ok(())
+}
+
+/// The lock file of the branch a worktree has checked out, from its git files.
+fn branch_lock(gitdir: &Path) -> Option<PathBuf> {
+    let head = std::fs::read_to_string(gitdir.join("HEAD")).ok()?;
+    let refname = head.trim().strip_prefix("ref:")?.trim().to_string();
+    let common = match std::fs::read_to_string(gitdir.join("commondir")) {
+        Ok(c) => gitdir.join(c.trim()),
+        Err(_) => gitdir.to_path_buf(),
+    };
+    Some(common.join(format!("{refname}.lock")))
 }
 
 fn repair_task_worktree(wt: &Git, task_id: &str, spec_ref: &str, branch: &str) -> Result<()> {

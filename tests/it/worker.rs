@@ -712,6 +712,35 @@ async fn a_branch_lock_left_by_the_agent_does_not_lose_its_work() {
     assert!(!f.repo.path.join(".git/refs/heads/worker/task-001.lock").exists());
 }
 
+/// A git killed while it rewrote packed-refs leaves its lock: branch deletion clears it.
+#[test]
+fn a_packed_refs_lock_left_by_a_killed_git_does_not_stop_cleanup() {
+    let f = WorkerFixture::new("rules: []\n");
+    f.worktree("task-001");
+    let lock = f.repo.path.join(".git/packed-refs.lock");
+    std::fs::write(&lock, "").expect("lock");
+    let path = f.repo.path.join(".hyperloop/worktrees/task-001");
+    let (removed, deleted) = remove_worktree_and_branch(&f.git, &path, "worker/task-001");
+    assert!(removed.is_ok() && deleted.is_ok(), "{removed:?} {deleted:?}");
+    assert_eq!(
+        f.git_in(&f.repo.path, &["branch", "--list", "worker/task-001"]),
+        ""
+    );
+    assert!(!lock.exists());
+}
+
+/// A git killed in the middle of the agent's commit can also leave the worktree's HEAD locked.
+#[tokio::test]
+async fn a_head_lock_left_by_the_agent_does_not_lose_its_work() {
+    let f = WorkerFixture::new(
+        "rules:\n  - role: implementer\n    actions:\n      - shell: 'echo work > work.txt && touch \"$(git rev-parse --absolute-git-dir)/HEAD.lock\"'\n      - verdict: {verdict: pass, detail: done}\n",
+    );
+    let out = run(&f.spec("task-001", "implementer")).await;
+    assert_eq!(out.verdict, Verdict::Pass, "{out:?}");
+    assert_eq!(out.commits.len(), 1, "{out:?}");
+    assert!(!f.repo.path.join(".git/worktrees/task-001/HEAD.lock").exists());
+}
+
 #[test]
 fn base_worktree_is_detached_and_clean() {
     let f = WorkerFixture::new("rules: []\n");
