@@ -218,28 +218,33 @@ impl Stepper {
 
     /// Fetches `branch` from `origin`: its tip there, or `None` when origin has no such branch.
     pub(super) fn fetch_branch(&self, branch: &str) -> Result<Option<String>> {
-        let gh = self.gh()?;
-        let refspec = format!("+refs/heads/{branch}:refs/remotes/{}/{branch}", gh.remote);
-        let _held = crate::worker::worktree::admin_lock();
-        let out = gh.git.output([
-            "fetch",
-            "--quiet",
-            "--no-tags",
-            gh.remote.as_str(),
-            refspec.as_str(),
-        ])?;
-        if !out.status.success() {
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            if stderr.contains("couldn't find remote ref") {
-                return Ok(None);
-            }
-            return Err(Error::Git {
-                args: format!("fetch {} {refspec}", gh.remote),
-                dir: self.repo.root.clone(),
-                stderr: stderr.trim().to_string(),
-            });
+        let remote = self.gh()?.remote.clone();
+        if !self.fetch_refspec(&format!("+refs/heads/{branch}:refs/remotes/{remote}/{branch}"))? {
+            return Ok(None);
         }
         self.repo.git.rev_parse(&self.remote_ref(branch))
+    }
+
+    /// Fetches one refspec from origin; false when origin has no such branch.
+    fn fetch_refspec(&self, refspec: &str) -> Result<bool> {
+        let gh = self.gh()?;
+        // Fetching into a local branch looks at every worktree.
+        let _held = crate::worker::worktree::admin_lock();
+        let out = gh
+            .git
+            .output(["fetch", "--quiet", "--no-tags", gh.remote.as_str(), refspec])?;
+        if out.status.success() {
+            return Ok(true);
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if stderr.contains("couldn't find remote ref") {
+            return Ok(false);
+        }
+        Err(Error::Git {
+            args: format!("fetch {} {refspec}", gh.remote),
+            dir: self.repo.root.clone(),
+            stderr: stderr.trim().to_string(),
+        })
     }
 
     /// Creates `branch` on origin at `commit`, unless someone created it first. Returns where it
@@ -648,26 +653,8 @@ impl Stepper {
         if let Some(tip) = self.repo.branch_tip(branch)? {
             return Ok(Some(tip));
         }
-        let gh = self.gh()?;
-        let refspec = format!("refs/heads/{branch}:refs/heads/{branch}");
-        let _held = crate::worker::worktree::admin_lock();
-        let out = gh.git.output([
-            "fetch",
-            "--quiet",
-            "--no-tags",
-            gh.remote.as_str(),
-            refspec.as_str(),
-        ])?;
-        if !out.status.success() {
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            if stderr.contains("couldn't find remote ref") {
-                return Ok(None);
-            }
-            return Err(Error::Git {
-                args: format!("fetch {} {refspec}", gh.remote),
-                dir: self.repo.root.clone(),
-                stderr: stderr.trim().to_string(),
-            });
+        if !self.fetch_refspec(&format!("refs/heads/{branch}:refs/heads/{branch}"))? {
+            return Ok(None);
         }
         self.repo.branch_tip(branch)
     }
