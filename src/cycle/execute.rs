@@ -258,13 +258,17 @@ pub fn dry_run(target: &Target) -> Result<String> {
     match target.repo.branch_tip(branch)? {
         None => out.push_str(&format!("branch `{branch}` does not exist yet: nothing to do\n")),
         Some(tip) => {
-            let tree = target
-                .repo
-                .read_tree_state(&tip, &target.config.target.specs_dir)?;
+            let specs_dir = &target.config.target.specs_dir;
+            let tree = target.repo.read_tree_state(&tip, specs_dir)?;
+            // With task state on a branch of its own, the specs people write are on the base.
+            let base = &target.config.target.base_branch;
+            let specs = match target.repo.branch_tip(base)? {
+                Some(base_tip) if base != branch => target.repo.read_tree_state(&base_tip, specs_dir)?.specs,
+                _ => tree.specs,
+            };
             let snapshot = Snapshot {
                 tasks: tree.tasks,
-                specs: tree
-                    .specs
+                specs: specs
                     .iter()
                     .map(|s| SpecInfo {
                         path: s.path.clone(),

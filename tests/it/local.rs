@@ -1044,6 +1044,13 @@ fn a_separate_state_branch_keeps_the_base_for_code() {
     // main and merges there.
     p.repo.write("specs/b.md", "# B\n\nBuild B.\n");
     p.commit_all("spec b");
+    let dry = p.hyperloop(&["step", "--dry-run"]);
+    assert_eq!(dry.status.code(), Some(0), "{}", describe(&dry));
+    let plan = String::from_utf8_lossy(&dry.stdout);
+    assert!(
+        plan.contains("run intake (pm) for new or changed specs: specs/b.md"),
+        "the dry run sees main's specs too: {plan}"
+    );
     let out = p.hyperloop(&["run"]);
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     let tasks = p.status();
