@@ -462,11 +462,24 @@ fn stopped_by_signal(cycle: u64, last: &StepReport) -> Error {
 /// `approve TASK`: records that the gate TASK waits at is cleared (local mode).
 fn approve(target: &Target, task_id: &str, gate: Option<&str>) -> Result<Outcome> {
     let repo = &target.repo;
+    let mut said = false;
     let _lock = loop {
         match StepLock::acquire(&repo.common_dir.join("hyperloop.lock")) {
             Ok(l) => break l,
-            // A running step holds the lock; approvals are quick, so wait for it.
-            Err(Error::Busy { .. }) => std::thread::sleep(Duration::from_millis(200)),
+            // A running step holds the lock and writes the same task files: the approval is
+            // recorded as soon as it ends (or stops between its commits).
+            Err(Error::Busy { .. }) => {
+                if !said {
+                    emit!(
+                        INFO,
+                        "approve_waiting",
+                        task_id = task_id,
+                        reason = "a step is running; the approval is recorded when it ends"
+                    );
+                    said = true;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
             Err(e) => return Err(e),
         }
     };

@@ -159,6 +159,11 @@ fn approve_racing_a_working_step_loses_neither_update() {
     let mut approve = f.spawn(&["approve", "task-001"], None, "approve");
     let st = approve.wait(Duration::from_secs(120));
     assert_eq!(st.code(), Some(0), "{}", approve.stderr());
+    assert!(
+        approve.stderr().contains("approve_waiting"),
+        "it says why it waits: {}",
+        approve.stderr()
+    );
     let st = step.wait(Duration::from_secs(120));
     assert_eq!(st.code(), Some(0), "{}", step.stderr());
     // Both updates are there: the approval, and everything the step did for task-003.
