@@ -1192,3 +1192,51 @@ fn a_merge_and_the_next_start_are_replayed_over_a_commit_made_meanwhile() {
     }
     assert_clean_tree(&p);
 }
+
+/// The process improver's overlay reaches the prompts that follow it in the same run, though
+/// role overlays are read once per change of the prompts folder.
+#[test]
+fn the_improvers_overlay_reaches_the_next_prompts() {
+    let dumps = tempfile::tempdir().expect("tempdir");
+    let rules = format!(
+        r#"
+  - role: process-improver
+    actions:
+      - shell: "mkdir -p specs/prompts && printf 'prompt: |\n  Remember the tests the verifier asked for.\n' > specs/prompts/implementer-overlay.yaml && git add specs/prompts && git commit -qm improve"
+      - verdict: {{verdict: pass, detail: "overlay written"}}
+  - role: verifier
+    round: 0
+    actions:
+      - verdict: {{verdict: fail, findings: 1, detail: "tests are missing"}}
+  - role: verifier
+    round: 1
+    actions:
+      - verdict: {{verdict: fail, findings: 1, detail: "still missing"}}
+  - role: implementer
+    actions:
+      - shell: 'cp "$HYPERLOOP_PROMPT_FILE" "{dir}/implementer-$HYPERLOOP_ROUND.md"'
+      - implement_task: true
+      - verdict: {{verdict: pass, detail: "implemented"}}
+"#,
+        dir = dumps.path().display()
+    );
+    let p = Project::new(&rules, "");
+    let config = std::fs::read_to_string(p.repo.path.join(".hyperloop.yaml")).expect("config");
+    p.repo.write(
+        ".hyperloop.yaml",
+        &config.replace("max_workers: 2", "max_workers: 1"),
+    );
+    p.repo.write("specs/a.md", "# A\n");
+    p.write_task("task-001", "specs/a.md", &[]);
+    p.commit_all("tasks");
+    let out = p.hyperloop(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert_eq!(p.task("task-001")["round"], 2);
+    let first = std::fs::read_to_string(dumps.path().join("implementer-0.md")).expect("round 0");
+    assert!(!first.contains("Remember the tests"), "{first}");
+    let last = std::fs::read_to_string(dumps.path().join("implementer-2.md")).expect("round 2");
+    assert!(
+        last.contains("Remember the tests the verifier asked for."),
+        "{last}"
+    );
+}
