@@ -443,19 +443,23 @@ impl Stepper {
             .repo
             .read_tree_state(&self.tip, &self.config.target.specs_dir)?;
         self.tasks = tree.tasks.into_iter().map(|t| (t.id.clone(), t)).collect();
-        self.specs = tree
-            .specs
-            .into_iter()
-            .map(|s| SpecInfo {
-                path: s.path,
-                hash: s.hash,
-            })
-            .collect();
         self.intake_record = tree.intake_record;
         self.intake_failures = tree.intake_failures;
-        if let Some(specs) = self.specs_on_base()? {
-            self.specs = specs;
-        }
+        self.set_specs(tree.specs)
+    }
+
+    /// The specs of the state just read — or the base branch's, when task state lives apart.
+    fn set_specs(&mut self, read: Vec<crate::state::SpecBlob>) -> Result<()> {
+        self.specs = match self.specs_on_base()? {
+            Some(specs) => specs,
+            None => read
+                .into_iter()
+                .map(|s| SpecInfo {
+                    path: s.path,
+                    hash: s.hash,
+                })
+                .collect(),
+        };
         Ok(())
     }
 
@@ -1077,17 +1081,7 @@ impl Stepper {
     /// [`Stepper::reload_keep_tasks`] from the state at `commit`.
     fn reload_keep_tasks_at(&mut self, commit: &str) -> Result<()> {
         let tree = self.repo.read_tree_state(commit, &self.config.target.specs_dir)?;
-        self.specs = tree
-            .specs
-            .into_iter()
-            .map(|s| SpecInfo {
-                path: s.path,
-                hash: s.hash,
-            })
-            .collect();
-        if let Some(specs) = self.specs_on_base()? {
-            self.specs = specs;
-        }
+        self.set_specs(tree.specs)?;
         let busy: HashSet<String> = self.running.values().map(|r| r.record.task_id.clone()).collect();
         for t in tree.tasks {
             if !busy.contains(&t.id) {

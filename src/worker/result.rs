@@ -130,15 +130,9 @@ pub fn settle_branch(
     task_id: &str,
 ) -> Result<BranchReport> {
     let mut report = BranchReport::default();
-    // The index may still be locked by a git the agent's group was running when it was killed.
+    // A git the agent's group was running when it was stopped may have left its locks.
     let gitdir = git_dir(wt)?;
-    let lock = gitdir.join("index.lock");
-    if lock.exists() {
-        std::fs::remove_file(&lock).map_err(|e| Error::io(&lock, e))?;
-    }
-    // And the worktree's HEAD and its branch, when the agent was stopped in the middle of a
-    // commit.
-    super::worktree::clear_commit_locks(&gitdir)?;
+    super::worktree::clear_worktree_locks(&gitdir)?;
 
     let result_blob = format!("HEAD:{RESULT_FILE}");
     let pre_tree = format!("{pre_head}^{{tree}}");

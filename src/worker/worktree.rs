@@ -253,11 +253,7 @@ pub fn is_dirty(git: &Git) -> Result<bool> {
 /// merge, cherry-pick or revert in progress.
 fn clear_interrupted_operations(wt: &Git) -> Result<()> {
     let gitdir = PathBuf::from(wt.run_trim(["rev-parse", "--absolute-git-dir"])?);
-    let lock = gitdir.join("index.lock");
-    if lock.exists() {
-        std::fs::remove_file(&lock).map_err(|e| Error::io(&lock, e))?;
-    }
-    clear_commit_locks(&gitdir)?;
+    clear_worktree_locks(&gitdir)?;
     let rebasing = gitdir.join("rebase-merge").exists() || gitdir.join("rebase-apply").exists();
     if rebasing && !wt.succeeds(["rebase", "--abort"])? {
         for d in ["rebase-merge", "rebase-apply"] {
@@ -449,9 +445,14 @@ pub(crate) fn clear_stale_lock(lock: &Path) -> Result<()> {
     }
 }
 
-/// Clears the locks a git killed in the middle of a commit leaves in a worktree: its HEAD's and
-/// its branch's.
-pub(crate) fn clear_commit_locks(gitdir: &Path) -> Result<()> {
+/// Clears the locks a git killed in the middle of its work leaves in a worktree whose agent is
+/// gone: the index's (at once: only the agent used that index), then its HEAD's and its
+/// branch's.
+pub(crate) fn clear_worktree_locks(gitdir: &Path) -> Result<()> {
+    let index_lock = gitdir.join("index.lock");
+    if index_lock.exists() {
+        std::fs::remove_file(&index_lock).map_err(|e| Error::io(&index_lock, e))?;
+    }
     let head_lock = gitdir.join("HEAD.lock");
     if head_lock.exists() {
         clear_stale_lock(&head_lock)?;

@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use crate::fake_github::FakeGitHub;
-use crate::harness::{TestEnv, TestRepo, describe, hyperloop_bin, scripted_agent_bin};
+use crate::harness::{
+    GATED_PROCESS, PROCESS_OVERLAY_KUSTOMIZATION, TestEnv, TestRepo, describe, hyperloop_bin,
+    scripted_agent_bin,
+};
 
 const AGENT_SCRIPT: &str = r#"rules:
   - role: pm
@@ -548,12 +551,9 @@ fn the_action_runs_a_step_under_act() {
 const GATED_OVERLAY: [(&str, &str); 2] = [
     (
         ".hyperloop/agents/kustomization.yaml",
-        "resources:\n  - github.com/jsell-rh/hyperloop//base?ref=main\npatches:\n  - path: process.yaml\n",
+        PROCESS_OVERLAY_KUSTOMIZATION,
     ),
-    (
-        ".hyperloop/agents/process.yaml",
-        "apiVersion: hyperloop.io/v1\nkind: Process\nmetadata:\n  name: default\npipeline:\n  - loop:\n      - role: implementer\n      - role: verifier\n  - gate: human-review\n  - action: merge-pr\n",
-    ),
+    (".hyperloop/agents/process.yaml", GATED_PROCESS),
 ];
 
 /// The `KEY: value` line of a task file.

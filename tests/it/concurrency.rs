@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::faults::{Fixture, TASKS, parallel};
+use crate::harness::GATED_PROCESS;
 
 /// `(task, role, round)` of every `worker_spawned` event.
 fn spawned(events: &[Value]) -> Vec<(String, String, u64)> {
@@ -124,8 +125,6 @@ fn two_runs_started_together_both_finish_and_merge_once() {
     }
 }
 
-const GATED_PROCESS: &str = "apiVersion: hyperloop.io/v1\nkind: Process\nmetadata:\n  name: default\npipeline:\n  - loop:\n      - role: implementer\n      - role: verifier\n  - gate: human-review\n  - action: merge-pr\n";
-
 #[test]
 fn approve_racing_a_working_step_loses_neither_update() {
     // task-003's first implementer run is slow, so the step is still working when task-001
@@ -139,11 +138,7 @@ fn approve_racing_a_working_step_loses_neither_update() {
       - verdict: {verdict: pass}
 "#;
     let f = Fixture::new(rules, "overlay: .hyperloop/agents\n");
-    f.repo.write(
-        ".hyperloop/agents/kustomization.yaml",
-        "resources:\n  - github.com/jsell-rh/hyperloop//base?ref=main\npatches:\n  - path: process.yaml\n",
-    );
-    f.repo.write(".hyperloop/agents/process.yaml", GATED_PROCESS);
+    f.repo.write_process_overlay(GATED_PROCESS);
     f.commit_all("a gate before the merge");
 
     let mut step = f.spawn(&["step"], None, "step");

@@ -8,27 +8,7 @@ use std::process::Output;
 
 use serde_json::{Map, Value};
 
-use crate::harness::{TestEnv, TestRepo, describe, scripted_agent_bin};
-
-const RULES: &str = r#"
-  - role: pm
-    actions:
-      - pm_tasks_from_specs: true
-      - verdict: {verdict: pass, detail: "tasks written"}
-  - role: implementer
-    actions:
-      - implement_task: true
-      - verdict: {verdict: pass, detail: "implemented"}
-  - role: verifier
-    actions:
-      - verdict: {verdict: pass, detail: "looks right"}
-  - role: rebase-resolver
-    actions:
-      - verdict: {verdict: fail, detail: "cannot resolve"}
-  - role: process-improver
-    actions:
-      - verdict: {verdict: pass, detail: "nothing to improve"}
-"#;
+use crate::harness::{DEMO_RULES, TestEnv, TestRepo, describe, scripted_agent_bin};
 
 struct Project {
     env: TestEnv,
@@ -43,7 +23,7 @@ impl Project {
         let env = TestEnv::new();
         let repo = env.repo("project");
         let script = env.root().join("agent-script.yaml");
-        std::fs::write(&script, format!("rules:\n{rules}\n{RULES}")).expect("script");
+        std::fs::write(&script, format!("rules:\n{rules}\n{DEMO_RULES}")).expect("script");
         let config = format!(
             "runtime:\n  max_workers: 2\n  agent_command: [\"{}\", \"--script\", \"{}\"]\n  worker_timeout: 60\n  stall_timeout: 30\npoll_interval: 0\nmax_cycles: 10\nobservability:\n{observability}\n{extra}",
             scripted_agent_bin().display(),

@@ -8,10 +8,8 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::fake_github::{Canned, FakeGitHub};
-use crate::harness::describe;
+use crate::harness::{GATED_PROCESS, describe};
 use crate::local::{Project, events, named};
-
-const GATED_PROCESS: &str = "apiVersion: hyperloop.io/v1\nkind: Process\nmetadata:\n  name: default\npipeline:\n  - loop:\n      - role: implementer\n      - role: verifier\n  - gate: human-review\n  - action: merge-pr\n";
 
 struct GhProject {
     p: Project,
@@ -22,14 +20,7 @@ impl GhProject {
     fn new(rules: &str, extra_config: &str, gated: bool) -> GhProject {
         let p = Project::new(rules, extra_config);
         if gated {
-            p.repo.write(
-                ".hyperloop/agents/kustomization.yaml",
-                "resources:\n  - github.com/jsell-rh/hyperloop//base?ref=main\npatches:\n  - path: process.yaml\n",
-            );
-            p.repo.write(".hyperloop/agents/process.yaml", GATED_PROCESS);
-            let cfg = p.repo.read(".hyperloop.yaml");
-            p.repo
-                .write(".hyperloop.yaml", &format!("overlay: .hyperloop/agents\n{cfg}"));
+            p.use_process(GATED_PROCESS);
         }
         p.repo.write("specs/a.md", "# A\n\nBuild A.\n");
         p.commit_all("spec and config");

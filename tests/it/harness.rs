@@ -147,7 +147,45 @@ pub struct TestRepo {
     pub origin: PathBuf,
 }
 
+/// The scripted agent's demo rules: every role passes, the rebase-resolver gives up.
+pub const DEMO_RULES: &str = r#"
+  - role: pm
+    actions:
+      - pm_tasks_from_specs: true
+      - verdict: {verdict: pass, detail: "tasks written"}
+  - role: implementer
+    actions:
+      - implement_task: true
+      - verdict: {verdict: pass, detail: "implemented"}
+  - role: verifier
+    actions:
+      - verdict: {verdict: pass, detail: "looks right"}
+  - role: rebase-resolver
+    actions:
+      - verdict: {verdict: fail, detail: "cannot resolve"}
+  - role: process-improver
+    actions:
+      - verdict: {verdict: pass, detail: "nothing to improve"}
+"#;
+
+/// The default process with a `human-review` gate before the merge.
+pub const GATED_PROCESS: &str = "apiVersion: hyperloop.io/v1\nkind: Process\nmetadata:\n  name: default\npipeline:\n  - loop:\n      - role: implementer\n      - role: verifier\n  - gate: human-review\n  - action: merge-pr\n";
+
+/// An in-repo overlay (`.hyperloop/agents`) on the built-in base that replaces its process.
+pub const PROCESS_OVERLAY_KUSTOMIZATION: &str =
+    "resources:\n  - github.com/jsell-rh/hyperloop//base?ref=main\npatches:\n  - path: process.yaml\n";
+
 impl TestRepo {
+    /// Writes the in-repo overlay that makes `process` the process (the config must name the
+    /// overlay folder).
+    pub fn write_process_overlay(&self, process: &str) {
+        self.write(
+            ".hyperloop/agents/kustomization.yaml",
+            PROCESS_OVERLAY_KUSTOMIZATION,
+        );
+        self.write(".hyperloop/agents/process.yaml", process);
+    }
+
     pub fn write(&self, rel: &str, text: &str) {
         let p = self.path.join(rel);
         if let Some(parent) = p.parent() {

@@ -6,7 +6,7 @@ use std::process::Output;
 
 use serde_json::Value;
 
-use crate::harness::{TestEnv, TestRepo, describe, scripted_agent_bin};
+use crate::harness::{DEMO_RULES, GATED_PROCESS, TestEnv, TestRepo, describe, scripted_agent_bin};
 
 /// A repository set up for hyperloop with a scripted agent.
 #[derive(Debug)]
@@ -15,26 +15,6 @@ pub struct Project {
     pub repo: TestRepo,
     pub script: PathBuf,
 }
-
-const DEMO_RULES: &str = r#"
-  - role: pm
-    actions:
-      - pm_tasks_from_specs: true
-      - verdict: {verdict: pass, detail: "tasks written"}
-  - role: implementer
-    actions:
-      - implement_task: true
-      - verdict: {verdict: pass, detail: "implemented"}
-  - role: verifier
-    actions:
-      - verdict: {verdict: pass, detail: "looks right"}
-  - role: rebase-resolver
-    actions:
-      - verdict: {verdict: fail, detail: "cannot resolve"}
-  - role: process-improver
-    actions:
-      - verdict: {verdict: pass, detail: "nothing to improve"}
-"#;
 
 impl Project {
     /// `rules` are script rules placed before the demo's defaults (first match wins).
@@ -52,6 +32,23 @@ impl Project {
         env.git(&repo.path, &["add", "-A"]);
         env.git(&repo.path, &["commit", "-qm", "hyperloop config"]);
         Project { env, repo, script }
+    }
+
+    /// Makes `process` the process, through the in-repo overlay.
+    pub fn use_process(&self, process: &str) {
+        self.repo.write_process_overlay(process);
+        let cfg = self.repo.read(".hyperloop.yaml");
+        self.repo
+            .write(".hyperloop.yaml", &format!("overlay: .hyperloop/agents\n{cfg}"));
+    }
+
+    /// Replaces the configuration's `max_workers: 2`.
+    pub fn set_max_workers(&self, n: usize) {
+        let cfg = self.repo.read(".hyperloop.yaml");
+        self.repo.write(
+            ".hyperloop.yaml",
+            &cfg.replace("max_workers: 2", &format!("max_workers: {n}")),
+        );
     }
 
     pub fn commit_all(&self, message: &str) {
@@ -317,17 +314,7 @@ fn round_limit_fails_the_task_blocks_dependents_and_merges_the_rest() {
 #[test]
 fn a_gate_waits_until_approve() {
     let p = Project::new("", "");
-    p.repo.write(
-        ".hyperloop/agents/kustomization.yaml",
-        "resources:\n  - github.com/jsell-rh/hyperloop//base?ref=main\npatches:\n  - path: process.yaml\n",
-    );
-    p.repo.write(
-        ".hyperloop/agents/process.yaml",
-        "apiVersion: hyperloop.io/v1\nkind: Process\nmetadata:\n  name: default\npipeline:\n  - loop:\n      - role: implementer\n      - role: verifier\n  - gate: human-review\n  - action: merge-pr\n",
-    );
-    let cfg = p.repo.read(".hyperloop.yaml");
-    p.repo
-        .write(".hyperloop.yaml", &format!("overlay: .hyperloop/agents\n{cfg}"));
+    p.use_process(GATED_PROCESS);
     p.repo.write("specs/a.md", "# A\n");
     p.write_task("task-001", "specs/a.md", &[]);
     p.commit_all("tasks and gate");
@@ -687,20 +674,14 @@ fn a_pm_that_keeps_failing_is_not_paid_forever() {
 #[test]
 fn sigterm_between_steps_stops_run_promptly() {
     let p = Project::new("", "");
-    p.repo.write(
-        ".hyperloop/agents/kustomization.yaml",
-        "resources:\n  - github.com/jsell-rh/hyperloop//base?ref=main\npatches:\n  - path: process.yaml\n",
-    );
-    p.repo.write(
-        ".hyperloop/agents/process.yaml",
+    p.use_process(
         "apiVersion: hyperloop.io/v1\nkind: Process\nmetadata:\n  name: default\npipeline:\n  - gate: human-review\n  - action: merge-pr\n",
     );
     let cfg = p
         .repo
         .read(".hyperloop.yaml")
         .replace("poll_interval: 0", "poll_interval: 60");
-    p.repo
-        .write(".hyperloop.yaml", &format!("overlay: .hyperloop/agents\n{cfg}"));
+    p.repo.write(".hyperloop.yaml", &cfg);
     p.repo.write("specs/a.md", "# A\n");
     p.write_task("task-001", "specs/a.md", &[]);
     p.commit_all("gated task");
@@ -1099,17 +1080,7 @@ fn a_state_branch_merge_cut_short_is_not_merged_twice() {
 #[test]
 fn a_closed_gate_is_reported_once_per_step() {
     let p = Project::new("", "  log_level: debug\n");
-    p.repo.write(
-        ".hyperloop/agents/kustomization.yaml",
-        "resources:\n  - github.com/jsell-rh/hyperloop//base?ref=main\npatches:\n  - path: process.yaml\n",
-    );
-    p.repo.write(
-        ".hyperloop/agents/process.yaml",
-        "apiVersion: hyperloop.io/v1\nkind: Process\nmetadata:\n  name: default\npipeline:\n  - loop:\n      - role: implementer\n      - role: verifier\n  - gate: human-review\n  - action: merge-pr\n",
-    );
-    let cfg = p.repo.read(".hyperloop.yaml");
-    p.repo
-        .write(".hyperloop.yaml", &format!("overlay: .hyperloop/agents\n{cfg}"));
+    p.use_process(GATED_PROCESS);
     p.repo.write("specs/a.md", "# A\n");
     p.repo.write(
         "specs/tasks/task-001.md",
@@ -1145,11 +1116,7 @@ fn a_merge_and_the_next_start_are_replayed_over_a_commit_made_meanwhile() {
 "#,
         "merge:\n  strategy: merge\n  delete_branch: false\n",
     );
-    let config = std::fs::read_to_string(p.repo.path.join(".hyperloop.yaml")).expect("config");
-    p.repo.write(
-        ".hyperloop.yaml",
-        &config.replace("max_workers: 2", "max_workers: 1"),
-    );
+    p.set_max_workers(1);
     p.repo.write("specs/a.md", "# A\n");
     p.write_task("task-001", "specs/a.md", &[]);
     p.write_task("task-002", "specs/a.md", &[]);
@@ -1221,11 +1188,7 @@ fn the_improvers_overlay_reaches_the_next_prompts() {
         dir = dumps.path().display()
     );
     let p = Project::new(&rules, "");
-    let config = std::fs::read_to_string(p.repo.path.join(".hyperloop.yaml")).expect("config");
-    p.repo.write(
-        ".hyperloop.yaml",
-        &config.replace("max_workers: 2", "max_workers: 1"),
-    );
+    p.set_max_workers(1);
     p.repo.write("specs/a.md", "# A\n");
     p.write_task("task-001", "specs/a.md", &[]);
     p.commit_all("tasks");
