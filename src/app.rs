@@ -53,7 +53,7 @@ impl Target {
                 .ok()
                 .filter(|o| o.status.success())
                 .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
-            config.target.repo = infer_repo(origin.as_deref(), |k| std::env::var(k).ok());
+            config.target.repo = infer_repo(origin.as_deref(), crate::secrets::var);
         }
         Ok(Target {
             repo,
@@ -242,9 +242,7 @@ fn override_max_workers(target: &mut Target, max_workers: Option<usize>) -> Resu
 fn start_logging(target: &Target, notify: bool) -> NotifyGuard {
     let o = &target.config.observability;
     let notifier = match &o.matrix {
-        Some(m) if notify => Some(Notifier::matrix(m, &target.repo.root, &|name| {
-            std::env::var(name).ok()
-        })),
+        Some(m) if notify => Some(Notifier::matrix(m, &target.repo.root, &crate::secrets::var)),
         _ => None,
     };
     // The Action may choose the format (its `log-format` input) without editing the config.

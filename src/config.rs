@@ -679,6 +679,10 @@ const SECTIONS: &[(&str, &[&str])] = &[
 /// asking to pass them through is a configuration error rather than something silently dropped.
 const FORBIDDEN_AGENT_ENV: &[&str] = &["GITHUB_TOKEN", "GH_TOKEN"];
 
+/// The longest worker or stall limit: a week. Larger values are typos (milliseconds for
+/// seconds), and durations beyond what a clock can add would fail only after a worker started.
+pub const MAX_TIMEOUT_S: u64 = 7 * 24 * 3600;
+
 struct Walker<'a> {
     file: &'a Path,
 }
@@ -953,10 +957,10 @@ impl Walker<'_> {
         if let Some(n) = self.number(&s, "max_workers", 1, u64::from(u32::MAX))? {
             r.max_workers = usize::try_from(n).unwrap_or(usize::MAX);
         }
-        if let Some(n) = self.number(&s, "worker_timeout", 1, u64::MAX)? {
+        if let Some(n) = self.number(&s, "worker_timeout", 1, MAX_TIMEOUT_S)? {
             r.worker_timeout = n;
         }
-        if let Some(n) = self.number(&s, "stall_timeout", 1, u64::MAX)? {
+        if let Some(n) = self.number(&s, "stall_timeout", 1, MAX_TIMEOUT_S)? {
             r.stall_timeout = n;
         }
         if let Some(v) = s.get("agent_command") {

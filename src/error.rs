@@ -60,6 +60,16 @@ pub enum Error {
     /// Another step holds the repository. Not a failure of this step.
     #[error("another hyperloop step holds {path} (pid {pid})")]
     Busy { path: PathBuf, pid: u32 },
+    /// The step lock is held by a process that is not a hyperloop step (an agent's leftover,
+    /// say). Not skipped quietly: nothing would ever run again.
+    #[error(
+        "the step lock {path} is held by pid {pid} ({command}), which is not a hyperloop step\n  hint: stop that process (kill {pid}); no step can run while it holds the lock"
+    )]
+    ForeignLock {
+        path: PathBuf,
+        pid: u32,
+        command: String,
+    },
     #[error("{message}")]
     Other { message: String },
 }
@@ -126,6 +136,7 @@ impl Error {
         match self {
             Error::Invalid { .. } | Error::Usage { .. } | Error::Dependencies { .. } => 2,
             Error::Busy { .. } => 0,
+            Error::ForeignLock { .. } => 1,
             _ => 1,
         }
     }

@@ -60,6 +60,11 @@ impl Git {
     {
         let mut cmd = Command::new("git");
         cmd.current_dir(&self.dir);
+        // git gets what it needs from the environment, nothing else: whatever else hyperloop was
+        // started with (a notification token under a name of the user's choosing, say) stays
+        // in this process, which is not dumpable; a git child is.
+        cmd.env_clear();
+        cmd.envs(std::env::vars_os().filter(|(k, _)| k.to_str().is_some_and(git_may_see)));
         // Hyperloop's commits must not depend on the user's hooks, pager or editor.
         cmd.args([
             "-c",
@@ -229,6 +234,42 @@ impl Git {
     pub fn toplevel(&self) -> Result<PathBuf> {
         Ok(PathBuf::from(self.run_trim(["rev-parse", "--show-toplevel"])?))
     }
+}
+
+/// The environment variables a git child inherits: what locates the user's configuration and
+/// identity, proxies and ssh, and git's own variables except those that inject configuration
+/// (the old way to hand git a credential).
+pub fn git_may_see(name: &str) -> bool {
+    const BASIC: &[&str] = &[
+        "PATH",
+        "HOME",
+        "USER",
+        "LOGNAME",
+        "EMAIL",
+        "LANG",
+        "TMPDIR",
+        "TZ",
+        "XDG_CONFIG_HOME",
+        "SSH_AUTH_SOCK",
+        "SSH_AGENT_PID",
+        "http_proxy",
+        "https_proxy",
+        "no_proxy",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "NO_PROXY",
+        "ALL_PROXY",
+        "all_proxy",
+        "SYSTEMROOT",
+    ];
+    if BASIC.contains(&name) || name.starts_with("LC_") {
+        return true;
+    }
+    name.starts_with("GIT_")
+        && name != "GIT_CONFIG_PARAMETERS"
+        && name != "GIT_CONFIG_COUNT"
+        && !name.starts_with("GIT_CONFIG_KEY_")
+        && !name.starts_with("GIT_CONFIG_VALUE_")
 }
 
 /// Formats `Spec-Ref`/`Task-Ref` trailers for a commit message.

@@ -16,8 +16,10 @@ pub mod init;
 pub mod lock;
 pub mod notify;
 pub mod pipeline;
+pub mod secrets;
 pub mod state;
 pub mod task;
+pub mod transport;
 pub mod worker;
 pub mod yaml;
 

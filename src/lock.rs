@@ -31,14 +31,26 @@ impl StepLock {
         if rc != 0 {
             let mut holder = String::new();
             let _ = file.read_to_string(&mut holder);
-            let pid = holder
+            let written: u32 = holder
                 .split_whitespace()
                 .next()
                 .and_then(|p| p.parse().ok())
                 .unwrap_or(0);
+            // The file's content is only what the last step wrote; the kernel knows who holds
+            // the lock. Anything can take an flock on the file (an agent's detached leftover):
+            // that must be said, or every later step would be skipped in silence.
+            if let Some(pid) = kernel_holder(&file)
+                && let Some(command) = foreign_command(pid)
+            {
+                return Err(Error::ForeignLock {
+                    path: path.to_path_buf(),
+                    pid,
+                    command,
+                });
+            }
             return Err(Error::Busy {
                 path: path.to_path_buf(),
-                pid,
+                pid: written,
             });
         }
         let _ = file.set_len(0);
@@ -53,6 +65,45 @@ impl StepLock {
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// The pid holding an flock on `file`, from `/proc/locks` (Linux), matched by device and inode.
+fn kernel_holder(file: &File) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = file.metadata().ok()?;
+    let (dev, ino) = (meta.dev(), meta.ino());
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    locks.lines().find_map(|line| {
+        // `1: FLOCK  ADVISORY  WRITE 12345 08:01:123456 0 EOF`
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.get(1) != Some(&"FLOCK") {
+            return None;
+        }
+        let pid: u32 = f.get(4)?.parse().ok()?;
+        let mut id = f.get(5)?.split(':');
+        let maj = u32::from_str_radix(id.next()?, 16).ok()?;
+        let min = u32::from_str_radix(id.next()?, 16).ok()?;
+        let inode: u64 = id.next()?.parse().ok()?;
+        (maj == major && min == minor && inode == ino).then_some(pid)
+    })
+}
+
+/// The command line of `pid` when it is not a hyperloop process, `None` when it is one (or is
+/// gone). A hyperloop step is recognised by its executable's name.
+fn foreign_command(pid: u32) -> Option<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args: Vec<String> = raw
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let program = args.first()?;
+    let name = Path::new(program).file_name()?.to_string_lossy();
+    if pid == std::process::id() || name == "hyperloop" || name.starts_with("hyperloop-") {
+        return None;
+    }
+    Some(args.join(" "))
 }
 
 impl Drop for StepLock {

@@ -9,6 +9,8 @@ use clap::Parser;
 use hyperloop::cli::Cli;
 
 fn main() -> ExitCode {
+    // SAFETY: first statement of main; no other thread exists yet.
+    unsafe { hyperloop::secrets::seal_process() };
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

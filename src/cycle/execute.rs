@@ -190,6 +190,7 @@ struct NewWorktree {
     task_id: String,
     spec_ref: String,
     branch: String,
+    base_branch: String,
     base: String,
 }
 
@@ -201,7 +202,7 @@ impl NewWorktree {
             &self.task_id,
             &self.spec_ref,
             &self.branch,
-            &self.base,
+            (&self.base_branch, &self.base),
         )
         .map(|_| ())
     }
@@ -486,6 +487,8 @@ impl Stepper {
             self.fetch_task_branches()?;
             self.sync_pull_requests()?;
         }
+        // From here on, a task branch is only where hyperloop puts it.
+        worktree::watch_task_refs(&self.repo.git)?;
         self.cleanup_merged_branches();
 
         let mut interrupt = self.interrupt.clone();
@@ -592,7 +595,7 @@ impl Stepper {
             }
             let change = transition::start(&mut t, self.pipeline());
             if t.branch.is_none() {
-                t.branch = Some(format!("worker/{task_id}"));
+                t.branch = Some(crate::task::file::task_branch(task_id));
             }
             changes.put_task(&self.tasks_rel(), &t);
             started.push((t, change));
@@ -1270,6 +1273,8 @@ impl Stepper {
             secret_env: self.secret_env(),
             parent_env: None,
             known_head: None,
+            import_into: Some(self.repo.git.clone()),
+            detached: record.kind != Kind::Task,
         }
     }
 
@@ -1385,7 +1390,7 @@ impl Stepper {
             .cloned()
             .ok_or_else(|| Error::other(format!("no agent named `{role}` for {task_id}")))?;
         let mut task = task;
-        let branch = task.branch.clone().unwrap_or_else(|| format!("worker/{task_id}"));
+        let branch = crate::task::file::task_branch(task_id);
         let known = worktree::task_worktree_path(&self.repo.root, task_id);
         if !self.excludes_ok {
             worktree::ensure_local_excludes_in(&self.repo.common_dir)?;
@@ -1394,7 +1399,8 @@ impl Stepper {
         let mut new_worktree = None;
         let (wt, start_head) = if self.worktrees_ready.contains(task_id) && known.join(".git").exists() {
             // Checked and repaired earlier in this step; the worker since then settled it.
-            let head = self.repo.git.at(&known).run_trim(["rev-parse", "HEAD"])?;
+            worktree::refresh_base(&known, &self.config.target.base_branch, self.base_tip())?;
+            let head = Git::new(&known).run_trim(["rev-parse", "HEAD"])?;
             (known, head)
         } else if !known.exists() && self.repo.branch_tip(&branch)?.is_none() {
             // A task's first worker: its worktree is made by the worker itself, so that the
@@ -1406,6 +1412,7 @@ impl Stepper {
                 task_id: task_id.to_string(),
                 spec_ref: task.spec_ref.clone(),
                 branch: branch.clone(),
+                base_branch: self.config.target.base_branch.clone(),
                 base: base.clone(),
             });
             self.worktrees_ready.insert(task_id.to_string());
@@ -1417,7 +1424,7 @@ impl Stepper {
                 task_id,
                 &task.spec_ref,
                 &branch,
-                self.base_tip(),
+                (&self.config.target.base_branch, self.base_tip()),
             )?;
             self.worktrees_ready.insert(task_id.to_string());
             let head = self.repo.git.at(&wt).run_trim(["rev-parse", "HEAD"])?;
@@ -1650,6 +1657,14 @@ impl Stepper {
             return Ok(());
         };
         let record = run.record;
+        let checked;
+        let outcome = match self.refs_moved_during(&record, outcome)? {
+            Some(replaced) => {
+                checked = replaced;
+                &checked
+            }
+            None => outcome,
+        };
         let duration = run
             .started
             .elapsed()
@@ -1721,6 +1736,53 @@ impl Stepper {
             let _ = std::fs::remove_file(self.running_dir().join(format!("{key}.json")));
         }
         result
+    }
+
+    /// Checks every task branch after an agent's run. One moved by anything but hyperloop (an
+    /// agent writing into the repository instead of its checkout) is put back, and the run that
+    /// just ended counts as `error` naming it; its own branch goes back to where the run
+    /// started, so nothing it made is published.
+    fn refs_moved_during(
+        &mut self,
+        record: &RunRecord,
+        outcome: &WorkerOutcome,
+    ) -> Result<Option<WorkerOutcome>> {
+        let moved = worktree::restore_task_refs(&self.repo.git)?;
+        if moved.is_empty() {
+            return Ok(None);
+        }
+        let mut names = Vec::new();
+        for m in &moved {
+            emit!(
+                ERROR,
+                "ref_restored",
+                task_id = record.task_id.as_str(),
+                role = record.role.as_str(),
+                branch = m.branch.as_str(),
+                expected = m.expected.as_deref().unwrap_or("(none)"),
+                found = m.found.as_deref().unwrap_or("(deleted)")
+            );
+            names.push(format!("refs/heads/{}", m.branch));
+        }
+        if record.kind == Kind::Task {
+            let branch = crate::task::file::task_branch(&record.task_id);
+            if let Some(now) = self.repo.branch_tip(&branch)?
+                && now != record.start_head
+            {
+                worktree::set_task_ref(&self.repo.git, &branch, &record.start_head, Some(&now))?;
+            }
+        }
+        let mut replaced = outcome.clone();
+        replaced.verdict = worker::Verdict::Error;
+        replaced.findings = replaced.findings.max(1);
+        replaced.suspicious = None;
+        replaced.detail = format!(
+            "{} moved while the agent ran, by something other than hyperloop; restored, and \
+             nothing of this run is taken (agents work in their own checkout and must not write \
+             into the repository)",
+            names.join(", ")
+        );
+        Ok(Some(replaced))
     }
 
     fn record_task_result(
@@ -1859,10 +1921,7 @@ impl Stepper {
         if !at_merge {
             return Ok(false);
         }
-        let branch = task
-            .branch
-            .clone()
-            .unwrap_or_else(|| format!("worker/{}", task.id));
+        let branch = crate::task::file::task_branch(&task.id);
         let Some(branch_tip) = self.repo.branch_tip(&branch)? else {
             return Ok(false);
         };
@@ -2065,7 +2124,7 @@ impl Stepper {
     /// commit.
     fn merge_with(&mut self, task: Task, extra: Changes) -> Result<bool> {
         let id = task.id.clone();
-        let branch = task.branch.clone().unwrap_or_else(|| format!("worker/{id}"));
+        let branch = crate::task::file::task_branch(&id);
         let Some(branch_tip) = self.repo.branch_tip(&branch)? else {
             // Nothing was ever committed for this task: there is nothing to merge.
             let mut t = task;
@@ -2371,7 +2430,7 @@ impl Stepper {
                         .get(&record.task_id)
                         .map(|t| t.spec_ref.clone())
                         .unwrap_or_default();
-                    let _ = worker::result::settle_branch(
+                    let settled = worker::result::settle_branch(
                         &wt,
                         &record.start_head,
                         &record.role,
@@ -2379,6 +2438,30 @@ impl Stepper {
                         &record.task_id,
                     );
                     let _ = worker::result::remove_stale(&result_path);
+                    let branch = crate::task::file::task_branch(&record.task_id);
+                    let taken = settled.and_then(|_| {
+                        let source = format!("refs/heads/{branch}");
+                        let now = self.repo.branch_tip(&branch)?;
+                        if now.as_deref() != Some(record.start_head.as_str()) {
+                            // Taken in already by the step that ran it.
+                            return Ok(None);
+                        }
+                        worktree::import(
+                            &self.repo.git,
+                            &record.worktree,
+                            &source,
+                            &record.task_id,
+                            &record.start_head,
+                            Some(&branch),
+                        )
+                    });
+                    let (verdict, detail) = match taken {
+                        Ok(_) => (verdict, detail),
+                        Err(e) => (
+                            worker::Verdict::Error,
+                            format!("the agent's work was not taken: {e}"),
+                        ),
+                    };
                     let outcome = WorkerOutcome {
                         verdict,
                         findings,

@@ -86,7 +86,7 @@ pub struct AuthConfig {
 
 impl AuthConfig {
     pub fn from_process_env() -> Result<AuthConfig, ForgeError> {
-        let env: HashMap<String, String> = std::env::vars().collect();
+        let env: HashMap<String, String> = crate::secrets::vars();
         AuthConfig::from_env_map(&env)
     }
 

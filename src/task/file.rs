@@ -58,8 +58,57 @@ fn split(file: &Path, text: &str) -> Result<(String, usize, String)> {
     ))
 }
 
+/// The largest task file hyperloop reads. A task is a spec and its findings; a file far beyond
+/// that (a pm or a contributor gone wrong) would be read into memory on every step.
+pub const MAX_TASK_FILE_BYTES: usize = 1 << 20;
+
+/// The longest task id: it names a branch, a directory and a file.
+const MAX_ID_LEN: usize = 100;
+
+/// Why `id` cannot be a task id, or `None` when it can. A task's id names its branch
+/// (`worker/<id>`), its checkout's directory and its file, so it must be safe as all three: git's
+/// ref-name rules and a single path component.
+pub fn id_problem(id: &str) -> Option<String> {
+    if id.len() > MAX_ID_LEN {
+        return Some(format!("is longer than {MAX_ID_LEN} characters"));
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    {
+        return Some(format!(
+            "contains {c:?}; a task id may hold letters, digits, '-', '_' and '.'"
+        ));
+    }
+    if id.starts_with('.') || id.starts_with('-') {
+        return Some("must not start with '.' or '-'".to_string());
+    }
+    if id.contains("..") || id.ends_with('.') || id.ends_with(".lock") {
+        return Some(
+            "must not contain '..' or end with '.' or '.lock' (git refuses such branch names)".to_string(),
+        );
+    }
+    None
+}
+
+/// The branch hyperloop derives from a task id. Never chosen by a task file: a branch named by
+/// a file would let whoever writes task files steer what hyperloop pushes, merges and deletes.
+pub fn task_branch(id: &str) -> String {
+    format!("worker/{id}")
+}
+
 /// Parses a task file's text. `file` is used in error messages and to check the id.
 pub fn parse(file: &Path, text: &str) -> Result<Task> {
+    if text.len() > MAX_TASK_FILE_BYTES {
+        return Err(Error::invalid(
+            file,
+            "file",
+            format!(
+                "is {} bytes; a task file may hold at most {MAX_TASK_FILE_BYTES}",
+                text.len()
+            ),
+        ));
+    }
     let (front, first_line, body) = split(file, text)?;
     let value: Value = if front.trim().is_empty() {
         Value::Object(Map::new())
@@ -156,7 +205,28 @@ pub fn parse(file: &Path, text: &str) -> Result<Task> {
         }
     };
     let round = uint(&mut map, "round")?;
+    if let Some(problem) = id_problem(&id) {
+        return Err(Error::invalid(
+            file,
+            field("id"),
+            format!("`{}` {problem}", id.escape_debug()),
+        ));
+    }
     let branch = opt_str(&mut map, "branch")?;
+    if let Some(b) = &branch
+        && *b != task_branch(&id)
+    {
+        return Err(Error::invalid(
+            file,
+            field("branch"),
+            format!(
+                "is `{}`; a task's branch is derived from its id: `{}` (or null)",
+                b.escape_debug(),
+                task_branch(&id)
+            ),
+        )
+        .with_hint("remove the `branch` field; hyperloop sets it"));
+    }
     let pr = opt_str(&mut map, "pr")?;
 
     let position = match map.shift_remove("position") {

@@ -71,6 +71,12 @@ pub struct WorkerSpec {
     /// The commit the worktree has checked out, when the caller has just looked; `None`: the
     /// worker asks git.
     pub known_head: Option<String>,
+    /// The repository the agent's work is taken into after the run (see
+    /// [`super::worktree::import`]); `None` leaves it in the checkout. For a task (`detached`
+    /// false) its branch moves; otherwise only the commit comes in.
+    pub import_into: Option<Git>,
+    /// The checkout is detached (intake, process improvement): its work is at `HEAD`.
+    pub detached: bool,
 }
 
 impl WorkerSpec {
@@ -387,6 +393,28 @@ pub async fn run_worker(spec: &WorkerSpec, mut cancel: watch::Receiver<bool>) ->
                 )))
             })
     };
+    // The agent's work comes into the repository only now, checked (see `worktree::import`).
+    let settled = match (settled, &spec.import_into) {
+        (Ok(report), Some(repo)) => {
+            let (repo, dir, pre_head) = (repo.clone(), worktree.clone(), pre_head.clone());
+            let (task_id, branch, detached) = (spec.task_id.clone(), spec.branch.clone(), spec.detached);
+            tokio::task::spawn_blocking(move || {
+                let (source, target) = if detached {
+                    ("HEAD".to_string(), None)
+                } else {
+                    (format!("refs/heads/{branch}"), Some(branch.as_str()))
+                };
+                super::worktree::import(&repo, &dir, &source, &task_id, &pre_head, target).map(|_| report)
+            })
+            .await
+            .unwrap_or_else(|e| {
+                Err(crate::error::Error::other(format!(
+                    "taking in the agent's work failed: {e}"
+                )))
+            })
+        }
+        (other, _) => other,
+    };
     match settled {
         Ok(report) => {
             if outcome.verdict == Verdict::Pass && spec.role == "implementer" {
@@ -402,7 +430,7 @@ pub async fn run_worker(spec: &WorkerSpec, mut cancel: watch::Receiver<bool>) ->
         Err(e) => {
             outcome.verdict = Verdict::Error;
             outcome.detail = format!(
-                "cannot settle the branch after the worker: {e}\n(worker said: {})",
+                "the agent's work was not taken: {e}\n(worker said: {})",
                 outcome.detail
             );
         }

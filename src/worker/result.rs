@@ -37,6 +37,10 @@ pub enum ResultFile {
 
 /// Removes a result file left by an earlier run, so that only this run's file is read.
 pub fn remove_stale(path: &Path) -> Result<()> {
+    // A directory of that name is removed too: the agent cannot be allowed to keep the name.
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir()) {
+        return std::fs::remove_dir_all(path).map_err(|e| Error::io(path, e));
+    }
     match std::fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -45,12 +49,44 @@ pub fn remove_stale(path: &Path) -> Result<()> {
 }
 
 /// Reads and validates the result file.
+///
+/// The file is the agent's: only a regular file counts. It is opened without following a
+/// symlink (one pointing out of the checkout would let the agent hand in someone else's file)
+/// and without blocking (a FIFO would hang the step in `open`), then checked to be a regular
+/// file before a byte is read.
 pub fn read(path: &Path) -> ResultFile {
-    let file = match std::fs::File::open(path) {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path);
+    let file = match opened {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return ResultFile::Missing,
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return ResultFile::Invalid(format!(
+                "{RESULT_FILE} is a symbolic link; only a regular file in the checkout is read"
+            ));
+        }
         Err(e) => return ResultFile::Invalid(format!("cannot read {RESULT_FILE}: {e}")),
     };
+    match file.metadata() {
+        Ok(m) if m.is_file() => {}
+        Ok(m) => {
+            let t = m.file_type();
+            let what = if t.is_fifo() {
+                "a FIFO"
+            } else if t.is_dir() {
+                "a directory"
+            } else if t.is_socket() {
+                "a socket"
+            } else {
+                "not a regular file"
+            };
+            return ResultFile::Invalid(format!("{RESULT_FILE} is {what}; only a regular file is read"));
+        }
+        Err(e) => return ResultFile::Invalid(format!("cannot read {RESULT_FILE}: {e}")),
+    }
     let mut bytes = Vec::new();
     if let Err(e) = file.take(MAX_RESULT_BYTES + 1).read_to_end(&mut bytes) {
         return ResultFile::Invalid(format!("cannot read {RESULT_FILE}: {e}"));

@@ -1,6 +1,8 @@
-//! Worktrees workers run in: one per task at `<repo>/.hyperloop/worktrees/<task id>`, checked out
-//! on the task's branch, and detached ones for intake and process improvement under
-//! `<repo>/.hyperloop/worktrees/.base/<name>`.
+//! Checkouts workers run in: one per task at `<repo>/.hyperloop/worktrees/<task id>`, on the
+//! task's branch, and detached ones for intake and process improvement under
+//! `<repo>/.hyperloop/worktrees/.base/<name>`. Each is a repository of its own that borrows the
+//! main repository's objects: an agent's refs, configuration and hooks stay in its checkout, and
+//! what it made comes back only through [`import`], checked.
 //!
 //! A step can be killed at any moment, so whatever a previous step left behind — a registration
 //! whose directory is gone, a directory git no longer knows, an `index.lock`, a half-done rebase,
@@ -289,6 +291,10 @@ pub fn remove_worktree_held(
     path: &Path,
     _held: &std::sync::MutexGuard<'static, ()>,
 ) -> Result<()> {
+    if path.join(".git").is_dir() {
+        // A checkout of its own: nothing of it is registered in the repository.
+        return remove_dir(path);
+    }
     let listed = registered_worktrees(git)?
         .into_iter()
         .any(|r| same_path(&r.path, path));
@@ -311,17 +317,7 @@ pub fn remove_worktree_and_branch(git: &Git, path: &Path, branch: &str) -> (Resu
     let held = admin_lock();
     let worktree = remove_worktree_held(git, path, &held);
     crate::fault::point("before-branch-delete");
-    let delete = || {
-        git.output(["branch", "-D", branch]).and_then(|out| {
-            if out.status.success() {
-                Ok(())
-            } else {
-                Err(Error::other(
-                    String::from_utf8_lossy(&out.stderr).trim().to_string(),
-                ))
-            }
-        })
-    };
+    let delete = || delete_task_ref(git, branch);
     let mut deleted = delete();
     // A git killed while it rewrote packed-refs (a background `gc` of an agent's, say) leaves
     // its lock behind, and no branch can be deleted after that.
@@ -336,96 +332,404 @@ pub fn remove_worktree_and_branch(git: &Git, path: &Path, branch: &str) -> (Resu
     (worktree, deleted)
 }
 
-/// Checks out the task's branch in its worktree, creating the branch from `base_commit` the first
-/// time, and returns the worktree's path. Reuses a healthy worktree, repairs a broken one, and
-/// commits uncommitted work a dead agent left in it (`spec_ref` and `task_id` go into the
-/// trailers).
+/// Makes sure the task's branch exists in the repository (created from `base_commit` the first
+/// time) and that the task's checkout — a repository of its own at [`task_worktree_path`] —
+/// has it checked out at the same commit; returns the checkout's path.
+///
+/// The checkout borrows the repository's objects (`objects/info/alternates`) but has its own
+/// refs, configuration and hooks, so an agent working in it cannot move the base branch, the
+/// state branch or another task's branch, nor plant a hook that a person's git would run. Its
+/// work comes back only through [`import`]. Work a dead agent left in it (commits, uncommitted
+/// changes) is taken in first (`spec_ref` and `task_id` go into the trailers).
 pub fn ensure_task_worktree(
     git: &Git,
     repo_root: &Path,
     task_id: &str,
     spec_ref: &str,
     branch: &str,
-    base_commit: &str,
+    base: (&str, &str),
 ) -> Result<PathBuf> {
     ensure_local_excludes(git)?;
-    prepare_task_worktree(git, repo_root, task_id, spec_ref, branch, base_commit)
+    prepare_task_worktree(git, repo_root, task_id, spec_ref, branch, base)
 }
 
 /// [`ensure_task_worktree`] for a caller that has made sure of the local excludes already
-/// ([`ensure_local_excludes`]): safe to run for several tasks at once.
+/// ([`ensure_local_excludes`]): safe to run for several tasks at once. `base` is the base
+/// branch's name and tip: a new task branch starts there, and the checkout gets a branch of that
+/// name (and `origin/<name>`) at that commit, for agents that compare their work with it.
 pub fn prepare_task_worktree(
     git: &Git,
     repo_root: &Path,
     task_id: &str,
     spec_ref: &str,
     branch: &str,
-    base_commit: &str,
+    base: (&str, &str),
 ) -> Result<PathBuf> {
+    let (base_branch, base_commit) = base;
     check_name("task id", task_id)?;
-    let held = admin_lock();
-    if !git.succeeds(["check-ref-format", "--branch", branch])? {
-        return Err(Error::other(format!("{branch:?} is not a valid branch name")));
+    if crate::task::file::id_problem(task_id).is_some() || branch != crate::task::file::task_branch(task_id) {
+        return Err(Error::other(format!(
+            "{branch:?} is not the branch of task {task_id:?}"
+        )));
     }
     let path = task_worktree_path(repo_root, task_id);
     let branch_ref = format!("refs/heads/{branch}");
+    let common = git.common_dir()?;
+    clear_stale_lock(&common.join(format!("{branch_ref}.lock")))?;
 
-    // The common case, a task's first worker: no branch and no worktree yet. One git command
-    // makes both; everything below is for reuse and repair.
-    if !path.exists()
-        && git.rev_parse(&branch_ref)?.is_none()
-        && let Some(base) = git.rev_parse(base_commit)?
-    {
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    let base_tip = git.rev_parse(base_commit)?.unwrap_or_default();
+    let mut tip = match git.rev_parse(&branch_ref)? {
+        Some(t) => t,
+        None => {
+            let Some(base) = git.rev_parse(base_commit)? else {
+                return Err(Error::other(format!(
+                    "cannot create branch {branch}: {base_commit} is not a commit"
+                )));
+            };
+            set_task_ref(git, branch, &base, None)?;
+            base
         }
-        let p = path.to_string_lossy().into_owned();
-        if git.succeeds(["worktree", "add", "-q", "-b", branch, p.as_str(), base.as_str()])? {
+    };
+
+    if path.join(".git").is_file() {
+        retire_linked_worktree(git, &path, task_id, spec_ref, branch)?;
+        tip = git.rev_parse(&branch_ref)?.unwrap_or(tip);
+    }
+    if path.join(".git").is_dir() {
+        let c = Git::new(&path);
+        let reused = (|| -> Result<()> {
+            clear_interrupted_operations(&c)?;
+            let on = c.output(["symbolic-ref", "-q", "HEAD"])?;
+            let on_branch = String::from_utf8_lossy(&on.stdout).trim() == branch_ref;
+            if on_branch && is_dirty(&c)? {
+                commit_all(
+                    &c,
+                    "hyperloop: uncommitted work left by an interrupted worker",
+                    spec_ref,
+                    task_id,
+                )?;
+            }
+            // Commits a dead agent made that never came back: taken in, when they build on
+            // the branch; anything else in the checkout is not the task's.
+            if let Some(theirs) = c.rev_parse(&branch_ref)?
+                && theirs != tip
+                && c.succeeds(["merge-base", "--is-ancestor", tip.as_str(), theirs.as_str()])?
+                && let Ok(Some(new)) = import(git, &path, &branch_ref, task_id, &tip, Some(branch))
+            {
+                tip = new;
+            }
+            c.run_with_input(
+                ["update-ref", "--stdin"],
+                base_refs(base_branch, &base_tip).as_bytes(),
+            )?;
+            c.run(["checkout", "-q", "--force", "-B", branch, tip.as_str()])?;
+            Ok(())
+        })();
+        if reused.is_ok() {
             return Ok(path);
         }
-        // A stale registration of the same path, say: fall through to the careful way.
+        remove_dir(&path)?;
+    } else if path.exists() {
+        remove_dir(&path)?;
     }
-    clear_stale_lock(&git.common_dir()?.join(format!("{branch_ref}.lock")))?;
-    git.run(["worktree", "prune"])?;
+    make_checkout(git, &common, &path, &base_refs(base_branch, &base_tip))?;
+    Git::new(&path).run(["checkout", "-q", "--force", "-B", branch, tip.as_str()])?;
+    Ok(path)
+}
 
-    if git.rev_parse(&branch_ref)?.is_none() {
-        let Some(base) = git.rev_parse(base_commit)? else {
-            return Err(Error::other(format!(
-                "cannot create branch {branch}: {base_commit} is not a commit"
-            )));
-        };
-        git.run(["branch", "--no-track", branch, base.as_str()])?;
+/// Points a task checkout's copy of the base branch at `base_tip` (the base moves as other
+/// tasks merge; a rebase-resolver merges what is there now).
+pub fn refresh_base(path: &Path, base_branch: &str, base_tip: &str) -> Result<()> {
+    let input = base_refs(base_branch, base_tip);
+    if input.is_empty() {
+        return Ok(());
     }
+    Git::new(path).run_with_input(["update-ref", "--stdin"], input.as_bytes())?;
+    Ok(())
+}
 
-    let registered = registered_worktrees(git)?;
-    // Our own worktree of another task id (a renamed task) holding the branch is stale; anybody
-    // else's checkout of it is the user's business.
-    for r in &registered {
-        if r.branch.as_deref() == Some(branch_ref.as_str()) && !same_path(&r.path, &path) {
-            if r.path.starts_with(worktrees_dir(repo_root)) || !r.path.exists() {
-                remove_worktree_held(git, &r.path, &held)?;
-            } else {
-                return Err(Error::other(format!(
-                    "branch {branch} is checked out at {}; hyperloop needs it for task {task_id}",
-                    r.path.display()
-                )));
+/// `update-ref --stdin` input that sets the base branch (and its `origin/` twin) in a checkout.
+fn base_refs(base_branch: &str, base_tip: &str) -> String {
+    if base_tip.is_empty() || base_branch.is_empty() {
+        return String::new();
+    }
+    format!(
+        "update refs/heads/{base_branch} {base_tip}\nupdate refs/remotes/origin/{base_branch} {base_tip}\n"
+    )
+}
+
+/// A git config value in double quotes.
+fn quoted(value: &str) -> String {
+    let mut out = String::from("\"");
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// Creates an empty repository at `path` that borrows the objects of the repository whose common
+/// git directory is `common`, with `refs` set. Two git commands, no copy of any object.
+fn make_checkout(git: &Git, common: &Path, path: &Path, refs: &str) -> Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    }
+    let p = path.to_string_lossy().into_owned();
+    Git::new(parent_or_dot(path)).run(["init", "-q", p.as_str()])?;
+    let gitdir = path.join(".git");
+    let objects = std::path::absolute(common.join("objects")).map_err(|e| Error::io(common, e))?;
+    let alternates = gitdir.join("objects").join("info").join("alternates");
+    std::fs::write(&alternates, format!("{}\n", objects.display())).map_err(|e| Error::io(&alternates, e))?;
+    ensure_local_excludes_in(&gitdir)?;
+    // The repository's `origin`, without any credential: agents may read from it as people do.
+    let origin = git.output(["config", "--get", "remote.origin.url"])?;
+    let url = String::from_utf8_lossy(&origin.stdout).trim().to_string();
+    if origin.status.success() && !url.is_empty() {
+        use std::io::Write;
+        let config = gitdir.join("config");
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&config)
+            .map_err(|e| Error::io(&config, e))?;
+        write!(
+            f,
+            "[remote \"origin\"]\n\turl = {}\n\tfetch = +refs/heads/*:refs/remotes/origin/*\n",
+            quoted(&url)
+        )
+        .map_err(|e| Error::io(&config, e))?;
+    }
+    if !refs.is_empty() {
+        Git::new(path).run_with_input(["update-ref", "--stdin"], refs.as_bytes())?;
+    }
+    Ok(())
+}
+
+fn parent_or_dot(path: &Path) -> &Path {
+    path.parent().unwrap_or(Path::new("."))
+}
+
+fn remove_dir(path: &Path) -> Result<()> {
+    match std::fs::remove_dir_all(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(path, e)),
+        _ => Ok(()),
+    }
+}
+
+/// A checkout made by an older hyperloop as a linked worktree of the repository (sharing its
+/// refs): its uncommitted work is committed on the task's branch, then the worktree goes.
+fn retire_linked_worktree(git: &Git, path: &Path, task_id: &str, spec_ref: &str, branch: &str) -> Result<()> {
+    let wt = git.at(path);
+    let on = wt.output(["symbolic-ref", "-q", "HEAD"])?;
+    if String::from_utf8_lossy(&on.stdout).trim() == format!("refs/heads/{branch}") {
+        let _ = clear_interrupted_operations(&wt);
+        if is_dirty(&wt).unwrap_or(false) {
+            commit_all(
+                &wt,
+                "hyperloop: uncommitted work left by an interrupted worker",
+                spec_ref,
+                task_id,
+            )?;
+        }
+    }
+    remove_worktree(git, path)?;
+    let tip = git.rev_parse(&format!("refs/heads/{branch}"))?;
+    note_task_ref(branch, tip.as_deref());
+    Ok(())
+}
+
+/// Brings what an agent left at `source` in its checkout into the repository, after checking
+/// that it builds on `base` (the commit the agent was given). With `branch`, the task's branch
+/// moves there (compare-and-swap from `base`); without, the commit is only made available (for
+/// intake and the process improver, whose changes are read from it). Returns the commit, or
+/// `None` when the agent changed nothing.
+///
+/// The agent's checkout is read, never trusted: a tip that does not descend from `base` is
+/// refused, and only the one ref named is looked at.
+pub fn import(
+    git: &Git,
+    checkout: &Path,
+    source: &str,
+    key: &str,
+    base: &str,
+    branch: Option<&str>,
+) -> Result<Option<String>> {
+    let Some(tip) = Git::new(checkout).rev_parse(source)? else {
+        return Err(Error::other(format!("the agent's checkout has no {source}")));
+    };
+    if tip == base {
+        return Ok(None);
+    }
+    let incoming = format!("refs/hyperloop/incoming/{key}");
+    if !git.succeeds(["cat-file", "-e", &format!("{tip}^{{commit}}")])? {
+        let from = checkout.to_string_lossy().into_owned();
+        git.run([
+            "fetch",
+            "--quiet",
+            "--no-tags",
+            "--no-write-fetch-head",
+            from.as_str(),
+            &format!("+{tip}:{incoming}"),
+        ])?;
+    }
+    let descends = git.succeeds(["merge-base", "--is-ancestor", base, tip.as_str()])?;
+    let _ = git.output(["update-ref", "-d", incoming.as_str()]);
+    if !descends {
+        return Err(Error::other(format!(
+            "the agent's {source} ({}) does not build on the commit it was given ({}); nothing of it is taken",
+            short(&tip),
+            short(base)
+        )));
+    }
+    if let Some(branch) = branch {
+        set_task_ref(git, branch, &tip, Some(base))?;
+    }
+    Ok(Some(tip))
+}
+
+fn short(oid: &str) -> &str {
+    oid.get(..12).unwrap_or(oid)
+}
+
+/// Where hyperloop last put each task branch of this repository (`None`: deleted). A task
+/// branch that is anywhere else was moved by something other than hyperloop.
+static TASK_REFS: std::sync::Mutex<Option<std::collections::HashMap<String, Option<String>>>> =
+    std::sync::Mutex::new(None);
+
+fn task_refs() -> std::sync::MutexGuard<'static, Option<std::collections::HashMap<String, Option<String>>>> {
+    TASK_REFS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Records where hyperloop put a task branch.
+pub fn note_task_ref(branch: &str, tip: Option<&str>) {
+    if let Some(map) = task_refs().as_mut() {
+        map.insert(branch.to_string(), tip.map(str::to_string));
+    }
+}
+
+/// Moves (or creates, with `old` `None`) a task branch, compare-and-swap, and records it.
+pub fn set_task_ref(git: &Git, branch: &str, new: &str, old: Option<&str>) -> Result<()> {
+    let refname = format!("refs/heads/{branch}");
+    let zero = "0".repeat(40);
+    let mut guard = task_refs();
+    git.run([
+        "update-ref",
+        "-m",
+        "hyperloop",
+        refname.as_str(),
+        new,
+        old.unwrap_or(&zero),
+    ])?;
+    if let Some(map) = guard.as_mut() {
+        map.insert(branch.to_string(), Some(new.to_string()));
+    }
+    Ok(())
+}
+
+/// Deletes a task branch and records it.
+pub fn delete_task_ref(git: &Git, branch: &str) -> Result<()> {
+    let mut guard = task_refs();
+    let out = git.output(["branch", "-D", branch])?;
+    if let Some(map) = guard.as_mut() {
+        map.insert(branch.to_string(), None);
+    }
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(Error::other(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ))
+    }
+}
+
+/// Starts watching the task branches of the repository: what they are now is hyperloop's.
+pub fn watch_task_refs(git: &Git) -> Result<()> {
+    let mut guard = task_refs();
+    let map = guard.get_or_insert_with(Default::default);
+    map.clear();
+    for (name, oid) in list_task_refs(git)? {
+        map.insert(name, Some(oid));
+    }
+    Ok(())
+}
+
+fn list_task_refs(git: &Git) -> Result<Vec<(String, String)>> {
+    let out = git.run([
+        "for-each-ref",
+        "--format=%(refname:strip=2) %(objectname)",
+        "refs/heads/worker/",
+    ])?;
+    Ok(out
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(n, o)| (n.to_string(), o.to_string()))
+        .collect())
+}
+
+/// A task branch found where hyperloop did not put it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MovedRef {
+    pub branch: String,
+    pub expected: Option<String>,
+    pub found: Option<String>,
+}
+
+/// Checks every task branch against where hyperloop put it; a branch moved, made or deleted by
+/// anything else is put back (or removed) and reported. Does nothing until
+/// [`watch_task_refs`] ran.
+pub fn restore_task_refs(git: &Git) -> Result<Vec<MovedRef>> {
+    let mut guard = task_refs();
+    let Some(map) = guard.as_mut() else {
+        return Ok(Vec::new());
+    };
+    let now: std::collections::HashMap<String, String> = list_task_refs(git)?.into_iter().collect();
+    let mut moved = Vec::new();
+    for (branch, found) in &now {
+        let expected = map.get(branch).cloned().flatten();
+        if expected.as_deref() != Some(found.as_str()) {
+            moved.push(MovedRef {
+                branch: branch.clone(),
+                expected,
+                found: Some(found.clone()),
+            });
+        }
+    }
+    for (branch, expected) in map.iter() {
+        if let Some(e) = expected
+            && !now.contains_key(branch)
+        {
+            moved.push(MovedRef {
+                branch: branch.clone(),
+                expected: Some(e.clone()),
+                found: None,
+            });
+        }
+    }
+    for m in &moved {
+        let refname = format!("refs/heads/{}", m.branch);
+        match &m.expected {
+            Some(e) => {
+                git.run([
+                    "update-ref",
+                    "-m",
+                    "hyperloop: restored",
+                    refname.as_str(),
+                    e.as_str(),
+                ])?;
+            }
+            None => {
+                git.run(["update-ref", "-d", refname.as_str()])?;
             }
         }
     }
-
-    let ours = registered.iter().find(|r| same_path(&r.path, &path));
-    if ours.is_some() && path.join(".git").exists() {
-        let wt = git.at(&path);
-        if repair_task_worktree(&wt, task_id, spec_ref, branch).is_ok() {
-            return Ok(path);
-        }
-        // Beyond repair (e.g. its git files are damaged): start it afresh from the branch.
-        remove_worktree_held(git, &path, &held)?;
-    } else if ours.is_some() || path.exists() {
-        remove_worktree_held(git, &path, &held)?;
-    }
-    add_worktree(git, &path, &[branch])?;
-    Ok(path)
+    moved.sort_by(|a, b| a.branch.cmp(&b.branch));
+    Ok(moved)
 }
 
 /// Removes a lock file that a killed git left behind (an agent stopped in the middle of a commit
@@ -476,51 +780,11 @@ fn branch_lock(gitdir: &Path) -> Option<PathBuf> {
     Some(common.join(format!("{refname}.lock")))
 }
 
-fn repair_task_worktree(wt: &Git, task_id: &str, spec_ref: &str, branch: &str) -> Result<()> {
-    clear_interrupted_operations(wt)?;
-    if is_dirty(wt)? {
-        commit_all(
-            wt,
-            "hyperloop: uncommitted work left by an interrupted worker",
-            spec_ref,
-            task_id,
-        )?;
-    }
-    let head = wt.output(["symbolic-ref", "-q", "HEAD"])?;
-    let on = String::from_utf8_lossy(&head.stdout).trim().to_string();
-    if on != format!("refs/heads/{branch}") {
-        wt.run(["checkout", "-q", "--force", branch])?;
-    }
-    Ok(())
-}
-
-/// `git worktree add`, falling back to the forced forms that override stale registrations.
-fn add_worktree(git: &Git, path: &Path, rest: &[&str]) -> Result<()> {
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    }
-    let p = path.to_string_lossy().into_owned();
-    let mut args = vec!["worktree", "add", "-q", p.as_str()];
-    args.extend_from_slice(rest);
-    if git.succeeds(&args)? {
-        return Ok(());
-    }
-    git.run(["worktree", "prune"])?;
-    if path.exists() {
-        std::fs::remove_dir_all(path).map_err(|e| Error::io(path, e))?;
-    }
-    let mut forced = vec!["worktree", "add", "-q", "--force", "--force", p.as_str()];
-    forced.extend_from_slice(rest);
-    git.run(&forced)?;
-    Ok(())
-}
-
-/// A clean worktree detached at `commit`, for workers that do not belong to a task (intake,
-/// process improvement). Whatever a previous run left in it is discarded: its results were
-/// taken from its commits, which the caller records.
+/// A clean checkout detached at `commit`, for workers that do not belong to a task (intake,
+/// process improvement): a repository of its own, like a task's. Whatever a previous run left in
+/// it is discarded: its results were taken from its commits, which the caller records.
 pub fn ensure_base_worktree(git: &Git, repo_root: &Path, name: &str, commit: &str) -> Result<PathBuf> {
     check_name("worktree name", name)?;
-    let held = admin_lock();
     ensure_local_excludes(git)?;
     let Some(commit) = git.rev_parse(commit)? else {
         return Err(Error::other(format!(
@@ -528,22 +792,21 @@ pub fn ensure_base_worktree(git: &Git, repo_root: &Path, name: &str, commit: &st
         )));
     };
     let path = base_worktree_path(repo_root, name);
-    git.run(["worktree", "prune"])?;
-    let registered = registered_worktrees(git)?;
-    let ours = registered.iter().any(|r| same_path(&r.path, &path));
-    if ours && path.join(".git").exists() {
-        let wt = git.at(&path);
-        let reset = clear_interrupted_operations(&wt)
-            .and_then(|()| wt.run(["checkout", "-q", "--force", "--detach", commit.as_str()]))
-            .and_then(|_| wt.run(["clean", "-q", "-ffd"]));
+    if path.join(".git").is_file() {
+        remove_worktree(git, &path)?;
+    }
+    if path.join(".git").is_dir() {
+        let c = Git::new(&path);
+        let reset = clear_interrupted_operations(&c)
+            .and_then(|()| c.run(["checkout", "-q", "--force", "--detach", commit.as_str()]))
+            .and_then(|_| c.run(["clean", "-q", "-ffd"]));
         if reset.is_ok() {
             return Ok(path);
         }
-        remove_worktree_held(git, &path, &held)?;
-    } else if ours || path.exists() {
-        remove_worktree_held(git, &path, &held)?;
     }
-    add_worktree(git, &path, &["--detach", commit.as_str()])?;
+    remove_dir(&path)?;
+    make_checkout(git, &git.common_dir()?, &path, "")?;
+    Git::new(&path).run(["checkout", "-q", "--force", "--detach", commit.as_str()])?;
     Ok(path)
 }
 

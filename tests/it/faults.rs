@@ -616,8 +616,8 @@ fn a_worktree_deleted_behind_gits_back_is_repaired() {
     assert!(wt.exists());
     std::fs::remove_dir_all(&wt).expect("rm worktree");
     assert!(
-        f.git(&["worktree", "list"]).contains("task-001"),
-        "still registered"
+        !f.git(&["worktree", "list"]).contains("task-001"),
+        "a task's checkout is a repository of its own, not a registered worktree"
     );
     run_to_completion(&f, "deleted worktree");
     f.assert_all_done("deleted worktree");
@@ -660,7 +660,8 @@ fn a_dead_workers_task_runs_its_role_again_without_burning_a_round() {
         wait_dead(agent, Duration::from_secs(10)),
         "PR_SET_PDEATHSIG takes the agent down with hyperloop"
     );
-    // The agent committed before it was killed; that commit is on its branch.
+    // The agent committed before it was killed; that commit is on its branch in its checkout,
+    // and is taken into the repository by the next step.
     let committed: Vec<String> = f
         .read_root("committed.log")
         .lines()
@@ -668,7 +669,12 @@ fn a_dead_workers_task_runs_its_role_again_without_burning_a_round() {
         .map(str::to_string)
         .collect();
     assert_eq!(committed.len(), 1, "{committed:?}");
-    let on_branch = f.git(&["show", "worker/task-001:work/task-001.txt"]);
+    let on_branch = f.git(&[
+        "-C",
+        ".hyperloop/worktrees/task-001",
+        "show",
+        "worker/task-001:work/task-001.txt",
+    ]);
     assert_eq!(on_branch, committed[0]);
     assert_eq!(f.task("task-001")["round"], 0);
 

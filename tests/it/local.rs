@@ -945,7 +945,14 @@ fn a_task_file_never_gets_a_foreign_branch_deleted() {
     p.repo.write("specs/a.md", "# A\n");
     p.commit_all("a complete task naming a foreign branch");
     let out = p.hyperloop(&["step"]);
-    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    // A task's branch is derived from its id: a file that names another is invalid, and nothing
+    // runs on it.
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("task-001.md") && stderr.contains("branch") && stderr.contains("worker/task-001"),
+        "{stderr}"
+    );
     assert_eq!(
         p.git(&["rev-parse", "keepme"]),
         precious,
@@ -1111,7 +1118,7 @@ fn a_merge_and_the_next_start_are_replayed_over_a_commit_made_meanwhile() {
   - role: verifier
     task: task-001
     actions:
-      - shell: 'cd "$(git rev-parse --path-format=absolute --git-common-dir)/.." && echo mine > note.txt && git add note.txt && git commit -qm "a commit of my own"'
+      - shell: 'cd "${HOME}/../project" && echo mine > note.txt && git add note.txt && git commit -qm "a commit of my own"'
       - verdict: {verdict: pass, detail: "fine"}
 "#,
         "merge:\n  strategy: merge\n  delete_branch: false\n",

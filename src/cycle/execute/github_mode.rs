@@ -4,8 +4,8 @@
 //! the API. Polling costs one paginated listing of hyperloop's pull requests per step, however
 //! many tasks wait.
 //!
-//! Git is authenticated through an `http.extraHeader` passed in the git child's environment
-//! (`GIT_CONFIG_*`), so the token is never written to `.git/config`, a file, or a command line.
+//! Git reaches `origin` through [`Transport`]: over http(s) in this process, so the token never
+//! reaches a git child's environment, arguments or memory, nor `.git/config` or any file.
 //!
 //! A rate limit that outlasts the client's short wait ends the step cleanly: every change made so
 //! far is already committed and pushed (one commit per change), the step exits 0 with a
@@ -28,9 +28,10 @@ use crate::error::{Error, Result};
 use crate::forge::auth::AuthConfig;
 use crate::forge::github::{ClientOptions, GitHubClient, RepoRef};
 use crate::forge::{MergeOutcome, NotMergeableReason, PrState};
-use crate::git::{Git, trailers};
+use crate::git::trailers;
 use crate::state::{MergeTree, Publish, Repo};
 use crate::task::{Status, Task};
+use crate::transport::{PushOutcome, Transport};
 
 use super::Stepper;
 
@@ -42,8 +43,8 @@ pub const APPROVAL_LABEL: &str = "lgtm";
 pub(super) struct GitHubMode {
     pub client: GitHubClient,
     pub remote: String,
-    /// git with the authorization header in its environment.
-    pub git: Git,
+    /// Fetches and pushes to `remote`, holding the credential.
+    pub transport: Transport,
     /// Head branch → its pull request, from this step's listing (updated as the step acts).
     pub prs: HashMap<String, PrState>,
 }
@@ -86,22 +87,24 @@ pub(super) async fn connect(slug: &str, repo: &Repo) -> Result<GitHubMode> {
     let auth = AuthConfig::from_process_env().map_err(forge)?;
     let client = GitHubClient::new(auth, repo_ref, ClientOptions::default()).map_err(forge)?;
     let token = client.git_token().await.map_err(forge)?;
-    let header = format!(
-        "Authorization: Basic {}",
-        base64(format!("x-access-token:{}", token.expose()).as_bytes())
-    );
-    let git = repo
-        .git
-        .clone()
-        .with_env("GIT_CONFIG_COUNT", "1")
-        .with_env("GIT_CONFIG_KEY_0", "http.extraHeader")
-        .with_env("GIT_CONFIG_VALUE_0", header);
+    let transport = Transport::new(&repo.git, "origin", Some(token))?;
     Ok(GitHubMode {
         client,
         remote: "origin".to_string(),
-        git,
+        transport,
         prs: HashMap::new(),
     })
+}
+
+/// A refused push of the state branch: nothing will change until someone changes the rule, so
+/// the step stops once and says which rule and what to change.
+fn refused_state_push(branch: &str, message: &str) -> Error {
+    Error::other(format!(
+        "origin refused the push of the state branch `{branch}`: {message}\n  hint: a branch \
+         protection rule or ruleset forbids hyperloop's pushes to `{branch}`; allow the \
+         workflow's token (or the GitHub App) to push to it, or set `target.state_branch` to a \
+         branch of its own"
+    ))
 }
 
 /// The pull request number at the end of a PR URL.
@@ -154,24 +157,6 @@ pub fn pr_body(task: &Task) -> String {
     body
 }
 
-/// Standard base64 (for the git authorization header).
-fn base64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
 impl Stepper {
     fn gh(&self) -> Result<&GitHubMode> {
         self.gh.as_ref().ok_or_else(|| Error::other("not in GitHub mode"))
@@ -187,20 +172,49 @@ impl Stepper {
     /// local branch with commits of its own (or one checked out in a worktree) is left alone.
     pub(super) fn fetch_task_branches(&self) -> Result<()> {
         let gh = self.gh()?;
-        let _held = crate::worker::worktree::admin_lock();
-        let out = gh.git.output([
-            "fetch",
-            "--quiet",
-            "--no-tags",
-            gh.remote.as_str(),
-            "refs/heads/worker/*:refs/heads/worker/*",
-        ])?;
-        if !out.status.success() {
+        let remote = gh.remote.clone();
+        let spec = format!("+refs/heads/worker/*:refs/remotes/{remote}/worker/*");
+        if let Err(e) = gh.transport.fetch(&[spec]) {
             emit!(
                 DEBUG,
                 "task_branches_not_all_fetched",
-                detail = String::from_utf8_lossy(&out.stderr).trim()
+                detail = e.to_string().as_str()
             );
+            return Ok(());
+        }
+        // A local branch follows origin's only as a fast-forward (or when it has none yet): one
+        // with commits of its own keeps them.
+        let prefix = format!("refs/remotes/{remote}/worker/");
+        let listed = self.repo.git.run([
+            "for-each-ref",
+            "--format=%(refname) %(objectname)",
+            prefix.as_str(),
+        ])?;
+        for line in listed.lines() {
+            let Some((name, tip)) = line.split_once(' ') else {
+                continue;
+            };
+            let Some(id) = name.strip_prefix(prefix.as_str()) else {
+                continue;
+            };
+            if crate::task::file::id_problem(id).is_some() {
+                continue;
+            }
+            let branch = crate::task::file::task_branch(id);
+            let local = self.repo.branch_tip(&branch)?;
+            if local.as_deref() == Some(tip) {
+                continue;
+            }
+            let forward = match &local {
+                None => true,
+                Some(l) => self
+                    .repo
+                    .git
+                    .succeeds(["merge-base", "--is-ancestor", l.as_str(), tip])?,
+            };
+            if forward {
+                crate::worker::worktree::set_task_ref(&self.repo.git, &branch, tip, local.as_deref())?;
+            }
         }
         Ok(())
     }
@@ -228,40 +242,25 @@ impl Stepper {
     /// Fetches one refspec from origin; false when origin has no such branch.
     fn fetch_refspec(&self, refspec: &str) -> Result<bool> {
         let gh = self.gh()?;
-        // Fetching into a local branch looks at every worktree.
-        let _held = crate::worker::worktree::admin_lock();
-        let out = gh
-            .git
-            .output(["fetch", "--quiet", "--no-tags", gh.remote.as_str(), refspec])?;
-        if out.status.success() {
-            return Ok(true);
-        }
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        if stderr.contains("couldn't find remote ref") {
-            return Ok(false);
-        }
-        Err(Error::Git {
-            args: format!("fetch {} {refspec}", gh.remote),
-            dir: self.repo.root.clone(),
-            stderr: stderr.trim().to_string(),
-        })
+        Ok(gh.transport.fetch(&[refspec.to_string()])?.is_empty())
     }
 
     /// Creates `branch` on origin at `commit`, unless someone created it first. Returns where it
     /// is now.
     pub(super) fn create_remote_branch(&self, branch: &str, commit: &str) -> Result<String> {
         let gh = self.gh()?;
-        let refspec = format!("{commit}:refs/heads/{branch}");
-        let out = gh
-            .git
-            .output(["push", "--quiet", gh.remote.as_str(), refspec.as_str()])?;
-        if !out.status.success() {
+        match gh.transport.push(commit, branch)? {
+            PushOutcome::Pushed => {}
             // Lost a race with another creator: theirs stands.
-            return self.fetch_branch(branch)?.ok_or_else(|| Error::Git {
-                args: format!("push {} {refspec}", gh.remote),
-                dir: self.repo.root.clone(),
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            });
+            PushOutcome::Moved => {
+                return self.fetch_branch(branch)?.ok_or_else(|| {
+                    Error::other(format!(
+                        "cannot create {branch} on {}: the push was rejected",
+                        gh.remote
+                    ))
+                });
+            }
+            PushOutcome::Refused { message } => return Err(refused_state_push(branch, &message)),
         }
         let remote_ref = self.remote_ref(branch);
         self.repo.git.run(["update-ref", remote_ref.as_str(), commit])?;
@@ -272,22 +271,9 @@ impl Stepper {
     /// rejected push is never forced: the caller replays onto what is there now.
     pub(super) fn push_state(&mut self, new: &str) -> Result<Publish> {
         let gh = self.gh()?;
-        let refspec = format!("{new}:refs/heads/{}", self.branch);
-        let out = gh.git.output([
-            "push",
-            "--porcelain",
-            "--quiet",
-            gh.remote.as_str(),
-            refspec.as_str(),
-        ])?;
-        if !out.status.success() {
-            let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-            let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-            let rejected = stdout.contains("[rejected]")
-                || stdout.contains("[remote rejected]") && stdout.contains("fetch first")
-                || stderr.contains("non-fast-forward")
-                || stderr.contains("fetch first");
-            if rejected {
+        match gh.transport.push(new, &self.branch)? {
+            PushOutcome::Pushed => {}
+            PushOutcome::Moved => {
                 let current = self.fetch_state()?;
                 emit!(
                     INFO,
@@ -297,11 +283,7 @@ impl Stepper {
                 );
                 return Ok(Publish::Raced(current));
             }
-            return Err(Error::Git {
-                args: format!("push {} {refspec}", gh.remote),
-                dir: self.repo.root.clone(),
-                stderr: format!("{}{}", stderr.trim(), stdout.trim()),
-            });
+            PushOutcome::Refused { message } => return Err(refused_state_push(&self.branch, &message)),
         }
         let remote_ref = self.remote_ref(&self.branch);
         self.repo.git.run(["update-ref", remote_ref.as_str(), new])?;
@@ -376,10 +358,7 @@ impl Stepper {
 
     fn pr_for(&self, task: &Task) -> Option<&PrState> {
         let gh = self.gh.as_ref()?;
-        let branch = task
-            .branch
-            .clone()
-            .unwrap_or_else(|| format!("worker/{}", task.id));
+        let branch = crate::task::file::task_branch(&task.id);
         let pr = gh.prs.get(&branch)?;
         // A PR for the branch that is not the one the task recorded is someone else's business.
         match task.pr.as_deref().and_then(pr_number) {
@@ -431,10 +410,7 @@ impl Stepper {
     /// Pushes the task's branch and makes sure it has its draft pull request, labelled. Returns
     /// the PR's URL when there is one (none yet when the branch has no commits of its own).
     pub(super) fn ensure_pull_request(&mut self, task: &Task) -> Result<Option<String>> {
-        let branch = task
-            .branch
-            .clone()
-            .unwrap_or_else(|| format!("worker/{}", task.id));
+        let branch = crate::task::file::task_branch(&task.id);
         let Some(branch_tip) = self.repo.branch_tip(&branch)? else {
             return Ok(None);
         };
@@ -517,37 +493,36 @@ impl Stepper {
         {
             return Ok(Some(local));
         }
-        match self.repo.publish(branch, &local, &remote)? {
-            Publish::Moved => {
-                emit!(
-                    INFO,
-                    "branch_updated",
-                    branch = branch,
-                    from = local.as_str(),
-                    to = remote.as_str()
-                );
-                Ok(Some(remote))
-            }
-            Publish::Raced(_) => Ok(Some(local)),
+        if crate::worker::worktree::set_task_ref(&self.repo.git, branch, &remote, Some(&local)).is_err() {
+            return Ok(Some(local));
         }
+        emit!(
+            INFO,
+            "branch_updated",
+            branch = branch,
+            from = local.as_str(),
+            to = remote.as_str()
+        );
+        Ok(Some(remote))
     }
 
     fn push_task_branch(&self, branch: &str) -> Result<()> {
         let gh = self.gh()?;
-        let refspec = format!("refs/heads/{branch}:refs/heads/{branch}");
-        // hyperloop owns task branches; a lease on what it last pushed protects a person's
-        // commits on the branch from being overwritten.
-        let out = gh
-            .git
-            .output(["push", "--quiet", gh.remote.as_str(), refspec.as_str()])?;
-        if out.status.success() {
-            return Ok(());
+        let Some(tip) = self.repo.branch_tip(branch)? else {
+            return Err(Error::other(format!("no local branch {branch} to push")));
+        };
+        // Never forced: a person's commits on the branch are not overwritten.
+        match gh.transport.push(&tip, branch)? {
+            PushOutcome::Pushed => Ok(()),
+            PushOutcome::Moved => Err(Error::other(format!(
+                "{} has commits on {branch} that this step does not have; the next step fetches them",
+                gh.remote
+            ))),
+            PushOutcome::Refused { message } => Err(Error::other(format!(
+                "{} refused the push of {branch}: {message}",
+                gh.remote
+            ))),
         }
-        Err(Error::Git {
-            args: format!("push {} {refspec}", gh.remote),
-            dir: self.repo.root.clone(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        })
     }
 
     /// Refreshes the PR body after a round (best effort: a body is information, not state).
@@ -663,7 +638,7 @@ impl Stepper {
     /// trailers, then take the result into the base branch and record the task complete.
     pub(super) fn merge_github(&mut self, task: Task) -> Result<bool> {
         let id = task.id.clone();
-        let branch = task.branch.clone().unwrap_or_else(|| format!("worker/{id}"));
+        let branch = crate::task::file::task_branch(&id);
         if let Some(pr) = self.pr_for(&task).cloned()
             && pr.merged
         {
@@ -800,15 +775,6 @@ fn strategy_name(s: MergeStrategy) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn base64_matches_the_standard() {
-        assert_eq!(base64(b""), "");
-        assert_eq!(base64(b"f"), "Zg==");
-        assert_eq!(base64(b"fo"), "Zm8=");
-        assert_eq!(base64(b"foo"), "Zm9v");
-        assert_eq!(base64(b"x-access-token:abc"), "eC1hY2Nlc3MtdG9rZW46YWJj");
-    }
 
     #[test]
     fn labels_and_numbers() {

@@ -53,7 +53,7 @@ impl WorkerFixture {
             task,
             "specs/a.md",
             &format!("worker/{task}"),
-            &self.base,
+            ("main", &self.base),
         )
         .expect("task worktree")
     }
@@ -93,6 +93,8 @@ impl WorkerFixture {
             secret_env: Vec::new(),
             parent_env: Some(self.parent_env()),
             known_head: None,
+            import_into: Some(hermetic_git(&self.env, &self.repo.path)),
+            detached: false,
         }
     }
 
