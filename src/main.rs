@@ -9,6 +9,11 @@ use clap::Parser;
 use hyperloop::cli::Cli;
 
 fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some(hyperloop::worker::supervisor::COMMAND) {
+        let code = hyperloop::worker::supervisor::main(&args[2..]);
+        return ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
     // SAFETY: first statement of main; no other thread exists yet.
     unsafe { hyperloop::secrets::seal_process() };
     let cli = match Cli::try_parse() {

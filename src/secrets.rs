@@ -118,6 +118,62 @@ pub fn values() -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Removes credentials persisted in the repository's git configuration, which every agent's
+/// checkout could otherwise read through the repository's path: `actions/checkout` with its
+/// default `persist-credentials: true` writes the job token as an `http.<url>.extraheader`,
+/// into `.git/config` or into a file that `.git/config` includes. Such entries (and the include
+/// that brings them in) are removed and reported; the forge credential hyperloop uses is its own.
+/// A persisted header in the user's global or system configuration cannot be removed on their
+/// behalf: that is an error (exit 2) with the way out.
+pub fn scrub_repository_config(git: &crate::git::Git) -> crate::error::Result<Vec<String>> {
+    use crate::error::Error;
+    let out = git.output([
+        "config",
+        "--show-origin",
+        "--show-scope",
+        "--get-regexp",
+        r"^http\..*\.extraheader$",
+    ])?;
+    let listed = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut removed = Vec::new();
+    for line in listed.lines() {
+        // `local\tfile:.git/config\thttp.https://github.com/.extraheader AUTHORIZATION: basic …`
+        let mut parts = line.splitn(3, '\t');
+        let (Some(scope), Some(origin), Some(rest)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        let key = rest.split_whitespace().next().unwrap_or_default().to_string();
+        if !rest.to_ascii_lowercase().contains("authorization") {
+            continue;
+        }
+        let file = origin.strip_prefix("file:").unwrap_or(origin).to_string();
+        match scope {
+            "local" | "worktree" => {
+                let local = git.output(["config", "--local", "--unset-all", key.as_str()])?;
+                if !local.status.success() {
+                    // Brought in by an include of the local configuration: drop the include.
+                    let includes =
+                        git.output(["config", "--local", "--get-regexp", r"^include(if\..*)?\.path$"])?;
+                    for inc in String::from_utf8_lossy(&includes.stdout).lines() {
+                        if let Some((ikey, path)) = inc.split_once(' ')
+                            && (path == file || file.ends_with(path) || path.ends_with(file.as_str()))
+                        {
+                            git.run(["config", "--local", "--unset-all", ikey])?;
+                        }
+                    }
+                }
+                removed.push(format!("{key} ({file})"));
+            }
+            _ => {
+                return Err(Error::usage(format!(
+                    "git's {scope} configuration ({file}) holds a credential in `{key}`, which every agent could read\n  hint: remove it from that file; in a workflow, give actions/checkout `persist-credentials: false`"
+                )));
+            }
+        }
+    }
+    Ok(removed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -216,6 +216,14 @@ fn outcome_path(running_dir: &Path, key: &str) -> PathBuf {
 pub async fn step(target: &Target, opts: &StepOptions) -> Result<StepReport> {
     let repo = target.repo.clone();
     let lock = StepLock::acquire(&repo.common_dir.join("hyperloop.lock"))?;
+    for entry in crate::secrets::scrub_repository_config(&repo.git)? {
+        emit!(
+            WARN,
+            "persisted_credential_removed",
+            entry = entry.as_str(),
+            hint = "agents could read it from the repository's git configuration; set `persist-credentials: false` on actions/checkout"
+        );
+    }
     let defs = definitions::load(&target.config, &repo.root)?;
     let gh = match target.config.target.repo.as_deref() {
         Some(slug) => match github_mode::connect(slug, &repo).await {
@@ -1275,6 +1283,7 @@ impl Stepper {
             known_head: None,
             import_into: Some(self.repo.git.clone()),
             detached: record.kind != Kind::Task,
+            supervisor: worker::supervisor::program(),
         }
     }
 

@@ -16,6 +16,7 @@ pub mod env;
 pub mod process;
 pub mod result;
 pub mod stream_json;
+pub mod supervisor;
 pub mod worktree;
 
 use std::path::PathBuf;

@@ -77,6 +77,9 @@ pub struct WorkerSpec {
     pub import_into: Option<Git>,
     /// The checkout is detached (intake, process improvement): its work is at `HEAD`.
     pub detached: bool,
+    /// The hyperloop program, to run the agent under its supervisor (see
+    /// [`super::supervisor`]); `None` runs the agent directly.
+    pub supervisor: Option<PathBuf>,
 }
 
 impl WorkerSpec {
@@ -237,9 +240,19 @@ pub async fn run_worker(spec: &WorkerSpec, mut cancel: watch::Receiver<bool>) ->
         );
     }
 
-    let mut cmd = Command::new(program);
-    cmd.args(args)
-        .current_dir(&worktree)
+    let mut cmd = match &spec.supervisor {
+        Some(hyperloop) => {
+            let mut c = Command::new(hyperloop);
+            c.arg(super::supervisor::COMMAND).arg(program).args(args);
+            c
+        }
+        None => {
+            let mut c = Command::new(program);
+            c.args(args);
+            c
+        }
+    };
+    cmd.current_dir(&worktree)
         .env_clear()
         .envs(spec.environment())
         .stdin(Stdio::piped())

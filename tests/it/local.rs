@@ -993,6 +993,75 @@ fn processes_an_agent_detached_into_its_own_session_are_stopped() {
     assert!(gone, "the detached process {pid} outlived the step");
 }
 
+/// An agent's descendant that leaves its session, clears its environment and double-forks — and
+/// then takes the step lock — is still stopped when the worker ends, so the next step runs.
+#[test]
+fn a_detached_descendant_with_a_cleared_environment_does_not_outlive_its_worker() {
+    let rules = r#"
+  - role: implementer
+    actions:
+      - shell: "setsid env -i /bin/sh -c '(flock \"$0/.git/hyperloop.lock\" sleep 300 </dev/null >/dev/null 2>&1 & echo $! > \"$1/escaped.pid\")' \"$HOME/../project\" \"$HOME/..\" </dev/null >/dev/null 2>&1 &"
+      - shell: "for i in $(seq 1 50); do [ -s \"$HOME/../escaped.pid\" ] && break; sleep 0.1; done"
+      - implement_task: true
+      - verdict: {verdict: pass}
+"#;
+    let p = Project::new(rules, "");
+    p.repo.write("specs/a.md", "# A\n");
+    p.write_task("task-001", "specs/a.md", &[]);
+    p.commit_all("task");
+    let out = p.hyperloop(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let pid: i32 = std::fs::read_to_string(p.env.root().join("escaped.pid"))
+        .expect("pid written")
+        .trim()
+        .parse()
+        .expect("a pid");
+    let gone = (0..50).any(|_| {
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let dead = state.is_empty() || state.split_whitespace().nth(2) == Some("Z");
+        if !dead {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        dead
+    });
+    assert!(gone, "the detached process {pid} outlived its worker");
+    assert!(
+        named(&events(&out), "step_skipped").is_empty(),
+        "{}",
+        describe(&out)
+    );
+    assert_eq!(p.task("task-001")["status"], "complete");
+}
+
+/// A step lock held by something that is not a hyperloop step is named, with its pid and command,
+/// instead of every step being skipped in silence.
+#[test]
+fn a_step_lock_held_by_a_stranger_is_reported() {
+    let p = Project::new("", "");
+    p.repo.write("specs/a.md", "# A\n");
+    p.commit_all("spec");
+    let lock = p.repo.path.join(".git/hyperloop.lock");
+    let mut holder = std::process::Command::new("flock")
+        .arg(&lock)
+        .args(["sleep", "30"])
+        .spawn()
+        .expect("flock");
+    let held = (0..50).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        std::fs::read_to_string("/proc/locks").is_ok_and(|l| l.contains("FLOCK"))
+    });
+    assert!(held);
+    let out = p.hyperloop(&["step"]);
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("not a hyperloop step") && stderr.contains("sleep 30"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn a_separate_state_branch_keeps_the_base_for_code() {
     let p = Project::new("", "target:\n  state_branch: hyperloop-state\n");
@@ -1208,5 +1277,48 @@ fn the_improvers_overlay_reaches_the_next_prompts() {
     assert!(
         last.contains("Remember the tests the verifier asked for."),
         "{last}"
+    );
+}
+
+/// `actions/checkout` persists the job token in the repository's configuration (directly, or in
+/// a file the configuration includes); every agent could read it there. A step removes both.
+#[test]
+fn credentials_persisted_in_the_repository_config_are_removed() {
+    let p = Project::new("", "");
+    p.git(&[
+        "config",
+        "--local",
+        "http.https://github.com/.extraheader",
+        "AUTHORIZATION: basic eC1hY2Nlc3MtdG9rZW46Y2FuYXJ5",
+    ]);
+    let included = p.env.root().join("included-credentials.config");
+    std::fs::write(
+        &included,
+        "[http \"https://example.com/\"]\n\textraheader = AUTHORIZATION: basic Y2FuYXJ5\n",
+    )
+    .expect("include");
+    let include = included.display().to_string();
+    p.git(&["config", "--local", "includeIf.gitdir:/.path", include.as_str()]);
+    p.git(&[
+        "config",
+        "--local",
+        "http.https://example.org/.extraheader",
+        "X-Not-A-Credential: 1",
+    ]);
+    let before = p.git(&["config", "--get-regexp", "extraheader"]);
+    assert_eq!(before.lines().count(), 3, "{before}");
+    let out = p.hyperloop(&["step"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let evs = events(&out);
+    assert_eq!(
+        named(&evs, "persisted_credential_removed").len(),
+        2,
+        "{}",
+        describe(&out)
+    );
+    let after = p.git(&["config", "--get-regexp", "extraheader"]);
+    assert_eq!(
+        after,
+        "http.https://example.org/.extraheader X-Not-A-Credential: 1"
     );
 }

@@ -95,6 +95,7 @@ impl WorkerFixture {
             known_head: None,
             import_into: Some(hermetic_git(&self.env, &self.repo.path)),
             detached: false,
+            supervisor: None,
         }
     }
 
