@@ -35,7 +35,7 @@ extern "C" fn on_stop(_: libc::c_int) {
 /// Runs the supervisor; returns the exit status to exit with.
 pub fn main(args: &[String]) -> i32 {
     let Some((program, rest)) = args.split_first() else {
-        eprintln!("hyperloop {COMMAND}: no program to run");
+        say(&format!("hyperloop {COMMAND}: no program to run"));
         return 2;
     };
     #[cfg(target_os = "linux")]
@@ -54,7 +54,7 @@ pub fn main(args: &[String]) -> i32 {
     let child = match std::process::Command::new(program).args(rest).spawn() {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("cannot start the agent {program:?}: {e}");
+            say(&format!("cannot start the agent {program:?}: {e}"));
             return 127;
         }
     };
@@ -94,9 +94,15 @@ pub fn main(args: &[String]) -> i32 {
     }
     let stopped = stop_everything_below();
     if stopped > 0 {
-        eprintln!("=== hyperloop: stopped {stopped} process(es) the agent left behind");
+        say(&format!("=== hyperloop: stopped {stopped} process(es) the agent left behind"));
     }
     agent_status.unwrap_or(128 + libc::SIGTERM)
+}
+
+/// A line on standard error, which goes to the worker's log.
+fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 fn exit_code(status: libc::c_int) -> i32 {
