@@ -574,6 +574,7 @@ pub fn status_json(tasks: &[Task]) -> Result<String> {
                 "pr": t.pr,
                 "last_verdict": t.last_verdict,
                 "failure_reason": t.failure_reason,
+                "verified_tip": t.verified_tip,
                 "gate_cleared": t.gate_cleared,
                 "cost_usd": t.cost_usd,
                 "history": t.history,

@@ -1810,6 +1810,12 @@ impl Stepper {
         }
         task.cost_usd += outcome.cost_usd.unwrap_or(0.0);
         task.last_verdict = Some(verdict.as_str().to_string());
+        // What a merge may take: the tip this passing agent left, and nothing that came after.
+        task.verified_tip = if outcome.verdict.is_pass() {
+            self.repo.branch_tip(&crate::task::file::task_branch(&task.id))?
+        } else {
+            None
+        };
         task.history.push(Attempt {
             round: record.round,
             role: record.role.clone(),
@@ -2129,6 +2135,65 @@ impl Stepper {
         self.merge_with(task, Changes::default())
     }
 
+    /// A merge takes exactly the tip that was verified. A branch that moved since (anything
+    /// but the forge bringing the base in, see [`Self::base_brought_in`]) goes back to be
+    /// verified again instead of merging. Returns the task when it may merge.
+    pub(super) fn only_what_was_verified(&mut self, task: Task, branch_tip: &str) -> Result<Option<Task>> {
+        let Some(verified) = task.verified_tip.clone() else {
+            // Written before hyperloop recorded verified tips.
+            return Ok(Some(task));
+        };
+        if verified == branch_tip || self.base_brought_in(&verified, branch_tip)? {
+            return Ok(Some(task));
+        }
+        let id = task.id.clone();
+        emit!(
+            ERROR,
+            "merge_refused_unverified",
+            task_id = id.as_str(),
+            verified = verified.as_str(),
+            found = branch_tip
+        );
+        let detail = format!(
+            "the branch moved after it was verified (verified {verified}, now {branch_tip}); it is verified again before it merges"
+        );
+        let mut t = task;
+        let change =
+            transition::unverified_head(&mut t, self.pipeline(), &detail, self.config.max_task_rounds);
+        self.save_task(t, &change, &format!("hyperloop: {id} goes back to verification"))?;
+        Ok(None)
+    }
+
+    /// True when `tip` is `verified` with the base branch merged in by the forge (GitHub's
+    /// "update branch": a merge commit whose first parent is the verified tip and whose second
+    /// is on the base branch).
+    fn base_brought_in(&self, verified: &str, tip: &str) -> Result<bool> {
+        let parents = self
+            .repo
+            .git
+            .run_trim(["rev-list", "--parents", "-n", "1", tip])?;
+        let parts: Vec<&str> = parents.split_whitespace().collect();
+        let [_, first, second] = parts.as_slice() else {
+            return Ok(false);
+        };
+        if *first != verified {
+            return Ok(false);
+        }
+        let base = format!("refs/heads/{}", self.config.target.base_branch);
+        let remote_base = format!("refs/remotes/origin/{}", self.config.target.base_branch);
+        for b in [base, remote_base] {
+            if self.repo.git.rev_parse(&b)?.is_some()
+                && self
+                    .repo
+                    .git
+                    .succeeds(["merge-base", "--is-ancestor", second, b.as_str()])?
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// Merges the task's branch; `extra` changes (e.g. the verifier's review) go into the same
     /// commit.
     fn merge_with(&mut self, task: Task, extra: Changes) -> Result<bool> {
@@ -2151,6 +2216,9 @@ impl Stepper {
                 &change,
                 &format!("hyperloop: {id} complete (no branch to merge)"),
             )?;
+            return Ok(true);
+        };
+        let Some(task) = self.only_what_was_verified(task, &branch_tip)? else {
             return Ok(true);
         };
         if self.split_state() {

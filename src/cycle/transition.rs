@@ -498,6 +498,27 @@ pub fn action_done(task: &mut Task, pipeline: &[Step]) -> TaskChange {
     change
 }
 
+/// The branch at a merge is not the one that was verified: the task loops back (a round, like a
+/// failed verification) so that what merges is verified again.
+pub fn unverified_head(task: &mut Task, pipeline: &[Step], detail: &str, max_task_rounds: u32) -> TaskChange {
+    let before = Before::of(task);
+    let Some(position) = task.position.clone().map(Position) else {
+        return ignored(task, "task has no position".to_string());
+    };
+    let failed = FailedRun {
+        role: MERGE_PR,
+        verdict: "unverified",
+        detail,
+        findings: 1,
+    };
+    task.verified_tip = None;
+    let events = match pipeline::retry_start(pipeline, &position) {
+        Some(to) => loop_back(task, pipeline, to, &failed, max_task_rounds),
+        None => fail_without_loop(task, &failed, "no loop precedes the merge"),
+    };
+    before.change(task, events)
+}
+
 /// The merge at the task's position conflicted. Below `max_rebase_attempts` conflicts in a row the
 /// task waits for the rebase-resolver (position unchanged); at the limit the conflict becomes a
 /// finding and the task loops back to the loop that produced the work.

@@ -18,13 +18,14 @@ const LEGACY_FIELDS: [&str; 9] = [
     "id", "title", "spec_ref", "status", "phase", "deps", "round", "branch", "pr",
 ];
 /// Fields of hyperloop's own.
-const OWN_FIELDS: [&str; 8] = [
+const OWN_FIELDS: [&str; 9] = [
     "position",
     "cost_usd",
     "rebase_attempts",
     "gate_cleared",
     "last_verdict",
     "failure_reason",
+    "verified_tip",
     "claim",
     "history",
 ];
@@ -261,6 +262,12 @@ pub fn parse(file: &Path, text: &str) -> Result<Task> {
     };
     let last_verdict = opt_str(&mut map, "last_verdict")?;
     let failure_reason = opt_str(&mut map, "failure_reason")?;
+    let verified_tip = opt_str(&mut map, "verified_tip")?;
+    if let Some(v) = &verified_tip
+        && (!(v.len() == 40 || v.len() == 64) || !v.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        return Err(Error::invalid(file, field("verified_tip"), "must be a commit id"));
+    }
     let claim = match map.shift_remove("claim") {
         None | Some(Value::Null) => None,
         Some(v) => Some(
@@ -304,6 +311,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Task> {
         gate_cleared,
         last_verdict,
         failure_reason,
+        verified_tip,
         claim,
         history,
         extra: map,
@@ -393,6 +401,7 @@ pub fn render(task: &Task) -> String {
             "gate_cleared" => task.gate_cleared.then(|| "true".to_string()),
             "last_verdict" => task.last_verdict.as_deref().map(scalar),
             "failure_reason" => task.failure_reason.as_deref().map(scalar),
+            "verified_tip" => task.verified_tip.as_deref().map(scalar),
             "claim" => task.claim.as_ref().map(json),
             _ => (!task.history.is_empty()).then(|| {
                 let mut s = String::new();

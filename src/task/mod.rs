@@ -112,6 +112,9 @@ pub struct Task {
     pub last_verdict: Option<String>,
     /// Why the task failed, once it has.
     pub failure_reason: Option<String>,
+    /// The branch tip the task's last passing agent left (what was verified): a merge takes
+    /// exactly this commit.
+    pub verified_tip: Option<String>,
     /// A worker started for this task that has not been recorded yet.
     pub claim: Option<Claim>,
     /// Every finished worker run.
@@ -140,6 +143,7 @@ impl Task {
             gate_cleared: false,
             last_verdict: None,
             failure_reason: None,
+            verified_tip: None,
             claim: None,
             history: Vec::new(),
             extra: serde_json::Map::new(),

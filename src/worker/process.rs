@@ -260,7 +260,16 @@ pub async fn run_worker(spec: &WorkerSpec, mut cancel: watch::Receiver<bool>) ->
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    set_parent_death_signal(&mut cmd);
+    // A supervisor that loses hyperloop stops everything below it (SIGTERM is its stop
+    // request); an agent run directly just dies.
+    set_parent_death_signal(
+        &mut cmd,
+        if spec.supervisor.is_some() {
+            libc::SIGTERM
+        } else {
+            libc::SIGKILL
+        },
+    );
 
     let mut child = match cmd.spawn() {
         Ok(c) => c,
@@ -605,13 +614,14 @@ pub fn proc_state(pid: i32) -> Option<(char, i32)> {
 /// the agent being spawned from a long-lived runtime thread (as `run_worker` is, being async),
 /// never from a short-lived blocking-pool thread.
 #[cfg(target_os = "linux")]
-fn set_parent_death_signal(cmd: &mut Command) {
+fn set_parent_death_signal(cmd: &mut Command, signal: libc::c_int) {
     let parent = libc::pid_t::try_from(std::process::id()).unwrap_or(0);
+    let signal = libc::c_ulong::try_from(signal).unwrap_or(libc::SIGKILL as libc::c_ulong);
     // SAFETY: the closure runs in the forked child before exec. It calls only prctl(2),
     // getppid(2) and builds an io::Error from errno — async-signal-safe, no allocation, no locks.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, signal, 0, 0, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             // hyperloop died between fork and prctl: the signal would never come.
@@ -624,7 +634,7 @@ fn set_parent_death_signal(cmd: &mut Command) {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn set_parent_death_signal(_cmd: &mut Command) {}
+fn set_parent_death_signal(_cmd: &mut Command, _signal: i32) {}
 
 fn open_log(path: &Path) -> std::io::Result<std::fs::File> {
     if let Some(dir) = path.parent() {

@@ -51,7 +51,27 @@ pub fn main(args: &[String]) -> i32 {
         libc::sigaction(libc::SIGINT, &sa, std::ptr::null_mut());
         libc::sigaction(libc::SIGHUP, &sa, std::ptr::null_mut());
     }
-    let child = match std::process::Command::new(program).args(rest).spawn() {
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(rest);
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        let parent = libc::pid_t::try_from(std::process::id()).unwrap_or(0);
+        // SAFETY: runs in the forked child before exec; prctl and getppid only, no allocation.
+        // A supervisor killed outright (SIGKILL, which it cannot handle) takes the agent along.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::getppid() != parent {
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                }
+                Ok(())
+            });
+        }
+    }
+    let child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
             say(&format!("cannot start the agent {program:?}: {e}"));
@@ -94,7 +114,9 @@ pub fn main(args: &[String]) -> i32 {
     }
     let stopped = stop_everything_below();
     if stopped > 0 {
-        say(&format!("=== hyperloop: stopped {stopped} process(es) the agent left behind"));
+        say(&format!(
+            "=== hyperloop: stopped {stopped} process(es) the agent left behind"
+        ));
     }
     agent_status.unwrap_or(128 + libc::SIGTERM)
 }

@@ -678,22 +678,19 @@ fn a_dead_workers_task_runs_its_role_again_without_burning_a_round() {
     assert_eq!(on_branch, committed[0]);
     assert_eq!(f.task("task-001")["round"], 0);
 
-    let r = run_to_completion(&f, "dead worker");
+    // The agent's supervisor, told by the kernel that hyperloop died, stops what the agent
+    // started too — at once, not only at the next step.
     assert!(
         wait_dead(grandchild, Duration::from_secs(10)),
-        "the next step stops what the dead worker started"
+        "the dead worker's grandchild outlived it"
     );
+    let r = run_to_completion(&f, "dead worker");
     let orphans: Vec<Value> = r
         .events()
         .into_iter()
         .filter(|e| e["event"] == "orphan_found" && e["task_id"] == "task-001")
         .collect();
     assert_eq!(orphans.len(), 1, "{}", r.stderr());
-    assert!(
-        orphans[0]["processes_stopped"].as_u64().unwrap_or(0) >= 1,
-        "{}",
-        orphans[0]
-    );
     let t = f.task("task-001");
     assert_eq!(t["round"], 0, "no round burned: {t}");
     assert!(

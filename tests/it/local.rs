@@ -352,6 +352,72 @@ fn a_gate_waits_until_approve() {
     );
 }
 
+/// The gate approves what was verified: a commit added to the task's branch after its verifier
+/// passed is not merged with the approval; the task goes back to be verified, and what finally
+/// merges was verified.
+#[test]
+fn a_branch_moved_after_verification_is_verified_again_before_it_merges() {
+    let p = Project::new("", "");
+    p.use_process(GATED_PROCESS);
+    p.repo.write("specs/a.md", "# A\n");
+    p.write_task("task-001", "specs/a.md", &[]);
+    p.commit_all("tasks and gate");
+    let out = p.hyperloop(&["step"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let t = p.task("task-001");
+    assert_eq!(t["phase"], "human-review");
+    let verified = p.git(&["rev-parse", "worker/task-001"]);
+    assert_eq!(t["verified_tip"], verified.as_str(), "{t}");
+
+    // Someone adds a commit to the branch while it waits at the gate.
+    let tree = p.git(&["rev-parse", "worker/task-001^{tree}"]);
+    let sneaked = p.git(&[
+        "commit-tree",
+        tree.as_str(),
+        "-p",
+        verified.as_str(),
+        "-m",
+        "unreviewed",
+    ]);
+    p.git(&["update-ref", "refs/heads/worker/task-001", sneaked.as_str()]);
+    let out = p.hyperloop(&["approve", "task-001"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let before = p.git(&["rev-parse", "main"]);
+    let out = p.hyperloop(&["step"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let evs = events(&out);
+    let refused = named(&evs, "merge_refused_unverified");
+    assert_eq!(refused.len(), 1, "{}", describe(&out));
+    assert_eq!(refused[0]["found"], sneaked.as_str());
+    assert!(
+        named(&evs, "merge_attempted")
+            .iter()
+            .all(|e| e["outcome"] != "merged"),
+        "{}",
+        describe(&out)
+    );
+    assert!(
+        p.git(&["log", "--format=%s", "main"])
+            .lines()
+            .all(|l| !l.contains("(task-001)"))
+    );
+    assert_ne!(p.git(&["rev-parse", "main"]), before, "the loop-back is recorded");
+    // Verified again (the verifier saw the new tip), it waits at the gate for a new approval.
+    let t = p.task("task-001");
+    assert_eq!(t["phase"], "human-review", "{t}");
+    assert_eq!(t["round"], 1);
+    let tip = p.git(&["rev-parse", "worker/task-001"]);
+    assert_eq!(t["verified_tip"], tip.as_str());
+    assert!(
+        p.git(&["merge-base", "--is-ancestor", sneaked.as_str(), tip.as_str()])
+            .is_empty()
+    );
+    p.hyperloop(&["approve", "task-001"]);
+    let out = p.hyperloop(&["step"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert_eq!(p.task("task-001")["status"], "complete");
+}
+
 #[test]
 fn merge_strategy_merge_makes_a_merge_commit() {
     let p = Project::new("", "merge:\n  strategy: merge\n  delete_branch: false\n");

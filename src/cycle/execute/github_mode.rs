@@ -655,6 +655,9 @@ impl Stepper {
             )?;
             return Ok(true);
         };
+        let Some(task) = self.only_what_was_verified(task, &branch_tip)? else {
+            return Ok(true);
+        };
         // A conflict with the base branch is the rebase-resolver's, here as in local mode.
         let base_tip = self.base_tip().to_string();
         if let MergeTree::Conflict(files) = self.repo.merge_tree(&base_tip, &branch_tip)? {
