@@ -10,6 +10,7 @@ mod fake_github;
 mod faults;
 pub mod github;
 mod github_mode;
+mod hostile;
 mod harness;
 mod init;
 pub mod local;
