@@ -11,6 +11,7 @@ mod faults;
 pub mod github;
 mod github_mode;
 mod harness;
+mod hostile;
 mod init;
 pub mod local;
 mod matrix;
