@@ -326,13 +326,16 @@ fn assert_attack_was_real(loot: &Path, roles: &[&str], control: &str, control_pi
             "the {role} found the repository its checkout borrows from"
         );
         // hyperloop is among the agent's ancestors; its environment held the canary at exec.
+        // The agent's supervisor runs the same program but with the agent's own environment,
+        // and holds nothing to hide: it is the agent's side.
         let ancestors = std::fs::read_to_string(dir.join("ancestors")).unwrap_or_default();
         let hyperloop: Vec<&str> = ancestors
             .lines()
             .filter(|l| {
-                l.split_whitespace()
-                    .nth(1)
-                    .is_some_and(|argv0| argv0.ends_with("/hyperloop") || argv0 == "hyperloop")
+                let mut words = l.split_whitespace().skip(1);
+                let argv0 = words.next().unwrap_or_default();
+                (argv0.ends_with("/hyperloop") || argv0 == "hyperloop")
+                    && words.next() != Some("__agent-supervisor")
             })
             .collect();
         assert!(
@@ -446,8 +449,6 @@ fn github_mode_agents_of_every_role_find_no_credential() {
 }
 
 #[test]
-#[ignore = "not yet defended: the extraheader that actions/checkout persists in .git/config is \
-            neither removed for the step nor refused (exit 2); agents read it with git config"]
 fn a_credential_persisted_in_git_config_is_out_of_reach() {
     require_python();
     let (token, _) = canaries();
@@ -824,8 +825,6 @@ fn a_step_lock_held_by_an_agents_leftover_is_reported_not_skipped() {
 }
 
 #[test]
-#[ignore = "not yet defended: a descendant that leaves with `setsid env -i` (no run nonce in its \
-            environment) outlives the worker; needs PR_SET_CHILD_SUBREAPER or a cgroup"]
 fn no_detached_descendant_outlives_the_agents_run() {
     let (h, pidfile) = lock_thief();
     let _cleanup = KillGroup(pidfile.clone());
