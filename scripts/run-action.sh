@@ -43,6 +43,26 @@ if [ -n "${IN_MAX_DURATION:-}" ]; then
     fi
 fi
 
+# Agents as a user of their own where the job's user could read everything (passwordless sudo).
+agent_user="${IN_AGENT_USER-auto}"
+if [ "$agent_user" = auto ]; then
+    if [ "${RUNNER_OS:-}" = Linux ] && [ "${RUNNER_ENVIRONMENT:-}" = github-hosted ]; then
+        agent_user=hyperloop-agent
+    else
+        agent_user=""
+    fi
+fi
+if [ -n "$agent_user" ]; then
+    export HYPERLOOP_AGENT_USER="$agent_user"
+    # The agent user reaches its checkout (inside the workspace) and the objects it borrows:
+    # directories above the workspace become traversable, not listable.
+    dir="$(cd "${IN_PATH:-.}" && pwd)"
+    while [ "$dir" != / ]; do
+        if [ -O "$dir" ]; then chmod o+x "$dir"; fi
+        dir="$(dirname "$dir")"
+    done
+fi
+
 # An empty input means "not given": an empty credential variable would read as a wrong one.
 for name in GITHUB_TOKEN HYPERLOOP_APP_ID HYPERLOOP_APP_PRIVATE_KEY ANTHROPIC_API_KEY HYPERLOOP_LOG_FORMAT; do
     [ -n "${!name:-}" ] || unset "$name"

@@ -89,6 +89,10 @@ pub struct RuntimeConfig {
     pub max_task_cost_usd: Option<f64>,
     /// Total agent spend over all tasks after which no worker starts at all. Unset: no limit.
     pub max_total_cost_usd: Option<f64>,
+    /// The unprivileged OS user agents run as (created when hyperloop can: as root or with
+    /// passwordless sudo). Unset: agents run as hyperloop's own user. The environment variable
+    /// `HYPERLOOP_AGENT_USER` overrides it (the Action sets it).
+    pub agent_user: Option<String>,
 }
 
 /// `merge.strategy`.
@@ -208,6 +212,7 @@ impl Default for Config {
                 worker_timeout: 3600,
                 stall_timeout: 900,
                 agent_env: Vec::new(),
+                agent_user: None,
                 max_task_cost_usd: None,
                 max_total_cost_usd: None,
             },
@@ -409,6 +414,16 @@ impl Config {
             "agent_env",
             &env_list,
             "Names of extra environment variables passed through to workers.",
+        );
+        r.key(
+            1,
+            "agent_user",
+            &self
+                .runtime
+                .agent_user
+                .as_deref()
+                .map_or_else(|| "null".to_string(), scalar),
+            "The OS user agents run as; null: hyperloop's own user.",
         );
         let dollars = |v: Option<f64>| v.map_or_else(|| "null".to_string(), |x| format!("{x}"));
         r.key(
@@ -652,6 +667,7 @@ const RUNTIME_KEYS: &[&str] = &[
     "agent_env",
     "max_task_cost_usd",
     "max_total_cost_usd",
+    "agent_user",
 ];
 const MERGE_KEYS: &[&str] = &["auto_merge", "strategy", "delete_branch"];
 const OBSERVABILITY_KEYS: &[&str] = &["log_format", "log_level", "matrix"];
@@ -678,6 +694,14 @@ const SECTIONS: &[(&str, &[&str])] = &[
 /// Variables that carry forge or hyperloop credentials; CONTRACT §4 keeps them from workers, so
 /// asking to pass them through is a configuration error rather than something silently dropped.
 const FORBIDDEN_AGENT_ENV: &[&str] = &["GITHUB_TOKEN", "GH_TOKEN"];
+
+/// A portable POSIX user name, as `useradd` takes it.
+pub fn is_user_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    name.len() <= 32
+        && chars.next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+}
 
 /// The longest worker or stall limit: a week. Larger values are typos (milliseconds for
 /// seconds), and durations beyond what a clock can add would fail only after a worker started.
@@ -971,6 +995,15 @@ impl Walker<'_> {
         }
         r.max_task_cost_usd = self.dollars(&s, "max_task_cost_usd")?;
         r.max_total_cost_usd = self.dollars(&s, "max_total_cost_usd")?;
+        if let Some(name) = self.string(&s, "agent_user", true)? {
+            if !is_user_name(&name) {
+                return Err(self.err(
+                    &s.key("agent_user"),
+                    format!("`{}` is not a user name (lowercase letters, digits, '_' and '-', starting with a letter or '_')", name.escape_debug()),
+                ));
+            }
+            r.agent_user = Some(name);
+        }
         Ok(())
     }
 

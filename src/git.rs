@@ -14,6 +14,8 @@ use crate::error::{Error, Result};
 pub struct Git {
     dir: PathBuf,
     env: Vec<(String, String)>,
+    /// Run as this user (an agent's checkout, see [`crate::worker::agent_user`]).
+    user: Option<crate::worker::agent_user::AgentUser>,
 }
 
 impl std::fmt::Debug for Git {
@@ -32,7 +34,14 @@ impl Git {
         Git {
             dir: dir.into(),
             env: Vec::new(),
+            user: None,
         }
+    }
+
+    /// The same, run as `user` (with that user's home).
+    pub fn as_user(mut self, user: crate::worker::agent_user::AgentUser) -> Self {
+        self.user = Some(user);
+        self
     }
 
     /// The same repository, another directory (e.g. a worktree).
@@ -40,6 +49,7 @@ impl Git {
         Git {
             dir: dir.into(),
             env: self.env.clone(),
+            user: self.user.clone(),
         }
     }
 
@@ -58,7 +68,20 @@ impl Git {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let mut cmd = Command::new("git");
+        let mut cmd = match &self.user {
+            Some(u) if u.via_sudo => {
+                let mut c = Command::new("sudo");
+                c.args(["-n", "-E", "-u", u.name.as_str(), "--", "git"]);
+                c
+            }
+            Some(u) => {
+                use std::os::unix::process::CommandExt;
+                let mut c = Command::new("git");
+                c.uid(u.uid).gid(u.gid);
+                c
+            }
+            None => Command::new("git"),
+        };
         cmd.current_dir(&self.dir);
         // git gets what it needs from the environment, nothing else: whatever else hyperloop was
         // started with (a notification token under a name of the user's choosing, say) stays
@@ -80,6 +103,10 @@ impl Git {
         cmd.env("LC_ALL", "C");
         for (k, v) in &self.env {
             cmd.env(k, v);
+        }
+        if let Some(u) = &self.user {
+            cmd.env("HOME", &u.home);
+            cmd.env("USER", &u.name);
         }
         let mut shown = Vec::new();
         for a in args {

@@ -304,6 +304,9 @@ jobs:
           # merge commit, and task state lives on the base branch.
           ref: ${{ github.event.repository.default_branch }}
           fetch-depth: 0
+          # The job token must not stay in .git/config, where every agent could read it;
+          # hyperloop is given its own credential below.
+          persist-credentials: false
       - id: hyperloop
         uses: hyperloop-dev/hyperloop@v1
         with:

@@ -216,6 +216,30 @@ fn outcome_path(running_dir: &Path, key: &str) -> PathBuf {
 pub async fn step(target: &Target, opts: &StepOptions) -> Result<StepReport> {
     let repo = target.repo.clone();
     let lock = StepLock::acquire(&repo.common_dir.join("hyperloop.lock"))?;
+    let agent_user = match worker::agent_user::configured(target.config.runtime.agent_user.as_deref()) {
+        Some(name) => Some(worker::agent_user::resolve(&name)?),
+        None => None,
+    };
+    if let Some(u) = &agent_user {
+        // Logs and run records are hyperloop's: closed to the agent user.
+        use std::os::unix::fs::PermissionsExt;
+        for dir in [
+            worktree::logs_dir(&repo.root),
+            repo.root.join(".hyperloop").join("state"),
+        ] {
+            std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| Error::io(&dir, e))?;
+        }
+        emit!(
+            INFO,
+            "agent_user",
+            user = u.name.as_str(),
+            uid = u.uid,
+            via_sudo = u.via_sudo
+        );
+    }
+    worker::agent_user::set_current(agent_user);
     for entry in crate::secrets::scrub_repository_config(&repo.git)? {
         emit!(
             WARN,
@@ -1409,7 +1433,7 @@ impl Stepper {
         let (wt, start_head) = if self.worktrees_ready.contains(task_id) && known.join(".git").exists() {
             // Checked and repaired earlier in this step; the worker since then settled it.
             worktree::refresh_base(&known, &self.config.target.base_branch, self.base_tip())?;
-            let head = Git::new(&known).run_trim(["rev-parse", "HEAD"])?;
+            let head = worker::agent_user::checkout_git(&known).run_trim(["rev-parse", "HEAD"])?;
             (known, head)
         } else if !known.exists() && self.repo.branch_tip(&branch)?.is_none() {
             // A task's first worker: its worktree is made by the worker itself, so that the
@@ -1436,7 +1460,7 @@ impl Stepper {
                 (&self.config.target.base_branch, self.base_tip()),
             )?;
             self.worktrees_ready.insert(task_id.to_string());
-            let head = self.repo.git.at(&wt).run_trim(["rev-parse", "HEAD"])?;
+            let head = worker::agent_user::checkout_git(&wt).run_trim(["rev-parse", "HEAD"])?;
             (wt, head)
         };
         if task.branch.as_deref() != Some(branch.as_str()) {
@@ -2002,7 +2026,7 @@ impl Stepper {
                 format!("the pm reported {}: {}", outcome.verdict.as_str(), outcome.detail),
             );
         }
-        let wt = Git::new(&record.worktree);
+        let wt = worker::agent_user::checkout_git(&record.worktree);
         let head = wt.run_trim(["rev-parse", "HEAD"])?;
         let tasks_rel = self.tasks_rel();
         let entries = self.repo.diff_entries(&record.start_head, &head, &tasks_rel)?;
@@ -2103,7 +2127,7 @@ impl Stepper {
             .retain(|f| !record.failures.contains(&f.task_id));
         let mut success = outcome.verdict == worker::Verdict::Pass;
         if success {
-            let wt = Git::new(&record.worktree);
+            let wt = worker::agent_user::checkout_git(&record.worktree);
             let head = wt.run_trim(["rev-parse", "HEAD"])?;
             let prompts_rel = format!("{}/prompts", self.specs_dir().trim_end_matches('/'));
             let mut changes = Changes::default();
@@ -2501,7 +2525,7 @@ impl Stepper {
                 {
                     // The worker finished; only its recording was lost. Settle its branch the
                     // way a normal run would, then record it.
-                    let wt = Git::new(&record.worktree);
+                    let wt = worker::agent_user::checkout_git(&record.worktree);
                     let spec_ref = self
                         .tasks
                         .get(&record.task_id)

@@ -12,6 +12,7 @@
 //! branch) does not change the verdict; the cycle records it as a finding on the task so that a
 //! person or the verifier sees it.
 
+pub mod agent_user;
 pub mod env;
 pub mod process;
 pub mod result;

@@ -91,6 +91,19 @@ impl WorkerSpec {
     /// The file holding the prompt, next to the log and outside the worktree (so an agent's
     /// `git add -A` cannot pick it up).
     pub fn prompt_file(&self) -> PathBuf {
+        if let Some(u) = super::agent_user::current() {
+            // The agent user reads nothing of hyperloop's outside its checkout: as root the
+            // prompt goes into the checkout's git directory (outside the work tree, so
+            // `git add -A` does not take it); through sudo, where hyperloop cannot write there,
+            // into the temporary directory.
+            let name = format!("hyperloop-prompt-{}.md", self.nonce);
+            let dir = if u.via_sudo {
+                std::env::temp_dir()
+            } else {
+                absolute(&self.worktree).join(".git")
+            };
+            return dir.join(name);
+        }
         let log = absolute(&self.log_file);
         let stem = log
             .file_stem()
@@ -131,6 +144,11 @@ impl WorkerSpec {
             ("HYPERLOOP_NONCE", self.nonce.clone()),
         ];
         vars.retain(|(k, _)| !own.iter().any(|(name, _)| k == name));
+        if let Some(u) = super::agent_user::current() {
+            vars.retain(|(k, _)| k != "HOME" && k != "USER");
+            vars.push((OsString::from("HOME"), u.home.clone().into_os_string()));
+            vars.push((OsString::from("USER"), OsString::from(&u.name)));
+        }
         vars.extend(
             own.into_iter()
                 .map(|(k, v)| (OsString::from(k), OsString::from(v))),
@@ -183,7 +201,7 @@ pub async fn run_worker(spec: &WorkerSpec, mut cancel: watch::Receiver<bool>) ->
         return fail("runtime.agent_command is empty".into());
     };
     let worktree = absolute(&spec.worktree);
-    let wt = Git::new(&worktree);
+    let wt = super::agent_user::checkout_git(&worktree);
     let looked_up = match &spec.known_head {
         Some(h) => Ok(Some(h.clone())),
         None => wt.rev_parse("HEAD"),
@@ -240,18 +258,29 @@ pub async fn run_worker(spec: &WorkerSpec, mut cancel: watch::Receiver<bool>) ->
         );
     }
 
-    let mut cmd = match &spec.supervisor {
+    let (to_run, run_args): (PathBuf, Vec<OsString>) = match &spec.supervisor {
         Some(hyperloop) => {
-            let mut c = Command::new(hyperloop);
-            c.arg(super::supervisor::COMMAND).arg(program).args(args);
-            c
+            let mut a = vec![
+                OsString::from(super::supervisor::COMMAND),
+                OsString::from(program),
+            ];
+            a.extend(args.iter().map(OsString::from));
+            (hyperloop.clone(), a)
         }
-        None => {
-            let mut c = Command::new(program);
-            c.args(args);
-            c
-        }
+        None => (PathBuf::from(program), args.iter().map(OsString::from).collect()),
     };
+    let user = super::agent_user::current();
+    let (to_run, run_args) = match &user {
+        Some(u) => super::agent_user::command_as(u, &to_run, run_args),
+        None => (to_run, run_args),
+    };
+    let mut cmd = Command::new(&to_run);
+    cmd.args(&run_args);
+    if let Some(u) = &user
+        && !u.via_sudo
+    {
+        cmd.uid(u.uid).gid(u.gid);
+    }
     cmd.current_dir(&worktree)
         .env_clear()
         .envs(spec.environment())

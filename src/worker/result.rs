@@ -37,6 +37,10 @@ pub enum ResultFile {
 
 /// Removes a result file left by an earlier run, so that only this run's file is read.
 pub fn remove_stale(path: &Path) -> Result<()> {
+    if super::agent_user::current().is_some_and(|u| u.via_sudo) {
+        // In the agent user's checkout, which hyperloop cannot write without sudo.
+        return super::agent_user::remove_tree(path);
+    }
     // A directory of that name is removed too: the agent cannot be allowed to keep the name.
     if std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir()) {
         return std::fs::remove_dir_all(path).map_err(|e| Error::io(path, e));

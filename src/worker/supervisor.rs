@@ -42,6 +42,9 @@ pub fn main(args: &[String]) -> i32 {
     // SAFETY: prctl with integer arguments; sigaction with a handler that only stores an atomic.
     unsafe {
         libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+        // Started through sudo, no death signal survives the user switch: ask for one here, so
+        // that losing the parent is a stop request.
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong, 0, 0, 0);
         let mut sa: libc::sigaction = std::mem::zeroed();
         sa.sa_sigaction = on_stop as *const () as usize;
         libc::sigemptyset(&mut sa.sa_mask);

@@ -19,6 +19,7 @@ use crate::error::{Error, Result};
 use crate::git::{Git, trailers};
 
 use super::RESULT_FILE;
+use super::agent_user::checkout_git;
 
 /// Lines hyperloop keeps in `info/exclude` (shared by every worktree of the repository).
 pub const LOCAL_EXCLUDES: &[&str] = &[
@@ -396,7 +397,7 @@ pub fn prepare_task_worktree(
         tip = git.rev_parse(&branch_ref)?.unwrap_or(tip);
     }
     if path.join(".git").is_dir() {
-        let c = Git::new(&path);
+        let c = checkout_git(&path);
         let reused = (|| -> Result<()> {
             clear_interrupted_operations(&c)?;
             let on = c.output(["symbolic-ref", "-q", "HEAD"])?;
@@ -434,6 +435,7 @@ pub fn prepare_task_worktree(
     }
     make_checkout(git, &common, &path, &base_refs(base_branch, &base_tip))?;
     Git::new(&path).run(["checkout", "-q", "--force", "-B", branch, tip.as_str()])?;
+    super::agent_user::give(&path)?;
     Ok(path)
 }
 
@@ -444,7 +446,7 @@ pub fn refresh_base(path: &Path, base_branch: &str, base_tip: &str) -> Result<()
     if input.is_empty() {
         return Ok(());
     }
-    Git::new(path).run_with_input(["update-ref", "--stdin"], input.as_bytes())?;
+    checkout_git(path).run_with_input(["update-ref", "--stdin"], input.as_bytes())?;
     Ok(())
 }
 
@@ -514,10 +516,7 @@ fn parent_or_dot(path: &Path) -> &Path {
 }
 
 fn remove_dir(path: &Path) -> Result<()> {
-    match std::fs::remove_dir_all(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(path, e)),
-        _ => Ok(()),
-    }
+    super::agent_user::remove_tree(path)
 }
 
 /// A checkout made by an older hyperloop as a linked worktree of the repository (sharing its
@@ -558,7 +557,8 @@ pub fn import(
     base: &str,
     branch: Option<&str>,
 ) -> Result<Option<String>> {
-    let Some(tip) = Git::new(checkout).rev_parse(source)? else {
+    let agent = checkout_git(checkout);
+    let Some(tip) = agent.rev_parse(source)? else {
         return Err(Error::other(format!("the agent's checkout has no {source}")));
     };
     if tip == base {
@@ -566,15 +566,48 @@ pub fn import(
     }
     let incoming = format!("refs/hyperloop/incoming/{key}");
     if !git.succeeds(["cat-file", "-e", &format!("{tip}^{{commit}}")])? {
-        let from = checkout.to_string_lossy().into_owned();
-        git.run([
-            "fetch",
-            "--quiet",
-            "--no-tags",
-            "--no-write-fetch-head",
-            from.as_str(),
-            &format!("+{tip}:{incoming}"),
-        ])?;
+        if super::agent_user::current().is_some() {
+            // Another user's repository is not read by a git of hyperloop's (its configuration
+            // could run commands): the agent user packs the commits into a bundle, which is
+            // only data.
+            let bundle = checkout.join(".git").join("hyperloop-export.bundle");
+            let shown = bundle.to_string_lossy().into_owned();
+            let _ = super::agent_user::remove_tree(&bundle);
+            agent.run([
+                "bundle",
+                "create",
+                "-q",
+                shown.as_str(),
+                source,
+                &format!("^{base}"),
+            ])?;
+            let fetched = git.run([
+                "fetch",
+                "--quiet",
+                "--no-tags",
+                "--no-write-fetch-head",
+                shown.as_str(),
+                &format!("+{source}:{incoming}"),
+            ]);
+            let _ = super::agent_user::remove_tree(&bundle);
+            fetched?;
+            if git.rev_parse(&incoming)?.as_deref() != Some(tip.as_str()) {
+                let _ = git.output(["update-ref", "-d", incoming.as_str()]);
+                return Err(Error::other(format!(
+                    "the agent's {source} moved while it was taken in"
+                )));
+            }
+        } else {
+            let from = checkout.to_string_lossy().into_owned();
+            git.run([
+                "fetch",
+                "--quiet",
+                "--no-tags",
+                "--no-write-fetch-head",
+                from.as_str(),
+                &format!("+{tip}:{incoming}"),
+            ])?;
+        }
     }
     let descends = git.succeeds(["merge-base", "--is-ancestor", base, tip.as_str()])?;
     let _ = git.output(["update-ref", "-d", incoming.as_str()]);
@@ -796,7 +829,7 @@ pub fn ensure_base_worktree(git: &Git, repo_root: &Path, name: &str, commit: &st
         remove_worktree(git, &path)?;
     }
     if path.join(".git").is_dir() {
-        let c = Git::new(&path);
+        let c = checkout_git(&path);
         let reset = clear_interrupted_operations(&c)
             .and_then(|()| c.run(["checkout", "-q", "--force", "--detach", commit.as_str()]))
             .and_then(|_| c.run(["clean", "-q", "-ffd"]));
@@ -807,6 +840,7 @@ pub fn ensure_base_worktree(git: &Git, repo_root: &Path, name: &str, commit: &st
     remove_dir(&path)?;
     make_checkout(git, &git.common_dir()?, &path, "")?;
     Git::new(&path).run(["checkout", "-q", "--force", "--detach", commit.as_str()])?;
+    super::agent_user::give(&path)?;
     Ok(path)
 }
 

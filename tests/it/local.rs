@@ -1388,3 +1388,74 @@ fn credentials_persisted_in_the_repository_config_are_removed() {
         "http.https://example.org/.extraheader X-Not-A-Credential: 1"
     );
 }
+
+/// `runtime.agent_user`: the agent runs as that user (created when missing), in a checkout it
+/// owns, unable to write the repository's `.git` or read hyperloop's logs; its work still
+/// merges. Needs root (or passwordless sudo) to switch users.
+#[test]
+fn agents_run_as_the_agent_user() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("*** SKIPPED: agents_run_as_the_agent_user needs root to run agents as another user ***");
+        return;
+    }
+    let user = "hyperloop-agent-it";
+    let rules = r#"
+  - role: implementer
+    actions:
+      - shell: "id -u > \"$HOME/uid\"; id -un >> \"$HOME/uid\""
+      - shell: "if touch \"$AGENT_REPO/.git/planted\" 2>/dev/null; then echo wrote-git; else echo no-git; fi >> \"$HOME/uid\""
+      - shell: "if ls \"$AGENT_REPO/.hyperloop/logs\" >/dev/null 2>&1; then echo read-logs; else echo no-logs; fi >> \"$HOME/uid\""
+      - shell: "cp \"$HOME/uid\" agent-was.txt"
+      - implement_task: true
+      - verdict: {verdict: pass}
+"#;
+    let p = Project::new(rules, "");
+    let config = std::fs::read_to_string(p.repo.path.join(".hyperloop.yaml")).expect("config");
+    p.repo.write(
+        ".hyperloop.yaml",
+        &config.replacen(
+            "runtime:\n",
+            &format!(
+                "runtime:\n  agent_env: [AGENT_REPO, GIT_AUTHOR_NAME, GIT_AUTHOR_EMAIL, GIT_COMMITTER_NAME, GIT_COMMITTER_EMAIL]\n  agent_user: {user}\n"
+            ),
+            1,
+        ),
+    );
+    // The test's own files must be reachable by the agent user: the scripted agent's script
+    // and the repository (its objects are borrowed by the checkout).
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p.env.root(), std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    p.repo.write("specs/a.md", "# A\n");
+    p.write_task("task-001", "specs/a.md", &[]);
+    p.commit_all("task");
+    let out = p
+        .env
+        .command(crate::harness::hyperloop_bin())
+        .args(["--path", p.repo.path_str(), "run"])
+        .env("AGENT_REPO", &p.repo.path)
+        .env("GIT_AUTHOR_NAME", "Agent")
+        .env("GIT_AUTHOR_EMAIL", "agent@example.com")
+        .env("GIT_COMMITTER_NAME", "Agent")
+        .env("GIT_COMMITTER_EMAIL", "agent@example.com")
+        .output()
+        .expect("hyperloop");
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert_eq!(p.task("task-001")["status"], "complete");
+    let seen = p.git(&["show", "main:agent-was.txt"]);
+    let mut lines = seen.lines();
+    let uid: u32 = lines.next().and_then(|l| l.trim().parse().ok()).expect("uid");
+    assert_ne!(uid, 0, "{seen}");
+    assert_eq!(lines.next(), Some(user), "{seen}");
+    assert_eq!(
+        lines.next(),
+        Some("no-git"),
+        "the agent user cannot write the repository's .git: {seen}"
+    );
+    assert_eq!(
+        lines.next(),
+        Some("no-logs"),
+        "the agent user cannot read hyperloop's logs: {seen}"
+    );
+    assert!(!p.repo.path.join(".git/planted").exists());
+}
