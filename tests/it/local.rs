@@ -1396,7 +1396,12 @@ fn credentials_persisted_in_the_repository_config_are_removed() {
 fn agents_run_as_the_agent_user() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("*** SKIPPED: agents_run_as_the_agent_user needs root to run agents as another user ***");
+        #[allow(clippy::print_stderr)]
+        {
+            eprintln!(
+                "\n*** SKIPPED: agents_run_as_the_agent_user needs root to run agents as another user ***\n"
+            );
+        }
         return;
     }
     let user = "hyperloop-agent-it";
