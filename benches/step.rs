@@ -5,7 +5,14 @@
 //! - an idle `step` (every task complete) on 1,000 and 10,000 tasks, with the task files packed
 //!   (as after git's automatic gc) and loose (right after they were committed);
 //! - 10 specs with 4 workers and an instant agent: `run` from specs to merged code;
-//! - 8 tasks whose implementer takes 2 s, 4 workers: `run` against the ideal of two waves.
+//! - 8 tasks whose implementer takes 2 s, 4 workers: `run` against the ideal of two waves;
+//! - a large repository (15,000 files): 6 tasks, instant agents, 3 workers, `run` — where each
+//!   agent's checkout is the cost, and checkouts of different workers must not wait for each
+//!   other.
+//!
+//! `HYPERLOOP_BENCH_BIN` and `HYPERLOOP_BENCH_AGENT` point the benchmark at other builds (an
+//! older version, to compare); arguments after `--bench` that are not flags choose scenarios by
+//! name (`idle`, `ten`, `slow`, `large`).
 //!
 //! Peak memory is the largest resident set of any child process (getrusage).
 
@@ -13,8 +20,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const HYPERLOOP: &str = env!("CARGO_BIN_EXE_hyperloop");
-const AGENT: &str = env!("CARGO_BIN_EXE_hyperloop-scripted-agent");
+fn hyperloop_bin() -> String {
+    std::env::var("HYPERLOOP_BENCH_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_hyperloop").to_string())
+}
+
+fn agent_bin() -> String {
+    std::env::var("HYPERLOOP_BENCH_AGENT")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_hyperloop-scripted-agent").to_string())
+}
 
 fn git(dir: &Path, args: &[&str]) {
     let status = Command::new("git")
@@ -42,7 +55,7 @@ fn new_repo(root: &Path, name: &str) -> PathBuf {
 
 fn hyperloop(repo: &Path, args: &[&str]) -> Duration {
     let start = Instant::now();
-    let out = Command::new(HYPERLOOP)
+    let out = Command::new(hyperloop_bin())
         .arg("--path")
         .arg(repo)
         .args(args)
@@ -85,7 +98,8 @@ fn write_config(repo: &Path, script: &Path, workers: usize) {
     std::fs::write(
         repo.join(".hyperloop.yaml"),
         format!(
-            "runtime:\n  max_workers: {workers}\n  agent_command: [\"{AGENT}\", \"--script\", \"{}\"]\npoll_interval: 0\nmax_cycles: 20\n",
+            "runtime:\n  max_workers: {workers}\n  agent_command: [\"{}\", \"--script\", \"{}\"]\npoll_interval: 0\nmax_cycles: 20\n",
+            agent_bin(),
             script.display()
         ),
     )
@@ -158,6 +172,43 @@ fn slow_agents(root: &Path, run: usize) -> Duration {
     hyperloop(&repo, &["run"])
 }
 
+fn large_repo(root: &Path, run: usize) -> Duration {
+    let repo = new_repo(root, &format!("large-{run}"));
+    for d in 0..150 {
+        let dir = repo.join(format!("src/module-{d:03}"));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        for f in 0..100 {
+            std::fs::write(
+                dir.join(format!("file-{f:03}.rs")),
+                format!("// module {d} file {f}\npub fn f{f}() -> u32 {{ {d} * {f} }}\n"),
+            )
+            .expect("file");
+        }
+    }
+    let tasks = repo.join("specs/tasks");
+    std::fs::create_dir_all(&tasks).expect("mkdir");
+    std::fs::write(repo.join("specs/a.md"), "# A\n").expect("spec");
+    for i in 1..=6 {
+        let id = format!("task-{i:03}");
+        std::fs::write(
+            tasks.join(format!("{id}.md")),
+            task_file(&id, "not-started", "[]"),
+        )
+        .expect("task");
+    }
+    let script = root.join(format!("large-{run}.yaml"));
+    std::fs::write(
+        &script,
+        "rules:\n  - role: implementer\n    actions:\n      - implement_task: true\n      - verdict: {verdict: pass}\n  - role: verifier\n    actions:\n      - verdict: {verdict: pass}\n",
+    )
+    .expect("script");
+    write_config(&repo, &script, 3);
+    git(&repo, &["add", "-A"]);
+    git(&repo, &["commit", "-qm", "a large tree"]);
+    git(&repo, &["gc", "-q"]);
+    hyperloop(&repo, &["run"])
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; `cargo test --all-targets` builds and runs this file too
     // (unoptimised), where timing it would only slow the test suite down.
@@ -175,7 +226,12 @@ fn main() {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
     println!("{:<58} {:>10}", "scenario", "median");
+    let chosen: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let wants = |name: &str| chosen.is_empty() || chosen.iter().any(|c| c == name);
     for (n, packed) in [(1_000, true), (1_000, false), (10_000, true), (10_000, false)] {
+        if !wants("idle") {
+            break;
+        }
         let t = idle(root, n, packed);
         let kind = if packed { "packed" } else { "loose objects" };
         println!(
@@ -184,20 +240,32 @@ fn main() {
             t.as_secs_f64() * 1e3
         );
     }
-    let t = median((0..3).map(|i| ten_specs(root, i)).collect());
-    println!(
-        "{:<58} {:>8.2} s",
-        "10 specs, 4 workers, instant agent: spec to merged",
-        t.as_secs_f64()
-    );
-    let t = median((0..3).map(|i| slow_agents(root, i)).collect());
-    let ideal = 4.0;
-    println!(
-        "{:<58} {:>8.2} s  (ideal {ideal:.1} s, efficiency {:.2})",
-        "8 tasks x 2 s agent, 4 workers: run",
-        t.as_secs_f64(),
-        ideal / t.as_secs_f64()
-    );
+    if wants("large") {
+        let t = median((0..3).map(|i| large_repo(root, i)).collect());
+        println!(
+            "{:<58} {:>8.2} s",
+            "15,000-file repository, 6 tasks, 3 workers, instant agent",
+            t.as_secs_f64()
+        );
+    }
+    if wants("ten") {
+        let t = median((0..3).map(|i| ten_specs(root, i)).collect());
+        println!(
+            "{:<58} {:>8.2} s",
+            "10 specs, 4 workers, instant agent: spec to merged",
+            t.as_secs_f64()
+        );
+    }
+    if wants("slow") {
+        let t = median((0..3).map(|i| slow_agents(root, i)).collect());
+        let ideal = 4.0;
+        println!(
+            "{:<58} {:>8.2} s  (ideal {ideal:.1} s, efficiency {:.2})",
+            "8 tasks x 2 s agent, 4 workers: run",
+            t.as_secs_f64(),
+            ideal / t.as_secs_f64()
+        );
+    }
     println!(
         "{:<58} {:>8} MB",
         "peak resident memory of any process",
