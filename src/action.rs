@@ -144,6 +144,14 @@ pub fn summary_markdown(report: &StepReport, tasks: &[Task]) -> String {
             did.push(format!("{label}: {}", code_list(ids)));
         }
     }
+    for refused in &report.push_refused {
+        did.push(format!(
+            "⚠️ GitHub refused the push of `{}`'s branch: {} — the task went back to its agent \
+             with the reason.",
+            refused.task_id,
+            refused.reason.replace('|', "\\|")
+        ));
+    }
     if !report.waiting.is_empty() {
         did.push(format!(
             "Waiting for approval: {} — add the `lgtm` label to the task's pull request (locally: \

@@ -60,6 +60,10 @@ pub enum Error {
     /// Another step holds the repository. Not a failure of this step.
     #[error("another hyperloop step holds {path} (pid {pid})")]
     Busy { path: PathBuf, pid: u32 },
+    /// The forge refused the push of a task's branch for a reason of its own (a protected path,
+    /// push protection, a size limit, a ruleset). It concerns that task only.
+    #[error("origin refused the push of {branch}: {message}")]
+    PushRefused { branch: String, message: String },
     /// The step lock is held by a process that is not a hyperloop step (an agent's leftover,
     /// say). Not skipped quietly: nothing would ever run again.
     #[error(

@@ -130,6 +130,16 @@ pub struct StepReport {
     /// When GitHub's rate limit ended the step early: the time (RFC 3339) to try again.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rate_limited_until: Option<String>,
+    /// Task branches the forge refused, with its reason: those tasks went back to their agents.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub push_refused: Vec<RefusedPush>,
+}
+
+/// A push of a task's branch that the forge refused.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RefusedPush {
+    pub task_id: String,
+    pub reason: String,
 }
 
 /// What kind of worker a running entry is.
@@ -210,6 +220,30 @@ impl NewWorktree {
 
 fn outcome_path(running_dir: &Path, key: &str) -> PathBuf {
     running_dir.join(format!("{key}.outcome"))
+}
+
+/// What would make a refused push possible, from the forge's message: what the agent can change,
+/// and what only a person can.
+fn refusal_hint(message: &str) -> String {
+    let m = message.to_ascii_lowercase();
+    if m.contains("workflow") && (m.contains("permission") || m.contains("scope")) {
+        "The token that pushes may not create or update files under .github/workflows/. Drop the \
+         workflow change from the branch; if the task needs it, a person must push it, or \
+         hyperloop must run with a GitHub App or a token that has the `workflows` permission."
+            .to_string()
+    } else if m.contains("secret") || m.contains("gh013") {
+        "Push protection found a secret in the branch. Remove it from every commit of the branch \
+         (rewrite the commits that added it); never commit credentials."
+            .to_string()
+    } else if m.contains("gh001") || m.contains("large file") || m.contains("exceeds") {
+        "A file is larger than the remote accepts. Remove it from every commit of the branch \
+         (rewrite the commits that added it), or use Git LFS."
+            .to_string()
+    } else {
+        "A rule of the repository refuses this push. Change the branch so that it complies, or ask \
+         a person to change the rule."
+            .to_string()
+    }
 }
 
 /// Runs one step on `target`.
@@ -1878,6 +1912,9 @@ impl Stepper {
             match self.ensure_pull_request(&task) {
                 Ok(url) if url.is_some() => task.pr = url,
                 Ok(_) => {}
+                Err(Error::PushRefused { branch, message }) => {
+                    change = self.push_refused(&mut task, &branch, &message);
+                }
                 Err(e) => emit!(
                     WARN,
                     "pr_not_created",
@@ -2157,6 +2194,32 @@ impl Stepper {
 
     fn merge(&mut self, task: Task) -> Result<bool> {
         self.merge_with(task, Changes::default())
+    }
+
+    /// The forge refused a task's branch: the task (only it) goes back to the start of its loop
+    /// with the forge's reason as a finding, like a failed verification, within its rounds.
+    pub(super) fn push_refused(&mut self, task: &mut Task, branch: &str, message: &str) -> TaskChange {
+        let hint = refusal_hint(message);
+        emit!(
+            WARN,
+            "push_refused",
+            task_id = task.id.as_str(),
+            branch = branch,
+            reason = message,
+            hint = hint.as_str()
+        );
+        self.report.push_refused.push(RefusedPush {
+            task_id: task.id.clone(),
+            reason: message.lines().next().unwrap_or(message).to_string(),
+        });
+        let detail = format!(
+            "origin refused the push of {branch}:\n{}\n\n{hint}",
+            message.trim()
+        );
+        task.refused_tip = self.repo.branch_tip(branch).ok().flatten();
+        let change = transition::unverified_head(task, self.pipeline(), &detail, self.config.max_task_rounds);
+        task.last_verdict = Some("push-refused".to_string());
+        change
     }
 
     /// A merge takes exactly the tip that was verified. A branch that moved since (anything

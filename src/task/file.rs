@@ -18,7 +18,7 @@ const LEGACY_FIELDS: [&str; 9] = [
     "id", "title", "spec_ref", "status", "phase", "deps", "round", "branch", "pr",
 ];
 /// Fields of hyperloop's own.
-const OWN_FIELDS: [&str; 9] = [
+const OWN_FIELDS: [&str; 10] = [
     "position",
     "cost_usd",
     "rebase_attempts",
@@ -26,6 +26,7 @@ const OWN_FIELDS: [&str; 9] = [
     "last_verdict",
     "failure_reason",
     "verified_tip",
+    "refused_tip",
     "claim",
     "history",
 ];
@@ -263,6 +264,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Task> {
     let last_verdict = opt_str(&mut map, "last_verdict")?;
     let failure_reason = opt_str(&mut map, "failure_reason")?;
     let verified_tip = opt_str(&mut map, "verified_tip")?;
+    let refused_tip = opt_str(&mut map, "refused_tip")?;
     if let Some(v) = &verified_tip
         && (!(v.len() == 40 || v.len() == 64) || !v.bytes().all(|b| b.is_ascii_hexdigit()))
     {
@@ -312,6 +314,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Task> {
         last_verdict,
         failure_reason,
         verified_tip,
+        refused_tip,
         claim,
         history,
         extra: map,
@@ -402,6 +405,7 @@ pub fn render(task: &Task) -> String {
             "last_verdict" => task.last_verdict.as_deref().map(scalar),
             "failure_reason" => task.failure_reason.as_deref().map(scalar),
             "verified_tip" => task.verified_tip.as_deref().map(scalar),
+            "refused_tip" => task.refused_tip.as_deref().map(scalar),
             "claim" => task.claim.as_ref().map(json),
             _ => (!task.history.is_empty()).then(|| {
                 let mut s = String::new();

@@ -115,6 +115,8 @@ pub struct Task {
     /// The branch tip the task's last passing agent left (what was verified): a merge takes
     /// exactly this commit.
     pub verified_tip: Option<String>,
+    /// The branch tip the forge refused to accept: not pushed again unchanged.
+    pub refused_tip: Option<String>,
     /// A worker started for this task that has not been recorded yet.
     pub claim: Option<Claim>,
     /// Every finished worker run.
@@ -144,6 +146,7 @@ impl Task {
             last_verdict: None,
             failure_reason: None,
             verified_tip: None,
+            refused_tip: None,
             claim: None,
             history: Vec::new(),
             extra: serde_json::Map::new(),

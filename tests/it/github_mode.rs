@@ -611,3 +611,164 @@ fn the_repository_is_taken_from_origin_only_with_a_token() {
     assert_eq!(named(&events(&out), "orchestrator_started")[0]["mode"], "local");
     assert!(g.gh.requests().is_empty());
 }
+
+/// What a GitHub push refusal looks like, reproduced by origin's pre-receive hook for one of
+/// GitHub's rules: a workflow file pushed with the job token, a secret caught by push protection,
+/// a file over the size limit (a small limit here).
+const REFUSING_HOOK: &str = r#"#!/bin/sh
+while read old new ref; do
+  case "$ref" in refs/heads/worker/*) ;; *) continue ;; esac
+  files=$(git ls-tree -r --name-only "$new")
+  if echo "$files" | grep -q '^\.github/workflows/'; then
+    echo "refusing to allow a GitHub App to create or update workflow \`.github/workflows/ci.yml\` without \`workflows\` permission" >&2
+    exit 1
+  fi
+  if git grep -q 'ghp_[A-Za-z0-9]\{20\}' "$new" -- . 2>/dev/null; then
+    echo "error: GH013: Repository rule violations found for $ref." >&2
+    echo "- GITHUB PUSH PROTECTION" >&2
+    echo "  Push cannot contain secrets" >&2
+    exit 1
+  fi
+  big=$(git ls-tree -r -l "$new" | awk '$4 > 2000 {print $5}' | head -n 1)
+  if [ -n "$big" ]; then
+    echo "error: GH001: Large files detected. You may want to try Git Large File Storage - https://git-lfs.github.com." >&2
+    echo "error: File $big is larger than the limit" >&2
+    exit 1
+  fi
+done
+exit 0
+"#;
+
+/// Task-001's implementer adds something GitHub refuses in its first round and drops it in the
+/// next; task-002 is ordinary. The refusal stops task-001 only: every step exits 0, task-002
+/// merges, task-001 loops back with GitHub's reason in its implementer's prompt, and completes.
+fn a_refused_push_stops_one_task(offence: &str, path: &str, reason: &str) {
+    let rules = format!(
+        r#"
+  - role: implementer
+    task: task-001
+    round: 0
+    actions:
+      - shell: {offence}
+      - implement_task: true
+      - verdict: {{verdict: pass}}
+  - role: implementer
+    task: task-001
+    actions:
+      - prompt_dump: "${{HOME}}/../task-001-prompt.md"
+      - shell: "git rm -q -- '{path}' && git commit -qm 'drop what GitHub refuses'"
+      - implement_task: true
+      - verdict: {{verdict: pass}}
+"#,
+        offence = serde_json::to_string(offence).expect("json")
+    );
+    let g = GhProject::new(&rules, "", false);
+    let hook = g.p.repo.origin.join("hooks/pre-receive");
+    std::fs::write(&hook, REFUSING_HOOK).expect("hook");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    g.p.write_task("task-001", "specs/a.md", &[]);
+    g.p.write_task("task-002", "specs/a.md", &[]);
+    g.p.commit_all("two tasks");
+    g.p.git(&["push", "-q", "origin", "main"]);
+
+    let mut refused = Vec::new();
+    for _ in 0..6 {
+        let out = g.step();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "every step exits 0: {}",
+            describe(&out)
+        );
+        refused.extend(named(&events(&out), "push_refused").into_iter().cloned());
+        if field(&g.origin_task("task-001"), "status") == Some("complete")
+            && field(&g.origin_task("task-002"), "status") == Some("complete")
+        {
+            break;
+        }
+    }
+    assert_eq!(field(&g.origin_task("task-002"), "status"), Some("complete"));
+    let t1 = g.origin_task("task-001");
+    assert_eq!(field(&t1, "status"), Some("complete"), "{t1}");
+    assert_eq!(
+        refused.len(),
+        1,
+        "refused once, never pushed again unchanged: {refused:?}"
+    );
+    assert_eq!(refused[0]["task_id"], "task-001");
+    let said = refused[0]["reason"].as_str().unwrap_or_default();
+    assert!(said.contains(reason), "{said}");
+    let prompt =
+        std::fs::read_to_string(g.p.env.root().join("task-001-prompt.md")).expect("prompt of round 1");
+    assert!(prompt.contains(reason), "the implementer was told why: {prompt}");
+    // Nothing refused ever reached origin; both tasks merged once.
+    let log = g.origin_git(&["log", "--format=%s", "main"]);
+    assert_eq!(log.matches("(task-001)").count(), 1, "{log}");
+    assert_eq!(log.matches("(task-002)").count(), 1, "{log}");
+    assert!(
+        g.origin_git(&["ls-tree", "-r", "--name-only", "main"])
+            .lines()
+            .all(|f| f != path)
+    );
+}
+
+#[test]
+fn a_workflow_file_the_token_may_not_push_stops_only_its_task() {
+    a_refused_push_stops_one_task(
+        "mkdir -p .github/workflows && echo 'on: push' > .github/workflows/ci.yml && git add -A && git commit -qm 'add CI'",
+        ".github/workflows/ci.yml",
+        "workflows",
+    );
+}
+
+#[test]
+fn a_secret_caught_by_push_protection_stops_only_its_task() {
+    a_refused_push_stops_one_task(
+        "echo 'token = ghp_abcdefghijklmnopqrstuvwxyz0123' > config.txt && git add -A && git commit -qm 'config'",
+        "config.txt",
+        "GH013",
+    );
+}
+
+#[test]
+fn a_file_over_the_size_limit_stops_only_its_task() {
+    a_refused_push_stops_one_task(
+        "head -c 5000 /dev/zero | tr '\\0' x > big.bin && git add -A && git commit -qm 'big file'",
+        "big.bin",
+        "GH001",
+    );
+}
+
+/// A ruleset on the state branch refuses hyperloop's push: the step stops (exit 1) saying what
+/// refused it and which setting to change, and never forces or retries the same push.
+#[test]
+fn a_refused_state_push_says_which_rule_and_what_to_change() {
+    let g = GhProject::new("", "", false);
+    let hook = g.p.repo.origin.join("hooks/pre-receive");
+    std::fs::write(
+        &hook,
+        "#!/bin/sh\nwhile read old new ref; do\n  if [ \"$ref\" = refs/heads/main ]; then\n    echo 'error: GH013: Repository rule violations found for refs/heads/main.' >&2\n    echo '- Changes must be made through a pull request.' >&2\n    exit 1\n  fi\ndone\n",
+    )
+    .expect("hook");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    let before = g.origin_git(&["rev-parse", "main"]);
+    let out = g.step();
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("Changes must be made through a pull request")
+            && stderr.contains("target.state_branch"),
+        "{stderr}"
+    );
+    assert_eq!(g.origin_git(&["rev-parse", "main"]), before);
+    assert!(
+        named(&events(&out), "push_rejected").is_empty(),
+        "a refusal is not a race"
+    );
+}

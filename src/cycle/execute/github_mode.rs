@@ -425,6 +425,13 @@ impl Stepper {
             // Nothing of its own to propose yet.
             return Ok(task.pr.clone());
         }
+        if task.refused_tip.as_deref() == Some(branch_tip.as_str()) {
+            // A refusal does not change by itself: the same commits are not pushed again.
+            return Err(Error::PushRefused {
+                branch,
+                message: "the branch is unchanged since origin refused it (see the findings)".to_string(),
+            });
+        }
         self.push_task_branch(&branch)?;
         let specs_dir = self.config.target.specs_dir.clone();
         let base = self.config.target.base_branch.clone();
@@ -518,10 +525,10 @@ impl Stepper {
                 "{} has commits on {branch} that this step does not have; the next step fetches them",
                 gh.remote
             ))),
-            PushOutcome::Refused { message } => Err(Error::other(format!(
-                "{} refused the push of {branch}: {message}",
-                gh.remote
-            ))),
+            PushOutcome::Refused { message } => Err(Error::PushRefused {
+                branch: branch.to_string(),
+                message,
+            }),
         }
     }
 
@@ -664,7 +671,14 @@ impl Stepper {
             return self.conflict(task, &branch, &files).map(|()| true);
         }
         let mut t = task;
-        let url = self.ensure_pull_request(&t)?;
+        let url = match self.ensure_pull_request(&t) {
+            Err(Error::PushRefused { branch, message }) => {
+                let change = self.push_refused(&mut t, &branch, &message);
+                self.save_task(t, &change, &format!("hyperloop: {id} push refused"))?;
+                return Ok(true);
+            }
+            other => other?,
+        };
         if url.is_none() {
             // The branch adds nothing to the base: complete without a pull request.
             let change = transition::action_done(&mut t, self.pipeline());
