@@ -541,6 +541,7 @@ mod tests {
             duration_s: 12.25,
             cost_usd: 1.5,
             rate_limited_until: None,
+            push_refused: Vec::new(),
         }
     }
 
