@@ -533,6 +533,7 @@ mod tests {
             duration_s: 12.25,
             cost_usd: 1.5,
             rate_limited_until: None,
+            intake_gave_up: None,
         }
     }
 

@@ -18,13 +18,15 @@ const LEGACY_FIELDS: [&str; 9] = [
     "id", "title", "spec_ref", "status", "phase", "deps", "round", "branch", "pr",
 ];
 /// Fields of hyperloop's own.
-const OWN_FIELDS: [&str; 8] = [
+const OWN_FIELDS: [&str; 10] = [
     "position",
     "cost_usd",
     "rebase_attempts",
     "gate_cleared",
     "last_verdict",
     "failure_reason",
+    "cancelled",
+    "rounds_from",
     "claim",
     "history",
 ];
@@ -191,6 +193,18 @@ pub fn parse(file: &Path, text: &str) -> Result<Task> {
     };
     let last_verdict = opt_str(&mut map, "last_verdict")?;
     let failure_reason = opt_str(&mut map, "failure_reason")?;
+    let cancelled = match map.shift_remove("cancelled") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => b,
+        Some(other) => {
+            return Err(Error::invalid(
+                file,
+                field("cancelled"),
+                format!("must be true or false, found {}", kind(&other)),
+            ));
+        }
+    };
+    let rounds_from = uint(&mut map, "rounds_from")?;
     let claim = match map.shift_remove("claim") {
         None | Some(Value::Null) => None,
         Some(v) => Some(
@@ -234,6 +248,8 @@ pub fn parse(file: &Path, text: &str) -> Result<Task> {
         gate_cleared,
         last_verdict,
         failure_reason,
+        cancelled,
+        rounds_from,
         claim,
         history,
         extra: map,
@@ -323,6 +339,8 @@ pub fn render(task: &Task) -> String {
             "gate_cleared" => task.gate_cleared.then(|| "true".to_string()),
             "last_verdict" => task.last_verdict.as_deref().map(scalar),
             "failure_reason" => task.failure_reason.as_deref().map(scalar),
+            "cancelled" => task.cancelled.then(|| "true".to_string()),
+            "rounds_from" => (task.rounds_from != 0).then(|| task.rounds_from.to_string()),
             "claim" => task.claim.as_ref().map(json),
             _ => (!task.history.is_empty()).then(|| {
                 let mut s = String::new();

@@ -112,6 +112,11 @@ pub struct Task {
     pub last_verdict: Option<String>,
     /// Why the task failed, once it has.
     pub failure_reason: Option<String>,
+    /// A person stopped the task (`hyperloop cancel`); its status is `failed`.
+    pub cancelled: bool,
+    /// The round at which the task's round budget starts: rounds before it were spent before
+    /// the last `hyperloop retry`, and do not count against `max_task_rounds`.
+    pub rounds_from: u32,
     /// A worker started for this task that has not been recorded yet.
     pub claim: Option<Claim>,
     /// Every finished worker run.
@@ -140,6 +145,8 @@ impl Task {
             gate_cleared: false,
             last_verdict: None,
             failure_reason: None,
+            cancelled: false,
+            rounds_from: 0,
             claim: None,
             history: Vec::new(),
             extra: serde_json::Map::new(),
@@ -152,6 +159,11 @@ impl Task {
 pub const FINDINGS_HEADING: &str = "## Findings";
 
 impl Task {
+    /// Rounds spent since the round budget was last renewed.
+    pub fn rounds_used(&self) -> u32 {
+        self.round.saturating_sub(self.rounds_from)
+    }
+
     /// The task's own spec: the body before the findings section.
     pub fn spec_text(&self) -> &str {
         match find_findings(&self.body) {

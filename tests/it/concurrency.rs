@@ -147,7 +147,8 @@ fn approve_racing_a_working_step_loses_neither_update() {
         assert!(Instant::now() < end, "task-001 never reached its gate");
         assert!(
             step.child.try_wait().expect("wait").is_none(),
-            "the step ended too early"
+            "the step ended too early: {}",
+            step.stderr()
         );
         std::thread::sleep(Duration::from_millis(50));
     }

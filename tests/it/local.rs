@@ -654,7 +654,7 @@ fn a_pm_that_keeps_failing_is_not_paid_forever() {
         halted[0]["reason"]
             .as_str()
             .unwrap_or("")
-            .contains("no task can progress"),
+            .contains("intake gave up"),
         "{}",
         halted[0]
     );
@@ -893,6 +893,9 @@ fn bad_input_exits_2_naming_file_and_field() {
         .read(".hyperloop.yaml")
         .replace("max_workers: 2", "max_workers: 0");
     p.repo.write(".hyperloop.yaml", &cfg);
+    // Uncommitted, a step does not see it; committed, it is an error.
+    assert_eq!(p.hyperloop(&["status"]).status.code(), Some(0));
+    p.commit_all("bad config");
     let out = p.hyperloop(&["status"]);
     assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
     let err = String::from_utf8_lossy(&out.stderr);

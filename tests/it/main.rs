@@ -14,6 +14,7 @@ mod harness;
 mod init;
 pub mod local;
 mod matrix;
+mod operate;
 mod prompts;
 mod state;
 mod support;

@@ -374,7 +374,7 @@ impl Stepper {
         Ok(())
     }
 
-    fn pr_for(&self, task: &Task) -> Option<&PrState> {
+    pub(super) fn pr_for(&self, task: &Task) -> Option<&PrState> {
         let gh = self.gh.as_ref()?;
         let branch = task
             .branch
