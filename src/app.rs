@@ -590,10 +590,19 @@ fn approve(target: &Target, task_id: &str, gate: Option<&str>) -> Result<Outcome
         )));
     };
     let Some(name) = waiting_gate(&task, &defs.process.pipeline, target.config.merge.auto_merge) else {
+        let at = task
+            .phase
+            .as_deref()
+            .filter(|_| !task.status.is_terminal())
+            .map(|p| format!(" at {p}"))
+            .unwrap_or_default();
         return Err(Error::usage(format!(
-            "{task_id} waits at no gate (it is {} at {})",
-            task.status,
-            task.phase.as_deref().unwrap_or("no step")
+            "{task_id} waits at no gate: it is {}{at}",
+            if task.cancelled {
+                "cancelled"
+            } else {
+                task.status.as_str()
+            }
         )));
     };
     if let Some(g) = gate

@@ -108,29 +108,33 @@ pub fn retry_or_cancel(target: &Target, op: Op, task_id: &str) -> Result<Outcome
             "intake is not a task: there is nothing to cancel".to_string(),
         ));
     }
-    let requested = op == Op::Cancel && !github;
-    if requested {
+    let mut requested = false;
+    if op == Op::Cancel {
         // Checked against the committed state first, so that a mistyped id never leaves a
-        // request behind; then a running step can act on it at once.
+        // request behind; then a step running in this checkout can act on it at once. In GitHub
+        // mode the local copy of the state may lag origin, so only origin's answer (below) is
+        // final.
         let tasks = target.committed_tasks()?;
-        match tasks.iter().find(|t| t.id == task_id) {
-            None => {
-                return Err(Error::usage(format!(
-                    "no task {task_id} in {}/tasks",
-                    target.config.target.specs_dir.trim_end_matches('/')
-                )));
-            }
+        let refusal = match tasks.iter().find(|t| t.id == task_id) {
+            None => Some(format!(
+                "no task {task_id} in {}/tasks",
+                target.config.target.specs_dir.trim_end_matches('/')
+            )),
             Some(t) if t.status == Status::Complete => {
-                return Err(Error::usage(format!(
-                    "{task_id} is complete: there is nothing to cancel"
-                )));
+                Some(format!("{task_id} is complete: there is nothing to cancel"))
             }
-            Some(t) if t.cancelled => {
-                return Err(Error::usage(format!(
-                    "{task_id} is already cancelled; `hyperloop retry {task_id}` brings it back"
-                )));
+            Some(t) if t.cancelled => Some(format!(
+                "{task_id} is already cancelled; `hyperloop retry {task_id}` brings it back"
+            )),
+            Some(_) => None,
+        };
+        match refusal {
+            Some(why) if !github => return Err(Error::usage(why)),
+            Some(_) => {}
+            None => {
+                execute::request_cancel(&target.repo, task_id)?;
+                requested = true;
             }
-            Some(_) => execute::request_cancel(&target.repo, task_id)?,
         }
     }
     let what = match op {

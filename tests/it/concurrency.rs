@@ -134,7 +134,7 @@ fn approve_racing_a_working_step_loses_neither_update() {
     attempt: 0
     actions:
       - shell: "mkdir -p work && echo \"task-003 round 0 slow\" > work/task-003.txt && git add work && git commit -qm slow"
-      - sleep: 3
+      - sleep: 8
       - verdict: {verdict: pass}
 "#;
     let f = Fixture::new(rules, "overlay: .hyperloop/agents\n");

@@ -77,24 +77,8 @@ fn is_timestamp(s: &str) -> bool {
 /// Every line of standard error as a JSON event; panics on any other line.
 fn json_events(out: &Output) -> Vec<Ev> {
     let stderr = String::from_utf8_lossy(&out.stderr);
-    // A long event continues on indented lines; none is wider than a terminal.
-    let mut joined: Vec<String> = Vec::new();
-    for line in stderr.lines() {
-        assert!(
-            line.chars().count() <= 110,
-            "a console line of {} characters: {line}",
-            line.chars().count()
-        );
-        match joined.last_mut() {
-            Some(last) if line.starts_with(' ') => {
-                last.push(' ');
-                last.push_str(line.trim_start());
-            }
-            _ => joined.push(line.to_string()),
-        }
-    }
-    joined
-        .iter()
+    stderr
+        .lines()
         .map(|line| {
             let v: Value = serde_json::from_str(line)
                 .unwrap_or_else(|e| panic!("not a JSON event ({e}): {line}\n{}", describe(out)));

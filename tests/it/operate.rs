@@ -566,6 +566,21 @@ fn logs_show_the_latest_run_readably_and_each_run_by_role_and_round() {
     let raw = stdout(&p.hyperloop(&["logs", "task-001", "--role", "implementer", "--raw"]));
     assert!(raw.contains("{\"type\":\"result\""), "{raw}");
 
+    // A run of a few milliseconds is not recorded as 0.0 seconds.
+    let history = p.task("task-001")["history"].clone();
+    assert!(
+        history[0]["duration_s"].as_f64().is_some_and(|d| d > 0.0),
+        "{history}"
+    );
+    // approve on a complete task says what the task is, and nothing about "no step".
+    let out = p.hyperloop(&["approve", "task-001"]);
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    assert!(
+        stderr(&out).contains("task-001 waits at no gate: it is complete\n"),
+        "{}",
+        describe(&out)
+    );
+
     let out = p.hyperloop(&["logs", "task-001", "--round", "7"]);
     assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
     assert!(
@@ -775,4 +790,36 @@ fn a_step_sees_the_commit_and_names_the_uncommitted_changes_it_does_not_see() {
     let out = p.hyperloop(&["step"]);
     assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
     assert!(stderr(&out).contains("max_workers_typo"), "{}", describe(&out));
+}
+
+#[test]
+fn github_mode_cancel_stops_the_agent_of_a_step_running_here() {
+    let marker_dir = tempfile::tempdir().expect("tempdir");
+    let marker = marker_dir.path().join("implementer-finished");
+    let rules = format!(
+        "  - role: implementer\n    task: task-001\n    actions:\n      - sleep: 30\n      - write: {{path: \"{}\", content: \"done\"}}\n      - verdict: {{verdict: pass}}\n",
+        marker.display()
+    );
+    let g = Gh::new(&rules, "");
+    let mut cmd = g.p.env.command(hyperloop_bin());
+    cmd.args(["--path", g.p.repo.path_str(), "--repo", "acme/widgets", "step"])
+        .env("GITHUB_API_URL", &g.gh.url)
+        .env("GITHUB_TOKEN", &g.gh.token)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let step = cmd.spawn().expect("step starts");
+    let running = g.p.repo.path.join(".hyperloop/state/running/task-001.json");
+    wait_until(60, "the implementer to start", || running.exists());
+    let started = Instant::now();
+    let out = g.hyperloop(&["cancel", "task-001"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "cancel does not wait for the agent"
+    );
+    let step = step.wait_with_output().expect("step ends");
+    assert_eq!(step.status.code(), Some(0), "{}", describe(&step));
+    assert!(!marker.exists(), "the agent was stopped");
+    assert_eq!(g.origin_field("task-001", "cancelled").as_deref(), Some("true"));
+    assert_eq!(g.origin_field("task-001", "status").as_deref(), Some("failed"));
 }
