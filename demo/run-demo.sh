@@ -7,7 +7,8 @@ here="$(cd "$(dirname "$0")/.." && pwd)"
 # A debug build is ready in a fraction of the time of a release build and plenty fast here;
 # HYPERLOOP_DEMO_PROFILE=release builds the optimised binaries instead.
 profile="${HYPERLOOP_DEMO_PROFILE:-dev}"
-cargo build --quiet --profile "$profile" --manifest-path "$here/Cargo.toml" --bins
+echo "== building hyperloop (the first build compiles its dependencies: a few minutes)"
+cargo build --profile "$profile" --manifest-path "$here/Cargo.toml" --bins
 target_dir="${CARGO_TARGET_DIR:-$here/target}"
 if [ "$profile" = dev ]; then bin="$target_dir/debug"; else bin="$target_dir/$profile"; fi
 demo="${1:-$(mktemp -d -t hyperloop-demo-XXXXXX)}"

@@ -542,6 +542,7 @@ mod tests {
             cost_usd: 1.5,
             rate_limited_until: None,
             push_refused: Vec::new(),
+            intake_gave_up: None,
         }
     }
 

@@ -22,12 +22,15 @@ pub struct Target {
     pub repo: Repo,
     pub config: Config,
     pub config_file: PathBuf,
+    /// Uncommitted changes to the configuration, the overlay or the specs, which commands that
+    /// read the base branch's commit do not see.
+    pub unseen: Vec<String>,
 }
 
 impl Target {
     /// Opens the repository named by `--path` and loads its configuration.
     pub fn load(global: &GlobalArgs) -> Result<Target> {
-        let repo = Repo::open(&global.path)?;
+        let repo = open_repo(global)?;
         let config_file = match &global.config {
             Some(p) if p.is_absolute() => p.clone(),
             Some(p) => std::env::current_dir().map_err(|e| Error::io(".", e))?.join(p),
@@ -39,7 +42,19 @@ impl Target {
                 config_file.display()
             )));
         }
-        let mut config = Config::load(&config_file, &repo.root)?;
+        // One rule for what a step sees (see `committed`): the base branch's commit, unless a
+        // file is named on the command line.
+        let (mut config, unseen) = match &global.config {
+            Some(_) => (Config::load(&config_file, &repo.root)?, Vec::new()),
+            None => {
+                let mut config = crate::committed::load_config(&repo, &config_file)?;
+                let unseen = crate::committed::unseen_changes(&repo, &config, &config_file)?;
+                if let Some(copy) = crate::committed::committed_overlay(&repo, &config)? {
+                    config.overlay = Some(copy.display().to_string());
+                }
+                (config, unseen)
+            }
+        };
         if let Some(r) = &global.repo {
             if !valid_repo_slug(r) {
                 return Err(Error::usage(format!("--repo {r}: expected OWNER/REPO")));
@@ -59,6 +74,7 @@ impl Target {
             repo,
             config,
             config_file,
+            unseen,
         })
     }
 
@@ -71,6 +87,25 @@ impl Target {
                 .tasks),
             None => Ok(Vec::new()),
         }
+    }
+}
+
+/// The repository `--path` names, or the one the current directory is in. Without `--path`, an
+/// error speaks of the current directory: the user typed no flag to blame.
+pub fn open_repo(global: &GlobalArgs) -> Result<Repo> {
+    match &global.path {
+        Some(p) => Repo::open(p),
+        None => Repo::open(Path::new(".")).map_err(|e| match e {
+            Error::Usage { .. } => {
+                let here = std::env::current_dir()
+                    .map(|d| d.display().to_string())
+                    .unwrap_or_else(|_| ".".to_string());
+                Error::usage(format!(
+                    "{here} is not in a git repository; run hyperloop inside one, or name it with --path DIR"
+                ))
+            }
+            other => other,
+        }),
     }
 }
 
@@ -142,7 +177,7 @@ impl Outcome {
 pub fn run(command: &Command, global: &GlobalArgs) -> Result<Outcome> {
     match command {
         Command::Init => {
-            let repo = Repo::open(&global.path)?;
+            let repo = open_repo(global)?;
             let report = crate::init::init(&repo.root)?;
             Ok(Outcome::ok(report.to_string()))
         }
@@ -152,7 +187,7 @@ pub fn run(command: &Command, global: &GlobalArgs) -> Result<Outcome> {
             let text = if args.json {
                 status_json(&tasks)?
             } else {
-                status_table(&tasks)
+                status_table(&tasks) + &crate::commands::intake_note(&target)?
             };
             Ok(Outcome::ok(text))
         }
@@ -160,8 +195,9 @@ pub fn run(command: &Command, global: &GlobalArgs) -> Result<Outcome> {
             let mut target = Target::load(global)?;
             override_max_workers(&mut target, args.max_workers)?;
             let _notifier = start_logging(&target, !global.dry_run);
+            let note = crate::commands::preflight(&target, global.dry_run)?;
             if global.dry_run {
-                return Ok(Outcome::ok(crate::cycle::execute::dry_run(&target)?));
+                return Ok(Outcome::ok(note + &crate::cycle::execute::dry_run(&target)?));
             }
             let max_duration = args.max_duration.map(Duration::from_secs);
             emit_started(&target);
@@ -207,13 +243,31 @@ pub fn run(command: &Command, global: &GlobalArgs) -> Result<Outcome> {
             let mut target = Target::load(global)?;
             override_max_workers(&mut target, args.max_workers)?;
             let _notifier = start_logging(&target, !global.dry_run);
+            let note = crate::commands::preflight(&target, global.dry_run)?;
             if global.dry_run {
-                return Ok(Outcome::ok(crate::cycle::execute::dry_run(&target)?));
+                return Ok(Outcome::ok(note + &crate::cycle::execute::dry_run(&target)?));
             }
             emit_started(&target);
             let (outcome, last) = block_on(run_loop(&target))??;
             crate::action::after_step(&target, &last);
             Ok(outcome)
+        }
+        Command::Retry(args) => {
+            no_dry_run(global)?;
+            let target = Target::load(global)?;
+            let _notifier = start_logging(&target, false);
+            crate::commands::retry_or_cancel(&target, crate::cycle::execute::Op::Retry, &args.task)
+        }
+        Command::Cancel(args) => {
+            no_dry_run(global)?;
+            let target = Target::load(global)?;
+            let _notifier = start_logging(&target, false);
+            crate::commands::retry_or_cancel(&target, crate::cycle::execute::Op::Cancel, &args.task)
+        }
+        Command::Logs(args) => {
+            no_dry_run(global)?;
+            let target = Target::load(global)?;
+            crate::logs::show(&target, args)
         }
         Command::Approve(args) => {
             if global.dry_run {
@@ -224,6 +278,13 @@ pub fn run(command: &Command, global: &GlobalArgs) -> Result<Outcome> {
             approve(&target, &args.task, args.gate.as_deref())
         }
     }
+}
+
+fn no_dry_run(global: &GlobalArgs) -> Result<()> {
+    if global.dry_run {
+        return Err(Error::usage("--dry-run applies to step and run"));
+    }
+    Ok(())
 }
 
 fn override_max_workers(target: &mut Target, max_workers: Option<usize>) -> Result<()> {
@@ -300,7 +361,7 @@ fn block_on<F: std::future::Future>(fut: F) -> Result<F::Output> {
 /// One line per step for people; `--json` has everything.
 fn summary(r: &StepReport) -> String {
     let mut s = format!(
-        "step: {} started, {} finished, {} merged; {}/{} tasks complete",
+        "step: agents {} started, {} finished; {} merged; {}/{} tasks complete",
         r.spawned.len(),
         r.reaped.len(),
         r.merged.len(),
@@ -397,8 +458,7 @@ async fn run_loop(target: &Target) -> Result<(Outcome, StepReport)> {
                 emit!(
                     ERROR,
                     "orchestrator_halted",
-                    reason =
-                        "no task can progress: the rest failed or are blocked behind a failed dependency",
+                    reason = stuck_reason(&last).as_str(),
                     total_cycles = cycle,
                     completed_tasks = last.tasks_complete,
                     failed_tasks = last.tasks_failed,
@@ -443,6 +503,38 @@ async fn run_loop(target: &Target) -> Result<(Outcome, StepReport)> {
         exit_code: 3,
     };
     Ok((outcome, last))
+}
+
+/// Why nothing more can happen, in the words that fit: an intake that gave up, failed or
+/// cancelled tasks and those behind them, or a spending cap.
+fn stuck_reason(last: &StepReport) -> String {
+    let mut parts = Vec::new();
+    if let Some(e) = &last.intake_gave_up {
+        let e = e.lines().next().unwrap_or("").trim();
+        parts.push(format!(
+            "intake gave up after {} attempts ({e}); {}",
+            crate::cycle::execute::MAX_INTAKE_ATTEMPTS,
+            crate::cycle::execute::INTAKE_GAVE_UP_HINT
+        ));
+    }
+    if last.tasks_failed > 0 {
+        let mut s = format!("{} task(s) failed or were cancelled", last.tasks_failed);
+        if !last.blocked.is_empty() {
+            s.push_str(&format!(
+                " and {} wait behind them ({})",
+                last.blocked.len(),
+                last.blocked.join(", ")
+            ));
+        }
+        s.push_str("; `hyperloop retry TASK` puts a task back");
+        parts.push(s);
+    }
+    if parts.is_empty() {
+        parts.push(
+            "no task can progress: the spending cap (runtime.max_total_cost_usd) is reached".to_string(),
+        );
+    }
+    parts.join("; ")
 }
 
 fn stopped_by_signal(cycle: u64, last: &StepReport) -> Error {
@@ -496,10 +588,19 @@ fn approve(target: &Target, task_id: &str, gate: Option<&str>) -> Result<Outcome
         )));
     };
     let Some(name) = waiting_gate(&task, &defs.process.pipeline, target.config.merge.auto_merge) else {
+        let at = task
+            .phase
+            .as_deref()
+            .filter(|_| !task.status.is_terminal())
+            .map(|p| format!(" at {p}"))
+            .unwrap_or_default();
         return Err(Error::usage(format!(
-            "{task_id} waits at no gate (it is {} at {})",
-            task.status,
-            task.phase.as_deref().unwrap_or("no step")
+            "{task_id} waits at no gate: it is {}{at}",
+            if task.cancelled {
+                "cancelled"
+            } else {
+                task.status.as_str()
+            }
         )));
     };
     if let Some(g) = gate
@@ -575,6 +676,8 @@ pub fn status_json(tasks: &[Task]) -> Result<String> {
                 "last_verdict": t.last_verdict,
                 "failure_reason": t.failure_reason,
                 "verified_tip": t.verified_tip,
+                "cancelled": t.cancelled,
+                "blocked_by": blocked_by(t, tasks),
                 "gate_cleared": t.gate_cleared,
                 "cost_usd": t.cost_usd,
                 "history": t.history,
@@ -587,6 +690,29 @@ pub fn status_json(tasks: &[Task]) -> Result<String> {
     Ok(s)
 }
 
+/// The failed (or cancelled) tasks that keep a not-started task from starting, through its
+/// dependencies, sorted.
+pub fn blocked_by(task: &Task, tasks: &[Task]) -> Vec<String> {
+    if task.status != Status::NotStarted {
+        return Vec::new();
+    }
+    let mut found = std::collections::BTreeSet::new();
+    let mut seen = std::collections::BTreeSet::new();
+    let mut frontier: Vec<&str> = task.deps.iter().map(String::as_str).collect();
+    while let Some(id) = frontier.pop() {
+        if !seen.insert(id) {
+            continue;
+        }
+        if let Some(dep) = tasks.iter().find(|t| t.id == id) {
+            if dep.status == Status::Failed {
+                found.insert(id.to_string());
+            }
+            frontier.extend(dep.deps.iter().map(String::as_str));
+        }
+    }
+    found.into_iter().collect()
+}
+
 /// `status`: a table, one row per task.
 pub fn status_table(tasks: &[Task]) -> String {
     if tasks.is_empty() {
@@ -597,14 +723,30 @@ pub fn status_table(tasks: &[Task]) -> String {
     ];
     let mut rows: Vec<[String; 9]> = Vec::with_capacity(tasks.len());
     for t in tasks {
+        let blocked = blocked_by(t, tasks);
         let phase = match (&t.phase, t.gate_cleared) {
+            _ if !blocked.is_empty() => {
+                let names: Vec<String> = blocked
+                    .iter()
+                    .map(|id| match tasks.iter().find(|d| d.id == *id) {
+                        Some(d) if d.cancelled => format!("{id} (cancelled)"),
+                        _ => id.clone(),
+                    })
+                    .collect();
+                format!("blocked by {}", names.join(", "))
+            }
             (Some(p), true) => format!("{p} (approved)"),
             (Some(p), false) => p.clone(),
             (None, _) => "-".into(),
         };
+        let status = if t.cancelled {
+            "failed (cancelled)".to_string()
+        } else {
+            t.status.as_str().to_string()
+        };
         rows.push([
             t.id.clone(),
-            t.status.as_str().to_string(),
+            status,
             phase,
             t.round.to_string(),
             if t.deps.is_empty() {

@@ -21,9 +21,9 @@ pub struct Cli {
 
 #[derive(Debug, Clone, Args)]
 pub struct GlobalArgs {
-    /// The target repository.
-    #[arg(long, global = true, value_name = "DIR", default_value = ".")]
-    pub path: PathBuf,
+    /// The target repository (default: the current directory).
+    #[arg(long, global = true, value_name = "DIR")]
+    pub path: Option<PathBuf>,
     /// GitHub repository OWNER/REPO (GitHub mode).
     #[arg(long, global = true, value_name = "OWNER/REPO")]
     pub repo: Option<String>,
@@ -47,6 +47,50 @@ pub enum Command {
     Approve(ApproveArgs),
     /// Write .hyperloop.yaml, specs/, an agents overlay and a GitHub workflow; never overwrite.
     Init,
+    /// Put a failed or cancelled task back to the start of the step (or loop) it stopped in,
+    /// with a fresh round budget; `retry intake` runs an intake that gave up again.
+    Retry(RetryArgs),
+    /// Stop a task that is not complete (and its running agent); it never merges.
+    Cancel(CancelArgs),
+    /// Show what a task's agents did, readable (default: the latest run).
+    Logs(LogsArgs),
+}
+
+impl GlobalArgs {
+    /// The target repository as given, or the current directory.
+    pub fn path(&self) -> PathBuf {
+        self.path.clone().unwrap_or_else(|| PathBuf::from("."))
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RetryArgs {
+    /// The task to retry, or `intake`.
+    pub task: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CancelArgs {
+    /// The task to cancel.
+    pub task: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct LogsArgs {
+    /// The task whose agents' output to show (`intake` for the pm's runs).
+    pub task: String,
+    /// Only runs of this role (implementer, verifier, ...).
+    #[arg(long, value_name = "ROLE")]
+    pub role: Option<String>,
+    /// Only runs of this round.
+    #[arg(long, value_name = "N")]
+    pub round: Option<u32>,
+    /// Keep printing while the run goes on; stop when it ends.
+    #[arg(long)]
+    pub follow: bool,
+    /// Print the log as it was written (raw stream-json for Claude).
+    #[arg(long)]
+    pub raw: bool,
 }
 
 #[derive(Debug, Clone, Args)]

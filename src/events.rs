@@ -170,18 +170,52 @@ where
             {
                 let _ = write!(line, " {m}");
             }
+            let mut text = String::new();
+            let mut width = line.chars().count();
+            let mut fields_on_line = 0;
             for (k, v) in f.values {
-                match v {
+                let field = match v {
                     serde_json::Value::String(s) if !s.contains(char::is_whitespace) && !s.is_empty() => {
-                        let _ = write!(line, " {k}={s}");
+                        format!("{k}={}", shorten(&s))
                     }
-                    other => {
-                        let _ = write!(line, " {k}={other}");
+                    serde_json::Value::String(s) => {
+                        format!("{k}={}", serde_json::Value::String(shorten(&s)))
                     }
+                    other => format!("{k}={other}"),
+                };
+                let len = field.chars().count();
+                // People read the console in a terminal: past the width, a field continues on
+                // an indented line of its own event.
+                if fields_on_line > 0 && width + 1 + len > CONSOLE_WIDTH {
+                    text.push_str(line.trim_end());
+                    text.push('\n');
+                    line = CONTINUATION.to_string();
+                    width = CONTINUATION.len();
+                    fields_on_line = 0;
                 }
+                line.push(' ');
+                line.push_str(&field);
+                width += 1 + len;
+                fields_on_line += 1;
             }
-            writeln!(writer, "{}", line.trim_end())
+            text.push_str(line.trim_end());
+            writeln!(writer, "{text}")
         }
+    }
+}
+
+/// Console lines wrap before this many characters.
+const CONSOLE_WIDTH: usize = 110;
+/// The start of a console line that continues the event above it.
+pub const CONTINUATION: &str = "   ";
+/// Longest field value the console shows (the JSON format has every value whole).
+const CONSOLE_VALUE_CHARS: usize = 80;
+
+fn shorten(s: &str) -> String {
+    let one_line = s.replace('\n', " ⏎ ");
+    match one_line.char_indices().nth(CONSOLE_VALUE_CHARS) {
+        Some((i, _)) => format!("{}…", &one_line[..i]),
+        None => one_line,
     }
 }
 

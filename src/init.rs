@@ -31,6 +31,10 @@ pub struct InitReport {
     /// already held a spec, so no example was written.
     pub skipped: Vec<String>,
     pub warnings: Vec<String>,
+    /// The `target.base_branch` written into a new configuration, and how it was chosen.
+    pub base_branch: Option<(String, String)>,
+    /// The example spec written, to be replaced before the first run.
+    pub example_spec: Option<String>,
 }
 
 impl fmt::Display for InitReport {
@@ -47,8 +51,56 @@ impl fmt::Display for InitReport {
         for w in &self.warnings {
             writeln!(f, "warning: {w}")?;
         }
-        Ok(())
+        if let Some((branch, why)) = &self.base_branch {
+            writeln!(f, "target.base_branch: {branch} ({why})")?;
+        }
+        if self.written.is_empty() && self.appended.is_empty() {
+            return Ok(());
+        }
+        writeln!(f, "\nnext:")?;
+        let mut n = 1;
+        if let Some(example) = &self.example_spec {
+            writeln!(
+                f,
+                "  {n}. replace {example} with a spec of your own: what should exist when the work is done, and how to tell"
+            )?;
+            n += 1;
+        }
+        writeln!(
+            f,
+            "  {n}. commit what init wrote: git add -A && git commit -m \"hyperloop: set up\""
+        )?;
+        writeln!(
+            f,
+            "  {}. hyperloop run    (or hyperloop step, for one cycle)",
+            n + 1
+        )
     }
+}
+
+/// The branch a new configuration names as `target.base_branch`, and why: the branch checked
+/// out here, else the default branch of `origin`, else `main`.
+pub fn detect_base_branch(repo: &Path) -> (String, String) {
+    let git = crate::git::Git::new(repo);
+    let symbolic = |name: &str| {
+        git.output(["symbolic-ref", "--quiet", "--short", name])
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .filter(|s| !s.is_empty())
+    };
+    if let Some(branch) = symbolic("HEAD") {
+        return (branch, "the branch checked out here".to_string());
+    }
+    if let Some(remote) = symbolic("refs/remotes/origin/HEAD")
+        && let Some(branch) = remote.strip_prefix("origin/")
+    {
+        return (branch.to_string(), "the default branch of origin".to_string());
+    }
+    (
+        Config::default().target.base_branch,
+        "no branch is checked out and origin names no default; change it if that is wrong".to_string(),
+    )
 }
 
 /// Scaffolds `repo`. Never replaces an existing file; an existing `.hyperloop.yaml` must be valid,
@@ -64,27 +116,31 @@ pub fn init(repo: &Path) -> Result<InitReport> {
 
     let config_file = repo.join(config::FILE_NAME);
     let existing = Config::load(&config_file, repo)?;
-    let written_config = Config {
+    let (base_branch, why) = detect_base_branch(repo);
+    let mut written_config = Config {
         overlay: Some(OVERLAY_DIR.to_string()),
         ..Config::default()
     };
+    written_config.target.base_branch.clone_from(&base_branch);
     write_new(
         repo,
         config::FILE_NAME,
         &written_config.render_commented(),
         &mut report,
     )?;
+    if report.written.iter().any(|w| w == config::FILE_NAME) {
+        report.base_branch = Some((base_branch, why));
+    }
 
     let specs_dir = existing.target.specs_dir.trim_end_matches('/').to_string();
     if has_spec(&repo.join(&specs_dir))? {
         report.skipped.push(format!("{specs_dir}/"));
     } else {
-        write_new(
-            repo,
-            &format!("{specs_dir}/example.md"),
-            EXAMPLE_SPEC,
-            &mut report,
-        )?;
+        let example = format!("{specs_dir}/example.md");
+        write_new(repo, &example, EXAMPLE_SPEC, &mut report)?;
+        if report.written.contains(&example) {
+            report.example_spec = Some(example);
+        }
     }
 
     write_new(
@@ -266,7 +322,7 @@ annotations:
 "#;
 
 const WORKFLOW: &str = r#"# Runs one hyperloop step at a time: on a schedule, when a pull request or issue gets the
-# `lgtm` label (which clears a gate), and on demand. Runs never overlap and never cancel each
+# `lgtm` label (which clears a gate) or `hyperloop:retry` / `hyperloop:cancel`, and on demand. Runs never overlap and never cancel each
 # other; every step reads all its state from the repository, so a queued run simply continues.
 # Each run's summary page shows what the step did, every task, and a graph of their dependencies.
 name: hyperloop
@@ -293,8 +349,8 @@ permissions:
 
 jobs:
   step:
-    # Any other label is not a gate decision: do not spend a run on it.
-    if: (github.event_name != 'pull_request' && github.event_name != 'issues') || github.event.label.name == 'lgtm'
+    # Any other label is not a decision for hyperloop: do not spend a run on it.
+    if: (github.event_name != 'pull_request' && github.event_name != 'issues') || contains(fromJSON('["lgtm", "hyperloop:retry", "hyperloop:cancel"]'), github.event.label.name)
     runs-on: ubuntu-latest
     timeout-minutes: 120
     steps:

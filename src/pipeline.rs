@@ -289,7 +289,7 @@ fn next_after(steps: &[Step], path: &[usize]) -> Transition {
 
 /// The first leaf of the innermost loop enclosing `path`. Every step that contains others is a
 /// loop, so that loop is the one holding the leaf's own list.
-fn enclosing_loop_start(steps: &[Step], path: &[usize]) -> Option<Position> {
+pub fn enclosing_loop_start(steps: &[Step], path: &[usize]) -> Option<Position> {
     for depth in (1..path.len()).rev() {
         let prefix = &path[..depth];
         if let Some(Step::Loop { steps: inner }) = node_at(steps, prefix)

@@ -231,7 +231,7 @@ pub fn decide(snapshot: &Snapshot, config: &Config, process: &Process, now: u64)
             not_started.push(task);
             continue;
         }
-        if task.round >= config.max_task_rounds {
+        if task.rounds_used() >= config.max_task_rounds {
             failed.insert(&task.id);
             load_failures.push(Action::FailTask {
                 task_id: task.id.clone(),
@@ -326,9 +326,15 @@ pub fn decide(snapshot: &Snapshot, config: &Config, process: &Process, now: u64)
     for task in not_started {
         let because = failed_ancestors(&task.id, &by_id, &failed, &mut memo);
         if !because.is_empty() {
+            let cancelled = because
+                .iter()
+                .filter(|id| by_id.get(*id).is_some_and(|t| t.cancelled))
+                .map(|id| (*id).to_string())
+                .collect();
             blocked.push(Blocked {
                 task_id: task.id.clone(),
                 because: because.into_iter().map(str::to_string).collect(),
+                cancelled,
             });
             continue;
         }
@@ -627,11 +633,13 @@ mod tests {
             vec![
                 Blocked {
                     task_id: "task-002".into(),
-                    because: vec!["task-001".into()]
+                    because: vec!["task-001".into()],
+                    cancelled: Vec::new(),
                 },
                 Blocked {
                     task_id: "task-003".into(),
-                    because: vec!["task-001".into()]
+                    because: vec!["task-001".into()],
+                    cancelled: Vec::new(),
                 },
             ]
         );

@@ -36,7 +36,10 @@ use crate::task::{Attempt, Status, Task};
 use crate::worker::{self, WorkerOutcome, WorkerSpec, result::ResultFile, worktree};
 
 mod github_mode;
+mod requests;
 mod state_branch;
+
+pub use requests::{CANCEL_LABEL, Op, RETRY_LABEL, operate, request_cancel};
 
 /// Task id used for the intake worker (CONTRACT §4).
 pub const INTAKE_ID: &str = "intake";
@@ -130,6 +133,10 @@ pub struct StepReport {
     /// When GitHub's rate limit ended the step early: the time (RFC 3339) to try again.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rate_limited_until: Option<String>,
+    /// Intake failed too often on these specs, configuration and agents and waits for a change
+    /// or `hyperloop retry intake`: its last error.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub intake_gave_up: Option<String>,
     /// Task branches the forge refused, with its reason: those tasks went back to their agents.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub push_refused: Vec<RefusedPush>,
@@ -331,10 +338,10 @@ pub fn dry_run(target: &Target) -> Result<String> {
             let base = &target.config.target.base_branch;
             let specs = match target.repo.branch_tip(base)? {
                 Some(base_tip) if base != branch => target.repo.read_tree_state(&base_tip, specs_dir)?.specs,
-                _ => tree.specs,
+                _ => tree.specs.clone(),
             };
             let snapshot = Snapshot {
-                tasks: tree.tasks,
+                tasks: tree.tasks.clone(),
                 specs: specs
                     .iter()
                     .map(|s| SpecInfo {
@@ -342,14 +349,31 @@ pub fn dry_run(target: &Target) -> Result<String> {
                         hash: s.hash.clone(),
                     })
                     .collect(),
-                intake_record: tree.intake_record,
+                intake_record: tree.intake_record.clone(),
                 running: BTreeSet::new(),
                 pending_failures: Vec::new(),
                 intake_running: false,
                 github_mode: target.config.target.repo.is_some(),
             };
-            let plan = decide::decide(&snapshot, &target.config, &defs.process, now_unix())?;
+            let mut plan = decide::decide(&snapshot, &target.config, &defs.process, now_unix())?;
+            if let Some(f) = &tree.intake_failures {
+                let specs = snapshot
+                    .specs
+                    .iter()
+                    .map(|s| (s.path.clone(), s.hash.clone()))
+                    .collect();
+                let inputs = inputs_fingerprint(&target.repo, &target.config, &defs)?;
+                if gave_up(f, &specs, &inputs) {
+                    plan.actions.retain(|a| !matches!(a, Action::RunIntake { .. }));
+                    out.push_str(&format!(
+                        "intake gave up after {} attempts on these specs (last error: {}); {INTAKE_GAVE_UP_HINT}\n",
+                        f.attempts,
+                        preview(&f.last_error)
+                    ));
+                }
+            }
             out.push_str(&plan.to_string());
+            out.push('\n');
         }
     }
     Ok(out)
@@ -358,6 +382,8 @@ pub fn dry_run(target: &Target) -> Result<String> {
 struct Running {
     record: RunRecord,
     started: Instant,
+    /// Stops this worker alone (a `hyperloop cancel` of its task).
+    stop: watch::Sender<bool>,
 }
 
 struct Stepper {
@@ -424,6 +450,8 @@ struct Stepper {
     published: Option<String>,
     /// How many of the staged commits are merges.
     staged_merges: usize,
+    /// The fingerprint of the configuration and agents (see [`IntakeFailures::inputs`]).
+    inputs: std::cell::OnceCell<String>,
 }
 
 impl Stepper {
@@ -481,6 +509,7 @@ impl Stepper {
             staged: Vec::new(),
             published: None,
             staged_merges: 0,
+            inputs: std::cell::OnceCell::new(),
             budget_blocked: false,
             live,
             cooling: HashSet::new(),
@@ -552,6 +581,7 @@ impl Stepper {
         if self.gh.is_some() {
             self.fetch_task_branches()?;
             self.sync_pull_requests()?;
+            self.take_label_requests()?;
         }
         // From here on, a task branch is only where hyperloop puts it.
         worktree::watch_task_refs(&self.repo.git)?;
@@ -562,14 +592,20 @@ impl Stepper {
         if cancelled {
             let _ = self.cancel_tx.send(true);
         }
+        // After a quiet look for requests there is nothing new to decide.
+        let mut decide_again = true;
         let outcome = loop {
-            if !cancelled {
-                let acted = self.act().await.and_then(|_| self.flush_staged());
+            if !cancelled && decide_again {
+                let acted = self
+                    .take_cancel_requests()
+                    .and_then(|_| self.act_now())
+                    .and_then(|()| self.flush_staged());
                 self.flush_cleanup();
                 if let Err(e) = acted {
                     break Err(e);
                 }
             }
+            decide_again = true;
             if self.workers.is_empty() {
                 if cancelled {
                     break Err(Error::other(
@@ -597,6 +633,12 @@ impl Stepper {
                     cancelled = true;
                     let _ = self.cancel_tx.send(true);
                 }
+                () = tokio::time::sleep(requests::POLL), if !cancelled => {
+                    match self.take_cancel_requests() {
+                        Ok(applied) => decide_again = applied,
+                        Err(e) => break Err(e),
+                    }
+                }
             }
         };
         // Interrupted or not, a merge made in this step is kept.
@@ -615,8 +657,13 @@ impl Stepper {
         self.finish()
     }
 
+    /// [`Stepper::act`], for a caller that only needs to know it went well.
+    fn act_now(&mut self) -> Result<()> {
+        self.act().map(|_| ())
+    }
+
     /// Decides and performs everything that can happen now. Returns whether anything did.
-    async fn act(&mut self) -> Result<bool> {
+    fn act(&mut self) -> Result<bool> {
         let mut any = false;
         loop {
             let plan = self.plan()?;
@@ -866,9 +913,8 @@ impl Stepper {
                 if self.intake_attempted || self.past_deadline() {
                     return Ok(false);
                 }
-                if let Some(f) = &self.intake_failures
-                    && f.attempts >= MAX_INTAKE_ATTEMPTS
-                    && f.specs == self.current_specs()
+                if let Some(f) = self.intake_failures.clone()
+                    && gave_up(&f, &self.current_specs(), self.inputs_fingerprint()?)
                 {
                     if !self.intake_blocked {
                         emit!(
@@ -876,10 +922,11 @@ impl Stepper {
                             "intake_gave_up",
                             attempts = f.attempts,
                             last_error = f.last_error.as_str(),
-                            hint = "fix the specs or the pm's prompt and commit; intake runs again when the specs change"
+                            hint = INTAKE_GAVE_UP_HINT
                         );
                     }
                     self.intake_blocked = true;
+                    self.report.intake_gave_up = Some(f.last_error);
                     return Ok(false);
                 }
                 self.intake_attempted = true;
@@ -1235,6 +1282,27 @@ impl Stepper {
                     );
                     self.report.failed.push(task.id.clone());
                 }
+                ChangeEvent::Cancelled { reason } => {
+                    emit!(
+                        WARN,
+                        "task_cancelled",
+                        task_id = task.id.as_str(),
+                        spec_ref = task.spec_ref.as_str(),
+                        reason = reason.as_str(),
+                        round = task.round
+                    );
+                    self.report.failed.push(task.id.clone());
+                }
+                ChangeEvent::Retried { from_reason } => emit!(
+                    INFO,
+                    "task_retried",
+                    task_id = task.id.as_str(),
+                    spec_ref = task.spec_ref.as_str(),
+                    to_status = task.status.as_str(),
+                    to_phase = task.phase.as_deref().unwrap_or("-"),
+                    round = task.round,
+                    was = from_reason.as_str()
+                ),
                 ChangeEvent::NeedsRebase {
                     attempt,
                     max_attempts,
@@ -1315,11 +1383,8 @@ impl Stepper {
         spec_ref: &str,
         branch: &str,
     ) -> WorkerSpec {
-        let logs = worktree::logs_dir(&self.repo.root);
-        let log_file = logs.join(format!(
-            "{}-{}-r{}-{}.log",
-            record.task_id, record.role, record.round, record.nonce
-        ));
+        let log_file =
+            worktree::worker_log_path(&self.repo.root, &record.task_id, &record.role, record.round);
         WorkerSpec {
             task_id: record.task_id.clone(),
             role: record.role.clone(),
@@ -1400,12 +1465,14 @@ impl Stepper {
             cost_usd: None,
         });
         let key = record.key.clone();
-        let cancel = self.cancel_rx.clone();
+        let (stop, cancel) = watch::channel(false);
+        forward_stop(self.cancel_rx.clone(), stop.clone());
         self.running.insert(
             key.clone(),
             Running {
                 record,
                 started: Instant::now(),
+                stop,
             },
         );
         self.workers.spawn(async move {
@@ -1861,6 +1928,9 @@ impl Stepper {
         let Some(mut task) = self.tasks.get(&record.task_id).cloned() else {
             return Ok(());
         };
+        if task.cancelled {
+            return self.record_cancelled_run(task, record, outcome, duration);
+        }
         let verdict = to_pipeline_verdict(outcome.verdict);
         let mut detail = outcome.detail.clone();
         if let Some(why) = &outcome.suspicious {
@@ -1879,7 +1949,7 @@ impl Stepper {
             role: record.role.clone(),
             verdict: verdict.as_str().to_string(),
             findings: outcome.findings,
-            duration_s: (duration * 10.0).round() / 10.0,
+            duration_s: round_duration(duration),
             cost_usd: outcome.cost_usd,
         });
         let mut change = transition::apply_verdict(
@@ -1976,6 +2046,42 @@ impl Stepper {
         Ok(())
     }
 
+    /// The result of a worker whose task was cancelled while it ran: what it cost is kept, the
+    /// rest is not applied.
+    fn record_cancelled_run(
+        &mut self,
+        mut task: Task,
+        record: &RunRecord,
+        outcome: &WorkerOutcome,
+        duration: f64,
+    ) -> Result<()> {
+        task.cost_usd += outcome.cost_usd.unwrap_or(0.0);
+        task.history.push(Attempt {
+            round: record.round,
+            role: record.role.clone(),
+            verdict: "cancelled".to_string(),
+            findings: 0,
+            duration_s: round_duration(duration),
+            cost_usd: outcome.cost_usd,
+        });
+        let subject = format!("hyperloop: {} {} stopped (task cancelled)", task.id, record.role);
+        let mut changes = Changes::default();
+        changes.put_task(&self.tasks_rel(), &task);
+        let (spec, id) = (task.spec_ref.clone(), task.id.clone());
+        self.commit(&changes, &subject, &[&spec], &id)?;
+        self.tasks.insert(id, task);
+        Ok(())
+    }
+
+    /// [`inputs_fingerprint`] of this step's configuration and definitions, computed once.
+    fn inputs_fingerprint(&self) -> Result<&str> {
+        if self.inputs.get().is_none() {
+            let f = inputs_fingerprint(&self.repo, &self.config, &self.defs)?;
+            let _ = self.inputs.set(f);
+        }
+        Ok(self.inputs.get().map_or("", String::as_str))
+    }
+
     /// Whether the task now stands at a `merge-pr` this step performs at once (local mode,
     /// automatic merges) and its branch merges without conflict.
     fn merges_cleanly_next(&self, task: &Task) -> Result<bool> {
@@ -2024,10 +2130,12 @@ impl Stepper {
     fn record_intake(&mut self, record: &RunRecord, outcome: &WorkerOutcome, duration: f64) -> Result<()> {
         let specs: Vec<String> = record.specs.keys().cloned().collect();
         let fail = |this: &mut Self, why: String| {
+            let inputs = this.inputs_fingerprint()?.to_string();
             let mut failures = match &this.intake_failures {
-                Some(f) if f.specs == record.specs => f.clone(),
+                Some(f) if f.specs == record.specs && f.inputs == inputs => f.clone(),
                 _ => IntakeFailures {
                     specs: record.specs.clone(),
+                    inputs,
                     ..IntakeFailures::default()
                 },
             };
@@ -2057,6 +2165,23 @@ impl Stepper {
             this.report.intake_ran = true;
             Ok(())
         };
+        if environmental(outcome) {
+            // The agent never ran, or ran out of time: nothing the specs can be blamed for, so
+            // it is not counted against them and the next step tries again.
+            emit!(
+                WARN,
+                "intake_ran",
+                success = false,
+                counted = false,
+                unprocessed_specs = specs.len(),
+                created_tasks = 0u64,
+                duration_s = duration,
+                cycle = self.report.cycle,
+                detail = preview(&outcome.detail).as_str()
+            );
+            self.report.intake_ran = true;
+            return Ok(());
+        }
         if outcome.verdict != worker::Verdict::Pass {
             return fail(
                 self,
@@ -2704,6 +2829,55 @@ impl Stepper {
         );
         Ok(self.report.clone())
     }
+}
+
+/// What to do about an intake that gave up.
+pub const INTAKE_GAVE_UP_HINT: &str = "fix the specs, the configuration or the pm's prompt and commit (intake runs again when any of them changes), or run `hyperloop retry intake`";
+
+/// Whether failed intakes of `specs` under `inputs` have used up their attempts.
+pub fn gave_up(f: &IntakeFailures, specs: &BTreeMap<String, String>, inputs: &str) -> bool {
+    f.attempts >= MAX_INTAKE_ATTEMPTS && f.specs == *specs && f.inputs == inputs
+}
+
+/// A run that says nothing about the work it was given: the agent never started (no process
+/// group), or it was killed for taking too long.
+fn environmental(outcome: &WorkerOutcome) -> bool {
+    outcome.verdict == worker::Verdict::Timeout
+        || (outcome.verdict == worker::Verdict::Error && outcome.pgid.is_none())
+}
+
+/// The fingerprint of what intake runs with besides the specs: the resolved configuration and
+/// the resolved agents and process, as `--dry-run` prints them.
+pub fn inputs_fingerprint(repo: &Repo, config: &Config, defs: &Definitions) -> Result<String> {
+    let text = format!("{}\n---\n{}", config.render(), defs.render());
+    repo.git
+        .run_with_input(["hash-object", "--stdin"], text.as_bytes())
+        .map(|s| s.trim().to_string())
+}
+
+/// Passes the step's stop (a signal) on to one worker's own stop, until the worker is gone.
+fn forward_stop(mut step: watch::Receiver<bool>, worker: watch::Sender<bool>) {
+    tokio::spawn(async move {
+        tokio::select! {
+            () = async {
+                loop {
+                    if *step.borrow_and_update() {
+                        let _ = worker.send(true);
+                        return;
+                    }
+                    if step.changed().await.is_err() {
+                        return std::future::pending().await;
+                    }
+                }
+            } => {}
+            () = worker.closed() => {}
+        }
+    });
+}
+
+/// Seconds as a task's history keeps them: to the millisecond, so a short run does not read 0.0.
+fn round_duration(seconds: f64) -> f64 {
+    (seconds * 1000.0).round() / 1000.0
 }
 
 fn no_change(task: &Task) -> TaskChange {

@@ -105,6 +105,9 @@ pub struct Blocked {
     pub task_id: String,
     /// The failed tasks in its dependency tree, sorted.
     pub because: Vec<String>,
+    /// Those of them a person cancelled.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub cancelled: Vec<String>,
 }
 
 /// A task that waits for a person: at a gate nobody cleared, or at `merge-pr` without
@@ -292,12 +295,20 @@ impl fmt::Display for Plan {
             writeln!(f, "{action}")?;
         }
         for b in &self.blocked {
-            writeln!(
-                f,
-                "blocked {} (depends on failed {})",
-                b.task_id,
-                list(&b.because)
-            )?;
+            let failed: Vec<String> = b
+                .because
+                .iter()
+                .filter(|id| !b.cancelled.contains(id))
+                .cloned()
+                .collect();
+            let mut why = Vec::new();
+            if !failed.is_empty() {
+                why.push(format!("failed {}", list(&failed)));
+            }
+            if !b.cancelled.is_empty() {
+                why.push(format!("cancelled {}", list(&b.cancelled)));
+            }
+            writeln!(f, "blocked {} (depends on {})", b.task_id, why.join("; "))?;
         }
         for p in &self.parked {
             writeln!(f, "waiting {} at {} ({})", p.task_id, p.step, p.needs)?;

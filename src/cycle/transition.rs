@@ -41,6 +41,10 @@ pub enum ChangeEvent {
     Completed,
     /// The task failed for good.
     Failed { reason: String },
+    /// A person stopped the task.
+    Cancelled { reason: String },
+    /// A person put a failed or cancelled task back into its pipeline.
+    Retried { from_reason: String },
     /// A merge conflicted; the rebase-resolver gets another try.
     NeedsRebase { attempt: u32, max_attempts: u32 },
     /// A merge conflicted once too often; the task loops back (a [`ChangeEvent::LoopedBack`]
@@ -64,6 +68,8 @@ impl ChangeEvent {
             ChangeEvent::LoopedBack { .. } => Some("task_looped_back"),
             ChangeEvent::Completed => Some("task_completed"),
             ChangeEvent::Failed { .. } => Some("task_failed"),
+            ChangeEvent::Cancelled { .. } => Some("task_cancelled"),
+            ChangeEvent::Retried { .. } => Some("task_retried"),
             ChangeEvent::NeedsRebase { .. } | ChangeEvent::RebaseGaveUp { .. } => Some("rebase_conflict"),
             ChangeEvent::Ignored { .. } => None,
         }
@@ -280,6 +286,64 @@ pub fn fail_task(task: &mut Task, reason: &str) -> TaskChange {
     before.change(task, vec![event])
 }
 
+/// A person stops a task that is not complete: it fails, marked cancelled, and keeps its
+/// position so that [`retry`] can put it back where it stood.
+pub fn cancel(task: &mut Task, reason: &str) -> TaskChange {
+    if task.status == Status::Complete {
+        return ignored(task, "task is complete".to_string());
+    }
+    if task.cancelled {
+        return ignored(task, "task is already cancelled".to_string());
+    }
+    let before = Before::of(task);
+    task.status = Status::Failed;
+    task.cancelled = true;
+    task.claim = None;
+    task.gate_cleared = false;
+    task.failure_reason = Some(reason.to_string());
+    before.change(
+        task,
+        vec![ChangeEvent::Cancelled {
+            reason: reason.to_string(),
+        }],
+    )
+}
+
+/// A person puts a failed (or cancelled) task back: to the start of the innermost loop around
+/// the step it stopped at, or to that step itself when no loop encloses it; a task that never
+/// started starts again from nothing. Findings and history stay; the round budget starts again
+/// from the current round.
+pub fn retry(task: &mut Task, pipeline: &[Step]) -> TaskChange {
+    if task.status != Status::Failed {
+        return ignored(task, format!("task is {}, not failed", task.status));
+    }
+    let before = Before::of(task);
+    let from_reason = task.failure_reason.take().unwrap_or_else(|| "failed".to_string());
+    task.cancelled = false;
+    task.claim = None;
+    task.rebase_attempts = 0;
+    task.gate_cleared = false;
+    task.rounds_from = task.round;
+    if task.position.is_none() && task.phase.is_none() {
+        task.status = Status::NotStarted;
+    } else {
+        task.status = Status::InProgress;
+        match locate(task, pipeline) {
+            Some(located) => {
+                let to =
+                    pipeline::enclosing_loop_start(pipeline, &located.position.0).unwrap_or(located.position);
+                place(task, pipeline, to);
+            }
+            None => {
+                task.status = Status::NotStarted;
+                task.phase = None;
+                task.position = None;
+            }
+        }
+    }
+    before.change(task, vec![ChangeEvent::Retried { from_reason }])
+}
+
 /// The reason a task gives when it runs out of rounds (0.9.2 wording).
 pub fn round_limit_reason(max_task_rounds: u32) -> String {
     format!("exceeded max_task_rounds ({max_task_rounds})")
@@ -297,9 +361,9 @@ fn loop_back(
     task.append_findings(task.round, failed.role, failed.verdict, failed.detail);
     let next = task.round.saturating_add(1);
     task.round = next;
-    if next >= max_task_rounds {
+    if next.saturating_sub(task.rounds_from) >= max_task_rounds {
         // The round is spent; clamp so a limit of 0 cannot leave a round above it.
-        task.round = next.min(max_task_rounds);
+        task.round = next.min(task.rounds_from.saturating_add(max_task_rounds));
         return vec![fail(task, round_limit_reason(max_task_rounds))];
     }
     place(task, pipeline, to);

@@ -18,7 +18,7 @@ const LEGACY_FIELDS: [&str; 9] = [
     "id", "title", "spec_ref", "status", "phase", "deps", "round", "branch", "pr",
 ];
 /// Fields of hyperloop's own.
-const OWN_FIELDS: [&str; 10] = [
+const OWN_FIELDS: [&str; 12] = [
     "position",
     "cost_usd",
     "rebase_attempts",
@@ -27,6 +27,8 @@ const OWN_FIELDS: [&str; 10] = [
     "failure_reason",
     "verified_tip",
     "refused_tip",
+    "cancelled",
+    "rounds_from",
     "claim",
     "history",
 ];
@@ -270,6 +272,18 @@ pub fn parse(file: &Path, text: &str) -> Result<Task> {
     {
         return Err(Error::invalid(file, field("verified_tip"), "must be a commit id"));
     }
+    let cancelled = match map.shift_remove("cancelled") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => b,
+        Some(other) => {
+            return Err(Error::invalid(
+                file,
+                field("cancelled"),
+                format!("must be true or false, found {}", kind(&other)),
+            ));
+        }
+    };
+    let rounds_from = uint(&mut map, "rounds_from")?;
     let claim = match map.shift_remove("claim") {
         None | Some(Value::Null) => None,
         Some(v) => Some(
@@ -315,6 +329,8 @@ pub fn parse(file: &Path, text: &str) -> Result<Task> {
         failure_reason,
         verified_tip,
         refused_tip,
+        cancelled,
+        rounds_from,
         claim,
         history,
         extra: map,
@@ -406,6 +422,8 @@ pub fn render(task: &Task) -> String {
             "failure_reason" => task.failure_reason.as_deref().map(scalar),
             "verified_tip" => task.verified_tip.as_deref().map(scalar),
             "refused_tip" => task.refused_tip.as_deref().map(scalar),
+            "cancelled" => task.cancelled.then(|| "true".to_string()),
+            "rounds_from" => (task.rounds_from != 0).then(|| task.rounds_from.to_string()),
             "claim" => task.claim.as_ref().map(json),
             _ => (!task.history.is_empty()).then(|| {
                 let mut s = String::new();

@@ -117,6 +117,11 @@ pub struct Task {
     pub verified_tip: Option<String>,
     /// The branch tip the forge refused to accept: not pushed again unchanged.
     pub refused_tip: Option<String>,
+    /// A person stopped the task (`hyperloop cancel`); its status is `failed`.
+    pub cancelled: bool,
+    /// The round at which the task's round budget starts: rounds before it were spent before
+    /// the last `hyperloop retry`, and do not count against `max_task_rounds`.
+    pub rounds_from: u32,
     /// A worker started for this task that has not been recorded yet.
     pub claim: Option<Claim>,
     /// Every finished worker run.
@@ -147,6 +152,8 @@ impl Task {
             failure_reason: None,
             verified_tip: None,
             refused_tip: None,
+            cancelled: false,
+            rounds_from: 0,
             claim: None,
             history: Vec::new(),
             extra: serde_json::Map::new(),
@@ -159,6 +166,11 @@ impl Task {
 pub const FINDINGS_HEADING: &str = "## Findings";
 
 impl Task {
+    /// Rounds spent since the round budget was last renewed.
+    pub fn rounds_used(&self) -> u32 {
+        self.round.saturating_sub(self.rounds_from)
+    }
+
     /// The task's own spec: the body before the findings section.
     pub fn spec_text(&self) -> &str {
         match find_findings(&self.body) {

@@ -30,6 +30,10 @@ pub struct IntakeFailures {
     pub specs: BTreeMap<String, String>,
     pub attempts: u32,
     pub last_error: String,
+    /// A fingerprint of the configuration and the agents the failing intakes ran with: when
+    /// either changes, intake is tried again even on the same specs. Empty in older files.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub inputs: String,
 }
 
 impl TaskStore {

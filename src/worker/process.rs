@@ -489,9 +489,12 @@ pub async fn run_worker(spec: &WorkerSpec, mut cancel: watch::Receiver<bool>) ->
     write_log(
         &log,
         format!(
-            "=== hyperloop worker finished: verdict {} exit {:?} after {:.1} s\n",
+            "=== hyperloop worker finished: verdict {} {} after {:.1} s\n",
             outcome.verdict,
-            exit_code,
+            exit_code.map_or_else(
+                || "(killed or never started)".to_string(),
+                |c| format!("exit {c}")
+            ),
             duration.as_secs_f64()
         )
         .as_bytes(),

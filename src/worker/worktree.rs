@@ -40,9 +40,20 @@ pub fn logs_dir(repo_root: &Path) -> PathBuf {
     repo_root.join(".hyperloop").join("logs")
 }
 
-/// The log of one worker run: `<repo>/.hyperloop/logs/<task>-<role>-r<round>.log`.
+/// The log of one worker run, named so that a person finds it by task, role, round and time:
+/// `<repo>/.hyperloop/logs/<task>/<role>-round-<round>-<UTC start time>.log`. A second run that
+/// starts in the same second gets `-2`, and so on, so runs never share a log.
 pub fn worker_log_path(repo_root: &Path, task_id: &str, role: &str, round: u32) -> PathBuf {
-    logs_dir(repo_root).join(format!("{task_id}-{role}-r{round}.log"))
+    let started = chrono::Utc::now();
+    let dir = logs_dir(repo_root).join(task_id);
+    let stem = format!("{role}-round-{round}-{}", started.format("%Y%m%dT%H%M%SZ"));
+    let mut path = dir.join(format!("{stem}.log"));
+    let mut n = 2;
+    while path.exists() {
+        path = dir.join(format!("{stem}-{n}.log"));
+        n += 1;
+    }
+    path
 }
 
 /// Where a task's worktree lives.

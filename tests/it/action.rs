@@ -152,6 +152,8 @@ fn bad_config_is_annotated_on_its_line() {
     let env = TestEnv::new();
     let repo = env.repo("project");
     repo.write(".hyperloop.yaml", "runtime:\n  max_workers: [\n");
+    env.git(&repo.path, &["add", "-A"]);
+    env.git(&repo.path, &["commit", "-qm", "a broken configuration"]);
     let run = |actions: bool| {
         let mut cmd = env.command(hyperloop_bin());
         cmd.args(["--path", repo.path_str(), "status"])
@@ -374,11 +376,7 @@ fn act_bin() -> Option<PathBuf> {
     if act.is_file() {
         Some(act)
     } else {
-        // A skip must be visible in the test output, not only in a log nobody reads.
-        #[allow(clippy::print_stderr)]
-        {
-            eprintln!("\n*** SKIPPED: act is not installed (run .ci/setup-action-tools.sh) ***\n");
-        }
+        crate::harness::skip("act is not installed", ".ci/setup-action-tools.sh");
         None
     }
 }

@@ -267,10 +267,7 @@ fn answer(method: &str, path: &str, body: &Value) -> (&'static str, &'static str
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_claude_cli_follows_the_worker_protocol() {
     let Some(claude) = claude_bin() else {
-        #[allow(clippy::print_stderr)]
-        {
-            eprintln!("\n*** SKIPPED: claude CLI not installed (run .ci/setup-test-deps.sh) ***\n");
-        }
+        crate::harness::skip("the claude CLI is not installed", ".ci/setup-test-deps.sh");
         return;
     };
     let api = StubApi::start();
@@ -340,4 +337,22 @@ async fn real_claude_cli_follows_the_worker_protocol() {
         "{context}"
     );
     assert!(!log.contains("canary-must-not-leak"));
+
+    // `hyperloop logs` reads this real transcript for a person: the tool call on one line, the
+    // result with its cost, no raw stream-json.
+    let shown = f
+        .env
+        .hyperloop(&["--path", f.repo.path_str(), "logs", "task-001"]);
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert_eq!(
+        shown.status.code(),
+        Some(0),
+        "{}",
+        crate::harness::describe(&shown)
+    );
+    assert!(text.starts_with("# task-001 · implementer · round 0"), "{text}");
+    assert!(text.contains("── session started (model "), "{text}");
+    assert!(text.contains("→ Bash printf 'written by claude"), "{text}");
+    assert!(text.contains("── result: success · 2 turns · $"), "{text}");
+    assert!(!text.contains("{\"type\""), "{text}");
 }

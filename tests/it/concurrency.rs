@@ -134,7 +134,7 @@ fn approve_racing_a_working_step_loses_neither_update() {
     attempt: 0
     actions:
       - shell: "mkdir -p work && echo \"task-003 round 0 slow\" > work/task-003.txt && git add work && git commit -qm slow"
-      - sleep: 3
+      - sleep: 8
       - verdict: {verdict: pass}
 "#;
     let f = Fixture::new(rules, "overlay: .hyperloop/agents\n");
@@ -147,7 +147,8 @@ fn approve_racing_a_working_step_loses_neither_update() {
         assert!(Instant::now() < end, "task-001 never reached its gate");
         assert!(
             step.child.try_wait().expect("wait").is_none(),
-            "the step ended too early"
+            "the step ended too early: {}",
+            step.stderr()
         );
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -601,10 +601,10 @@ fn golden(fixture: &str) {
     from_documents(&native).expect("the fixture resolves to valid definitions");
     let native = keyed(native);
     let Some(oracle) = kubectl_oracle(fixture) else {
-        #[allow(clippy::print_stderr)]
-        {
-            eprintln!("SKIPPED golden test {fixture}: kubectl is not installed");
-        }
+        crate::harness::skip(
+            &format!("kubectl is not installed (golden test {fixture})"),
+            "kubectl, from your system's packages",
+        );
         return;
     };
     assert_eq!(

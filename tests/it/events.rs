@@ -109,8 +109,24 @@ fn json_events(out: &Output) -> Vec<Ev> {
 /// bare strings.
 fn console_events(out: &Output) -> Vec<Ev> {
     let stderr = String::from_utf8_lossy(&out.stderr);
-    stderr
-        .lines()
+    // A long event continues on indented lines; none is wider than a terminal.
+    let mut joined: Vec<String> = Vec::new();
+    for line in stderr.lines() {
+        assert!(
+            line.chars().count() <= 110,
+            "a console line of {} characters: {line}",
+            line.chars().count()
+        );
+        match joined.last_mut() {
+            Some(last) if line.starts_with(' ') => {
+                last.push(' ');
+                last.push_str(line.trim_start());
+            }
+            _ => joined.push(line.to_string()),
+        }
+    }
+    joined
+        .iter()
         .map(|line| {
             let (ts, rest) = line
                 .split_at_checked(24)
@@ -277,7 +293,7 @@ fn check_stdout(out: &Output) {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         stdout,
-        "step: 3 started, 3 finished, 1 merged; 1/1 tasks complete (all-complete)\n",
+        "step: agents 3 started, 3 finished; 1 merged; 1/1 tasks complete (all-complete)\n",
         "{}",
         describe(out)
     );

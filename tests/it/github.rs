@@ -941,12 +941,10 @@ fn raw_request(url: &str, method: &str, path: &str, body: &str) -> u16 {
 #[tokio::test]
 async fn requests_match_githubs_rest_schema() {
     let Some(dir) = simulator_dir() else {
-        #[allow(clippy::print_stderr)]
-        {
-            eprintln!(
-                "\n*** SKIPPED: GitHub API simulator not installed (run .ci/setup-github-sim.sh) ***\n"
-            );
-        }
+        crate::harness::skip(
+            "the GitHub API simulator is not installed",
+            ".ci/setup-github-sim.sh",
+        );
         return;
     };
     let sim = start_simulator(&dir);

@@ -8,6 +8,24 @@ use std::process::{Command, Output};
 
 use tempfile::TempDir;
 
+/// Says that the calling test cannot run because `what` is missing, where a person sees it: the
+/// message goes straight to standard error, which the test harness does not capture (it only
+/// captures the print macros), so a plain `cargo test` shows it. With
+/// `HYPERLOOP_TEST_REQUIRE_ALL=1` (as `.ci/run` sets it, after installing everything) a skip is a
+/// failure instead: CI never passes with tests that did not run.
+pub fn skip(what: &str, install: &str) {
+    use std::io::Write as _;
+    let test = std::thread::current().name().unwrap_or("a test").to_string();
+    let message = format!(
+        "{test}: {what} (install it with {install}; `bash .ci/setup.sh` installs every test dependency)"
+    );
+    assert!(
+        std::env::var("HYPERLOOP_TEST_REQUIRE_ALL").as_deref() != Ok("1"),
+        "cannot run {message}"
+    );
+    let _ = std::io::stderr().write_all(format!("\n*** SKIPPED {message} ***\n").as_bytes());
+}
+
 /// Path of the `hyperloop` binary under test.
 pub fn hyperloop_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_hyperloop"))

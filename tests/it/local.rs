@@ -720,7 +720,7 @@ fn a_pm_that_keeps_failing_is_not_paid_forever() {
         halted[0]["reason"]
             .as_str()
             .unwrap_or("")
-            .contains("no task can progress"),
+            .contains("intake gave up"),
         "{}",
         halted[0]
     );
@@ -959,6 +959,9 @@ fn bad_input_exits_2_naming_file_and_field() {
         .read(".hyperloop.yaml")
         .replace("max_workers: 2", "max_workers: 0");
     p.repo.write(".hyperloop.yaml", &cfg);
+    // Uncommitted, a step does not see it; committed, it is an error.
+    assert_eq!(p.hyperloop(&["status"]).status.code(), Some(0));
+    p.commit_all("bad config");
     let out = p.hyperloop(&["status"]);
     assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -1395,13 +1398,18 @@ fn credentials_persisted_in_the_repository_config_are_removed() {
 #[test]
 fn agents_run_as_the_agent_user() {
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        #[allow(clippy::print_stderr)]
-        {
-            eprintln!(
-                "\n*** SKIPPED: agents_run_as_the_agent_user needs root to run agents as another user ***\n"
-            );
-        }
+    let root = unsafe { libc::geteuid() } == 0;
+    let sudo = std::process::Command::new("sudo")
+        .args(["-n", "true"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !root && !sudo {
+        // Not a missing dependency but a machine that cannot switch users: said where a person
+        // sees it (straight to standard error, which the harness does not capture).
+        use std::io::Write as _;
+        let _ = std::io::stderr().write_all(
+            b"\n*** SKIPPED agents_run_as_the_agent_user: needs root or passwordless sudo to run agents as another user ***\n",
+        );
         return;
     }
     let user = "hyperloop-agent-it";

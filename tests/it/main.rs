@@ -15,6 +15,7 @@ mod hostile;
 mod init;
 pub mod local;
 mod matrix;
+mod operate;
 mod prompts;
 mod state;
 mod support;

@@ -52,10 +52,7 @@ fn synapse() -> Option<&'static Synapse> {
         .get_or_init(|| venv().map(|v| start_synapse(&v)))
         .as_ref()
         .or_else(|| {
-            #[allow(clippy::print_stderr)]
-            {
-                eprintln!("\n*** SKIPPED: Synapse not installed (run .ci/setup-synapse.sh) ***\n");
-            }
+            crate::harness::skip("Synapse is not installed", ".ci/setup-synapse.sh");
             None
         })
 }

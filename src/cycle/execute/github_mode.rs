@@ -356,7 +356,7 @@ impl Stepper {
         Ok(())
     }
 
-    fn pr_for(&self, task: &Task) -> Option<&PrState> {
+    pub(super) fn pr_for(&self, task: &Task) -> Option<&PrState> {
         let gh = self.gh.as_ref()?;
         let branch = crate::task::file::task_branch(&task.id);
         let pr = gh.prs.get(&branch)?;
