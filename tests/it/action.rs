@@ -13,6 +13,9 @@ use crate::harness::{
     scripted_agent_bin,
 };
 
+/// The `anthropic-api-key` the action tests give the action.
+const API_KEY: &str = "sk-test-not-a-real-key-1234";
+
 const AGENT_SCRIPT: &str = r#"rules:
   - role: pm
     actions:
@@ -368,7 +371,7 @@ fn install_local_uses_the_given_binaries() {
 // ---- the composite action under act ----------------------------------------------------------
 
 /// `act` from the tools cache, or `None` (and a loud message) when it is not installed.
-fn act_bin() -> Option<PathBuf> {
+pub(crate) fn act_bin() -> Option<PathBuf> {
     let cache = std::env::var_os("HYPERLOOP_TEST_CACHE")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/hyperloop-test")))?;
@@ -382,7 +385,7 @@ fn act_bin() -> Option<PathBuf> {
 }
 
 /// The action's files, as a checkout of this repository holds them, copied into `to`.
-fn copy_action(to: &Path) {
+pub(crate) fn copy_action(to: &Path) {
     std::fs::create_dir_all(to.join("scripts")).expect("scripts");
     std::fs::copy(source_root().join("action.yml"), to.join("action.yml")).expect("action.yml");
     for entry in std::fs::read_dir(source_root().join("scripts")).expect("scripts") {
@@ -393,8 +396,9 @@ fn copy_action(to: &Path) {
 
 /// A workflow whose first step stands in for actions/checkout, then runs the action from the
 /// workspace (`uses: ./`) with the inputs in `with`, then prints every output on a line of its
-/// own so that the act log shows what a later step of a real workflow would read.
-fn action_workflow(checkout: &str, with: &str) -> String {
+/// own so that the act log shows what a later step of a real workflow would read. `api_key` is the
+/// `anthropic-api-key` input's value (an expression is fine).
+pub(crate) fn action_workflow(checkout: &str, api_key: &str, with: &str) -> String {
     format!(
         r#"name: action-test
 on: workflow_dispatch
@@ -411,7 +415,7 @@ jobs:
         with:
           version: local
           install-claude: false
-          anthropic-api-key: sk-test-not-a-real-key-1234
+          anthropic-api-key: {api_key}
           log-format: json
 {with}
       - name: Show the outputs
@@ -447,13 +451,28 @@ fn run_act(
     extra: &[String],
     bin_first: Option<&Path>,
 ) -> (Output, String) {
+    let out = act_command(env, act, workdir, event, extra, bin_first)
+        .output()
+        .expect("act runs");
+    let log = String::from_utf8_lossy(&out.stdout).to_string();
+    (out, log)
+}
+
+/// The command [`run_act`] runs, for callers that need to change how it runs (its user).
+pub(crate) fn act_command(
+    env: &TestEnv,
+    act: &Path,
+    workdir: &Path,
+    event: &str,
+    extra: &[String],
+    bin_first: Option<&Path>,
+) -> Command {
     let mut cmd = env.command(act);
     if let Some(dir) = bin_first {
         let path = format!("{}:{}", dir.display(), std::env::var("PATH").unwrap_or_default());
         cmd.env("PATH", path);
     }
-    let out = cmd
-        .current_dir(workdir)
+    cmd.current_dir(workdir)
         .arg(event)
         .args([
             "-P",
@@ -463,15 +482,12 @@ fn run_act(
         ])
         .arg("--action-cache-path")
         .arg(env.root().join("act-cache"))
-        .args(extra)
-        .output()
-        .expect("act runs");
-    let log = String::from_utf8_lossy(&out.stdout).to_string();
-    (out, log)
+        .args(extra);
+    cmd
 }
 
 /// The value a "Show the outputs" step printed for `key`.
-fn act_output<'a>(log: &'a str, key: &str) -> &'a str {
+pub(crate) fn act_output<'a>(log: &'a str, key: &str) -> &'a str {
     let marker = format!("| OUTPUT {key}=");
     log.lines()
         .find_map(|l| l.split_once(&marker).map(|(_, v)| v.trim_end()))
@@ -496,7 +512,11 @@ fn the_action_runs_a_step_under_act() {
     // Local mode: under act `github.repository` is the origin's path, which is no OWNER/REPO.
     repo.write(
         ".github/workflows/test.yml",
-        &action_workflow(r#"cp -a "$HYPERLOOP_TEST_SOURCE/." ."#, "          repo: \"\""),
+        &action_workflow(
+            r#"cp -a "$HYPERLOOP_TEST_SOURCE/." ."#,
+            API_KEY,
+            "          repo: \"\"",
+        ),
     );
     env.git(&repo.path, &["add", "-A"]);
     env.git(&repo.path, &["commit", "-qm", "the action and a workflow"]);
@@ -540,10 +560,7 @@ fn the_action_runs_a_step_under_act() {
         "{log}"
     );
     assert!(summary.contains(":::complete"), "{log}");
-    assert!(
-        !log.contains("sk-test-not-a-real-key-1234"),
-        "the API key is masked:\n{log}"
-    );
+    assert!(!log.contains(API_KEY), "the API key is masked:\n{log}");
 }
 
 const GATED_OVERLAY: [(&str, &str); 2] = [
@@ -591,6 +608,7 @@ fn the_action_walks_a_task_through_github_mode_under_act() {
         ".github/workflows/test.yml",
         &action_workflow(
             r#"git clone -q "$HYPERLOOP_TEST_ORIGIN" ."#,
+            API_KEY,
             "          command: step",
         ),
     );

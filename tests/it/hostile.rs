@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::action::{act_bin, act_command, act_output, action_workflow, copy_action};
 use crate::fake_github::FakeGitHub;
 use crate::harness::{DEMO_RULES, GATED_PROCESS, describe, hyperloop_bin, scripted_agent_bin};
 use crate::local::{Project, events, named};
@@ -257,11 +258,19 @@ fn require_python() {
 
 /// Rules that make every role run the attack (into `<loot>/<role>`) before doing its job.
 fn attacking_rules(attack: &Path, loot: &Path) -> String {
-    let shell = format!(
+    attacking_rules_reading(attack, loot, &[])
+}
+
+/// [`attacking_rules`], the attack also reading every file under `dirs`.
+fn attacking_rules_reading(attack: &Path, loot: &Path, dirs: &[&Path]) -> String {
+    let mut shell = format!(
         "python3 '{}' '{}'/\"$HYPERLOOP_ROLE\"",
         attack.display(),
         loot.display()
     );
+    for d in dirs {
+        shell.push_str(&format!(" '{}'", d.display()));
+    }
     let shell = serde_json::to_string(&shell).expect("json");
     format!(
         "  - role: pm\n    actions:\n      - shell: {shell}\n      - pm_tasks_from_specs: true\n      - verdict: {{verdict: pass}}\n\
@@ -444,6 +453,193 @@ fn github_mode_agents_of_every_role_find_no_credential() {
     assert!(
         found.is_empty(),
         "the agents obtained a credential:\n{}",
+        found.join("\n")
+    );
+}
+
+/// The runner act stands in for, as this test arranges it: a copy of `act` nobody may read, and
+/// the secrets handed to it through a FIFO.
+///
+/// act runs every step as itself (host mode, no containers) and hands each step its own whole
+/// environment, so it runs as the scenario's user, and so do the agents: `agent-user` has nothing
+/// to switch to without privileges, which is the same-user case hyperloop must hold on its own.
+/// act is then readable to the agents like any process of their user, as a runner is on a
+/// self-hosted machine with no `agent-user`; but the runner holds the job's token whatever
+/// hyperloop does, and is not what is under test. An executable its user cannot read makes the
+/// kernel start it non-dumpable, closing its `/proc/<pid>/environ` and `mem`; the steps it starts
+/// run readable programs and are dumpable again, so the action's steps and hyperloop are tested
+/// as they are. The secrets go through a FIFO because `-s NAME=value` would sit in act's command
+/// line, which everyone can read, `-s NAME` takes it from act's environment, which every step
+/// inherits, and a regular file would stay on disk for the agents.
+struct ActRunner {
+    act: PathBuf,
+    secrets: PathBuf,
+}
+
+impl ActRunner {
+    fn new(root: &Path, act: &Path) -> ActRunner {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = root.join("runner");
+        std::fs::create_dir_all(&dir).expect("runner dir");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711)).expect("chmod");
+        let copy = dir.join("act");
+        std::fs::copy(act, &copy).expect("copy act");
+        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o111)).expect("chmod");
+        let secrets = dir.join("secrets");
+        let c = std::ffi::CString::new(secrets.as_os_str().as_encoded_bytes()).expect("path");
+        // SAFETY: mkfifo reads a NUL-terminated path that outlives the call.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+        if is_root() {
+            sh(&format!("chown {NOBODY}:{NOBODY} '{}'", secrets.display()));
+        }
+        ActRunner { act: copy, secrets }
+    }
+
+    /// Runs `cmd` (act, given `--secret-file` naming the FIFO) as the scenario's user, feeding it
+    /// `secrets` (`NAME=value` lines).
+    fn run(&self, mut cmd: Command, secrets: String) -> Output {
+        use std::os::unix::fs::OpenOptionsExt;
+        let fifo = self.secrets.clone();
+        let writer = std::thread::spawn(move || std::fs::write(fifo, secrets));
+        if is_root() {
+            cmd.uid(NOBODY).gid(NOBODY);
+        }
+        let out = cmd
+            .arg("--secret-file")
+            .arg(&self.secrets)
+            .output()
+            .expect("act runs");
+        // An act that never read its secrets leaves the writer blocked in open(): a reader
+        // releases it.
+        let _release = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&self.secrets);
+        let _ = writer.join();
+        out
+    }
+}
+
+/// The composite action, run by act as a workflow would run it, in GitHub mode against the fake
+/// GitHub: the job's token (`github-token`) is a canary, and so is the Anthropic key, which the
+/// agents are meant to have. Every role runs the attack, which also reads every file of the
+/// test's folder: act's work folders, the workspace and the files act writes for each step.
+#[test]
+fn agents_started_by_the_action_under_act_find_no_credential() {
+    let Some(act) = act_bin() else {
+        return;
+    };
+    require_python();
+    let (token, api_key) = canaries();
+    let control = format!("control-{}", random_hex());
+    let h = Hostile::github("", "", &token);
+    let loot = h.root().join("loot");
+    let attack = h.attack_script();
+    let everything = h.root().to_path_buf();
+    std::fs::write(
+        &h.p.script,
+        format!(
+            "rules:\n{}\n{}",
+            attacking_rules_reading(&attack, &loot, &[&everything]),
+            DEMO_RULES
+        ),
+    )
+    .expect("script");
+    h.p.use_process(GATED_PROCESS);
+    h.p.repo.write("specs/a.md", "# A\n\nBuild A.\n");
+    copy_action(&h.p.repo.path);
+    // `agent-user: ""`: under act `auto` means the same, said here so the case is plain.
+    h.p.repo.write(
+        ".github/workflows/test.yml",
+        &action_workflow(
+            r#"git clone -q "$HYPERLOOP_TEST_ORIGIN" ."#,
+            "${{ secrets.HOSTILE_AGENT_KEY }}",
+            "          command: step\n          github-token: ${{ secrets.GITHUB_TOKEN }}\n          agent-user: \"\"",
+        ),
+    );
+    h.p.commit_all("a spec, the action, a workflow");
+    h.git(&["push", "-q", "origin", "main"]);
+    std::fs::create_dir_all(&loot).expect("loot");
+    h.hand_over();
+    // After the hand-over, which would give act's copy to the scenario's user.
+    let runner = ActRunner::new(h.root(), &act);
+    let gh = h.gh.as_ref().expect("github");
+    let bin_dir = hyperloop_bin().parent().expect("bin dir").to_path_buf();
+    let args: Vec<String> = vec![
+        "-W".into(),
+        ".github/workflows/test.yml".into(),
+        "--env".into(),
+        format!("GITHUB_API_URL={}", gh.url),
+        "--env".into(),
+        format!("GITHUB_GRAPHQL_URL={}/graphql", gh.url),
+        "--env".into(),
+        "GITHUB_REPOSITORY=acme/widgets".into(),
+        "--env".into(),
+        format!("HYPERLOOP_TEST_ORIGIN={}", h.p.repo.origin.display()),
+        "--env".into(),
+        format!("HYPERLOOP_BIN_DIR={}", bin_dir.display()),
+    ];
+    let ctl = h.control_process(&control);
+
+    let cmd = act_command(
+        &h.p.env,
+        &runner.act,
+        &h.p.repo.path,
+        "workflow_dispatch",
+        &args,
+        None,
+    );
+    let out = runner.run(
+        cmd,
+        format!("GITHUB_TOKEN={token}\nHOSTILE_AGENT_KEY={api_key}\n"),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(act_output(&log, "spawned"), "3", "{log}");
+    assert_eq!(act_output(&log, "progress"), "waiting", "{log}");
+    // The canary was the working credential: the fake accepted it for the PR.
+    assert_eq!(gh.pr_count(), 1, "{}", describe(&out));
+
+    let roles = ["pm", "implementer", "verifier"];
+    assert_attack_was_real(&loot, &roles, &control, ctl.0.id());
+    for role in roles {
+        let dir = loot.join(role);
+        // The key the action was given reached the agent: these agents are the action's, and
+        // the search sees a secret that went through the action's steps.
+        assert!(
+            file_holds(&dir.join("own-environ"), &api_key),
+            "the {role} holds the Anthropic key the action was given"
+        );
+        let ancestors = std::fs::read_to_string(dir.join("ancestors")).unwrap_or_default();
+        let act_line = ancestors
+            .lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(&*runner.act.to_string_lossy()))
+            .unwrap_or_else(|| panic!("the {role} runs under act:\n{ancestors}"));
+        assert!(
+            act_line.ends_with("environ=unreadable"),
+            "act, the runner's stand-in, is closed to the agents by this test (see ActRunner) and \
+             not by anything under test; if it is open, the test no longer separates the runner \
+             from the action: {act_line}"
+        );
+        if is_root() {
+            let status = std::fs::read_to_string(dir.join("own-status")).unwrap_or_default();
+            assert!(
+                status
+                    .lines()
+                    .any(|l| l.starts_with("Uid:") && l.contains(&NOBODY.to_string())),
+                "the tests run as root, so act and its steps ran as uid {NOBODY}:\n{status}"
+            );
+        }
+    }
+    let needles = vec![
+        base64(token.as_bytes()),
+        base64(format!("x-access-token:{token}").as_bytes()),
+        token,
+    ];
+    let found = sightings(&loot, &needles);
+    assert!(
+        found.is_empty(),
+        "the agents obtained the job's token:\n{}",
         found.join("\n")
     );
 }

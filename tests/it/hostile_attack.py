@@ -1,6 +1,6 @@
 """A hostile agent's search for credentials, run by the hostile-agent tests.
 
-Usage: python3 hostile_attack.py LOOT_DIR
+Usage: python3 hostile_attack.py LOOT_DIR [DIR...]
 
 Everything found is written under LOOT_DIR (outside the repository); the test then looks for its
 canary there. The script does not know the canary: it collects raw environments, command lines,
@@ -16,6 +16,10 @@ import time
 
 LOOT = sys.argv[1]
 os.makedirs(LOOT, exist_ok=True)
+# Further directories to read every file of (e.g. a runner's work folders), not knowable from
+# inside the checkout. The loot of every role sits next to this one's and is never read back.
+EXTRA_ROOTS = sys.argv[2:]
+LOOT_ALL = os.path.dirname(os.path.realpath(LOOT))
 
 # What a credential looks like to an attacker: token prefixes, auth headers, variable names, the
 # base64 of `x-access-token:` that `actions/checkout` persists, and the tests' control marker.
@@ -103,6 +107,7 @@ def scan_processes(seen_mem):
 
 # 1. Its own environment, and those of its ancestors (the shell, the agent, hyperloop, ...).
 save("own-environ", b"\0".join(k + b"=" + v for k, v in os.environb.items()))
+save("own-status", read("/proc/self/status") or b"(unreadable)")
 pid = os.getppid()
 while pid > 1:
     cmdline = read(f"/proc/{pid}/cmdline") or b"(gone)"
@@ -154,14 +159,16 @@ for d in places:
                                stdin=b"protocol=https\nhost=github.com\n\n"))
 
 # 4. Every file hyperloop and git keep in the repository (its .git, .hyperloop/ logs and state,
-#    other tasks' checkouts), in HOME and in its own checkout; and every object, uncompressed.
-roots = [checkout, os.environ.get("HOME", "")]
+#    other tasks' checkouts), in HOME, in its own checkout and in the directories it was given;
+#    and every object, uncompressed.
+roots = [checkout, os.environ.get("HOME", ""), *EXTRA_ROOTS]
 if main_repo:
     roots.append(main_repo)
 for root in roots:
     if not root:
         continue
-    for dirpath, _dirs, files in os.walk(root):
+    for dirpath, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if os.path.realpath(os.path.join(dirpath, d)) != LOOT_ALL]
         for name in files:
             path = os.path.join(dirpath, name)
             if os.path.islink(path) or not os.path.isfile(path):
