@@ -83,11 +83,7 @@ impl Git {
             None => Command::new("git"),
         };
         cmd.current_dir(&self.dir);
-        // git gets what it needs from the environment, nothing else: whatever else hyperloop was
-        // started with (a notification token under a name of the user's choosing, say) stays
-        // in this process, which is not dumpable; a git child is.
-        cmd.env_clear();
-        cmd.envs(std::env::vars_os().filter(|(k, _)| k.to_str().is_some_and(git_may_see)));
+        scrub_env(&mut cmd);
         // Hyperloop's commits must not depend on the user's hooks, pager or editor.
         cmd.args([
             "-c",
@@ -261,6 +257,21 @@ impl Git {
     pub fn toplevel(&self) -> Result<PathBuf> {
         Ok(PathBuf::from(self.run_trim(["rev-parse", "--show-toplevel"])?))
     }
+}
+
+/// A command for a helper program (git, kustomize, sudo, useradd) with only the environment
+/// [`git_may_see`] allows: whatever else hyperloop was started with (a notification token under
+/// a name of the user's choosing, an Action's `INPUT_*` credentials) stays in this process,
+/// which is not dumpable; a child is.
+pub fn helper_command(program: impl AsRef<OsStr>) -> Command {
+    let mut cmd = Command::new(program);
+    scrub_env(&mut cmd);
+    cmd
+}
+
+fn scrub_env(cmd: &mut Command) {
+    cmd.env_clear();
+    cmd.envs(std::env::vars_os().filter(|(k, _)| k.to_str().is_some_and(git_may_see)));
 }
 
 /// The environment variables a git child inherits: what locates the user's configuration and

@@ -34,7 +34,21 @@ static STORE: OnceLock<HashMap<String, String>> = OnceLock::new();
 
 /// True when `name` is a credential variable hyperloop takes out of its environment.
 pub fn is_sealed(name: &str) -> bool {
-    SEALED.contains(&name) || SEALED_PREFIXES.iter().any(|p| name.starts_with(p))
+    SEALED.contains(&name)
+        || SEALED_PREFIXES.iter().any(|p| name.starts_with(p))
+        || is_action_credential(name)
+}
+
+/// An Action input that carries a credential (`INPUT_GITHUB-TOKEN`, `INPUT_APP-PRIVATE-KEY`, …):
+/// a runner passes every input of a composite action's step this way as well.
+fn is_action_credential(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix("INPUT_") else {
+        return false;
+    };
+    let upper = rest.to_ascii_uppercase();
+    ["TOKEN", "KEY", "SECRET", "PASSWORD"]
+        .iter()
+        .any(|w| upper.contains(w))
 }
 
 /// Makes the process non-dumpable and moves the credential variables out of its environment.
@@ -188,7 +202,14 @@ mod tests {
         ] {
             assert!(is_sealed(n), "{n}");
         }
-        for n in ["ANTHROPIC_API_KEY", "PATH", "HYPERLOOP_APP_ID", "NPM_TOKEN"] {
+        assert!(is_sealed("INPUT_GITHUB-TOKEN") && is_sealed("INPUT_APP-PRIVATE-KEY"));
+        for n in [
+            "ANTHROPIC_API_KEY",
+            "PATH",
+            "HYPERLOOP_APP_ID",
+            "NPM_TOKEN",
+            "INPUT_COMMAND",
+        ] {
             assert!(!is_sealed(n), "{n}");
         }
     }

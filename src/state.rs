@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use crate::error::{Error, Result};
 use crate::git::Git;
@@ -226,7 +226,7 @@ impl Repo {
             dir: self.root.clone(),
             stderr: e.to_string(),
         };
-        let mut child = Command::new("git")
+        let mut child = crate::git::helper_command("git")
             .current_dir(&self.root)
             .args(["cat-file", "--batch"])
             .stdin(Stdio::piped())

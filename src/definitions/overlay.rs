@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
@@ -476,7 +476,7 @@ pub(super) fn external_build(target: &str, cwd: &Path, remote: &str) -> Result<V
     } else {
         cwd.parent().unwrap_or(cwd)
     };
-    let mut child = Command::new(&program)
+    let mut child = crate::git::helper_command(&program)
         .args(&args)
         .current_dir(run_dir)
         .stdin(Stdio::null())

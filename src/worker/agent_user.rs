@@ -58,7 +58,7 @@ fn is_root() -> bool {
 }
 
 fn sudo_works() -> bool {
-    std::process::Command::new("sudo")
+    crate::git::helper_command("sudo")
         .args(["-n", "true"])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
@@ -106,9 +106,9 @@ pub fn resolve(name: &str) -> Result<AgentUser> {
     }
     if lookup(name).is_none() {
         let mut cmd = if root {
-            std::process::Command::new("useradd")
+            crate::git::helper_command("useradd")
         } else {
-            let mut c = std::process::Command::new("sudo");
+            let mut c = crate::git::helper_command("sudo");
             c.args(["-n", "useradd"]);
             c
         };
@@ -168,7 +168,7 @@ pub fn give(path: &Path) -> Result<()> {
     let Some(u) = current() else { return Ok(()) };
     if u.via_sudo {
         let owner = format!("{}:{}", u.uid, u.gid);
-        let out = std::process::Command::new("sudo")
+        let out = crate::git::helper_command("sudo")
             .args(["-n", "chown", "-R", "-h", owner.as_str()])
             .arg(path)
             .output()
@@ -206,7 +206,7 @@ pub fn remove_tree(path: &Path) -> Result<()> {
     if let Some(u) = current()
         && u.via_sudo
     {
-        let out = std::process::Command::new("sudo")
+        let out = crate::git::helper_command("sudo")
             .args(["-n", "rm", "-rf", "--"])
             .arg(path)
             .output()
