@@ -35,6 +35,8 @@ use crate::task::store::{INTAKE_FAILURES, INTAKE_RECORD, IntakeFailures};
 use crate::task::{Attempt, Status, Task};
 use crate::worker::{self, WorkerOutcome, WorkerSpec, result::ResultFile, worktree};
 
+mod api_budget;
+mod ci_checks;
 mod github_mode;
 mod state_branch;
 
@@ -130,6 +132,13 @@ pub struct StepReport {
     /// When GitHub's rate limit ended the step early: the time (RFC 3339) to try again.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rate_limited_until: Option<String>,
+    /// Tasks held at `merge-pr` by their checks or by a rule of the repository, one line each
+    /// ("task-001: waiting for checks: test, lint").
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub checks: Vec<String>,
+    /// GitHub mode: the requests this step made, the budget left, what waits for the pace.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub github_api: Option<crate::forge::budget::ApiUsage>,
 }
 
 /// What kind of worker a running entry is.
@@ -239,6 +248,21 @@ pub async fn step(target: &Target, opts: &StepOptions) -> Result<StepReport> {
         Err(Error::RateLimited { message, retry_at }) => stepper
             .finish()
             .map(|report| github_mode::rate_limited(report, &message, retry_at)),
+        // A refusal that the step survived (the writes it stopped are deferred) still tells the
+        // scheduler when to come back.
+        Ok(report) => match report
+            .github_api
+            .as_ref()
+            .and_then(|api| api.blocked_until.as_deref())
+            .and_then(|at| chrono::DateTime::parse_from_rfc3339(at).ok())
+        {
+            Some(at) => Ok(github_mode::rate_limited(
+                report,
+                "GitHub refused a request with a rate limit; the writes it stopped are deferred",
+                at.with_timezone(&chrono::Utc),
+            )),
+            None => Ok(report),
+        },
         other => other,
     };
     drop(lock);
@@ -357,6 +381,8 @@ struct Stepper {
     published: Option<String>,
     /// How many of the staged commits are merges.
     staged_merges: usize,
+    /// Tasks whose pull request description may no longer show their state (GitHub mode).
+    redescribe: HashSet<String>,
 }
 
 impl Stepper {
@@ -414,6 +440,7 @@ impl Stepper {
             staged: Vec::new(),
             published: None,
             staged_merges: 0,
+            redescribe: HashSet::new(),
             budget_blocked: false,
             live,
             cooling: HashSet::new(),
@@ -483,8 +510,10 @@ impl Stepper {
         );
         self.recover()?;
         if self.gh.is_some() {
+            self.load_pace();
             self.fetch_task_branches()?;
             self.sync_pull_requests()?;
+            self.run_pending_writes();
         }
         self.cleanup_merged_branches();
 
@@ -576,6 +605,9 @@ impl Stepper {
                 continue;
             };
             if self.past_deadline() || self.running.contains_key(task_id) || self.over_total_budget() {
+                continue;
+            }
+            if !self.api_allows_start(task_id, started.len()) {
                 continue;
             }
             let Some(mut t) = self.tasks.get(task_id).cloned() else {
@@ -875,7 +907,12 @@ impl Stepper {
                     MERGE_PR => self.merge(t),
                     MARK_PR_READY if self.gh.is_some() => {
                         let mut t = t;
-                        self.mark_ready_github(&t)?;
+                        match self.mark_ready_github(&t) {
+                            Ok(()) => {}
+                            // Deferred for the pace; a later step readies it.
+                            Err(e) if api_budget::is_held(&e) => return Ok(false),
+                            Err(e) => return Err(e),
+                        }
                         let change = transition::action_done(&mut t, self.pipeline());
                         self.save_task(
                             t,
@@ -957,6 +994,9 @@ impl Stepper {
         task_ref: &str,
     ) -> Result<bool> {
         let message = commit_message(subject, "", spec_refs, task_ref);
+        // The pace of GitHub writes rides along with the task state it paid for.
+        let with_pace = self.with_pace(changes);
+        let changes = with_pace.as_ref().unwrap_or(changes);
         let Some(new) = self.repo.commit_changes(&self.tip, changes, &message)? else {
             return Ok(false);
         };
@@ -1104,6 +1144,7 @@ impl Stepper {
     }
 
     fn note_change(&mut self, task: &Task, change: &TaskChange) {
+        self.redescribe.insert(task.id.clone());
         for ev in &change.events {
             match ev {
                 ChangeEvent::Started | ChangeEvent::Advanced | ChangeEvent::RebaseResolved => emit!(
@@ -1777,6 +1818,7 @@ impl Stepper {
             match self.ensure_pull_request(&task) {
                 Ok(url) if url.is_some() => task.pr = url,
                 Ok(_) => {}
+                Err(e) if api_budget::is_held(&e) => {}
                 Err(e) => emit!(
                     WARN,
                     "pr_not_created",
@@ -1831,9 +1873,6 @@ impl Stepper {
         }
         self.commit(&changes, &subject, &[&spec], &id)?;
         self.note_change(&task, &change);
-        if self.gh.is_some() {
-            self.update_pr_body(&task);
-        }
         self.tasks.insert(id, task);
         Ok(())
     }
@@ -1844,6 +1883,8 @@ impl Stepper {
         if self.gh.is_some()
             || self.split_state()
             || !self.config.merge.auto_merge
+            // The checks run first, through `merge`.
+            || self.config.merge.local_checks.is_some()
             || task.status != Status::InProgress
         {
             return Ok(false);
@@ -2058,6 +2099,10 @@ impl Stepper {
     // ----- merging ----------------------------------------------------------------------------
 
     fn merge(&mut self, task: Task) -> Result<bool> {
+        let mut task = task;
+        if let ci_checks::Gate::Hold(changed) = self.local_checks_gate(&mut task)? {
+            return Ok(changed);
+        }
         self.merge_with(task, Changes::default())
     }
 
@@ -2415,6 +2460,12 @@ impl Stepper {
 
     fn finish(&mut self) -> Result<StepReport> {
         self.flush_staged()?;
+        if self.gh.is_some() {
+            // Descriptions last, so that a task that moved several times in this step is
+            // described once; then the pace, so the next step counts these writes too.
+            self.flush_pr_bodies();
+            self.commit_pace()?;
+        }
         for (id, branch) in std::mem::take(&mut self.cleanup_retry) {
             self.delete_task_branch(&id, &branch);
         }
@@ -2442,6 +2493,20 @@ impl Stepper {
         self.report.progress = progress.to_string();
         self.report.work_remaining = remaining;
         self.report.duration_s = (self.started.elapsed().as_secs_f64() * 10.0).round() / 10.0;
+        self.report.github_api = self.api_usage();
+        if let Some(api) = &self.report.github_api {
+            emit!(
+                INFO,
+                "github_api",
+                requests = api.requests,
+                content_requests = api.content_requests,
+                refused = api.refused,
+                remaining = api.remaining.map_or(-1, |r| i64::try_from(r).unwrap_or(i64::MAX)),
+                content_last_minute = api.content_last_minute,
+                content_last_hour = api.content_last_hour,
+                deferred = api.deferred.len()
+            );
+        }
         emit!(
             INFO,
             "cycle_completed",
