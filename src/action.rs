@@ -15,6 +15,7 @@ use crate::config::LogFormat;
 use crate::cycle::execute::{StepReport, WorkerRun};
 use crate::emit;
 use crate::error::{Error, Result};
+use crate::forge::budget::{ApiUsage, PACE_PER_HOUR, PACE_PER_MINUTE};
 use crate::task::{Status, Task};
 
 /// Environment variable through which the action asks for a log format without editing the
@@ -152,6 +153,9 @@ pub fn summary_markdown(report: &StepReport, tasks: &[Task]) -> String {
             refused.reason.replace('|', "\\|")
         ));
     }
+    for line in &report.checks {
+        did.push(format!("Held at merge: {}", cell(line)));
+    }
     if !report.waiting.is_empty() {
         did.push(format!(
             "Waiting for approval: {} — add the `lgtm` label to the task's pull request (locally: \
@@ -166,6 +170,9 @@ pub fn summary_markdown(report: &StepReport, tasks: &[Task]) -> String {
         let _ = writeln!(md, "- {line}");
     }
     md.push('\n');
+    if let Some(api) = &report.github_api {
+        md.push_str(&github_api_section(api));
+    }
 
     if tasks.is_empty() {
         md.push_str("No tasks yet.\n");
@@ -199,6 +206,66 @@ pub fn summary_markdown(report: &StepReport, tasks: &[Task]) -> String {
     md.push_str("### Dependencies\n\n```mermaid\n");
     md.push_str(&mermaid(report, tasks));
     md.push_str("```\n");
+    md
+}
+
+/// What the step asked of GitHub and what is left: the primary budget as GitHub reports it,
+/// the pace of content-creating requests, and what waits for a later step.
+fn github_api_section(api: &ApiUsage) -> String {
+    let mut md = String::from(
+        "### GitHub API
+
+",
+    );
+    let _ = write!(
+        md,
+        "- Requests this cycle: **{}** ({} content-creating)",
+        api.requests, api.content_requests
+    );
+    if api.refused > 0 {
+        let _ = write!(md, ", **{} refused by a rate limit**", api.refused);
+    }
+    md.push('\n');
+    match (api.remaining, api.limit) {
+        (Some(left), Some(limit)) => {
+            let _ = write!(md, "- Budget left: **{left}** of {limit} requests");
+            if let Some(at) = &api.resets_at {
+                let _ = write!(md, " (refills at {at})");
+            }
+            md.push('\n');
+        }
+        _ => md.push_str("- Budget left: not reported (no request this cycle)\n"),
+    }
+    let _ = writeln!(
+        md,
+        "- Content-creating requests: {} in the last minute (pace {}), {} in the last hour (pace {})",
+        api.content_last_minute, PACE_PER_MINUTE, api.content_last_hour, PACE_PER_HOUR
+    );
+    if api.reserve_only {
+        md.push_str("- Below the reserve: only work in flight went on; no new task started.\n");
+    }
+    if let Some(at) = &api.blocked_until {
+        let _ = writeln!(
+            md,
+            "- GitHub asked to wait until {at}; no request goes out before."
+        );
+    }
+    if !api.deferred.is_empty() {
+        let _ = write!(md, "- Deferred to a later cycle");
+        if let Some(at) = &api.paced_until {
+            let _ = write!(md, " (the pace allows more at {at})");
+        }
+        let _ = writeln!(
+            md,
+            ": {}",
+            api.deferred
+                .iter()
+                .map(|d| cell(d))
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+    }
+    md.push('\n');
     md
 }
 
@@ -543,6 +610,8 @@ mod tests {
             rate_limited_until: None,
             push_refused: Vec::new(),
             intake_gave_up: None,
+            checks: Vec::new(),
+            github_api: None,
         }
     }
 
@@ -641,6 +710,31 @@ mod tests {
     #[test]
     fn summary_of_a_busy_cycle() {
         insta::assert_snapshot!(summary_markdown(&busy_report(), &busy_tasks()));
+    }
+
+    #[test]
+    fn summary_of_a_cycle_the_github_pace_held_back() {
+        let mut report = busy_report();
+        report.github_api = Some(ApiUsage {
+            requests: 75,
+            content_requests: 70,
+            refused: 0,
+            remaining: Some(871),
+            limit: Some(1000),
+            resets_at: Some("2026-01-01T13:00:00Z".into()),
+            blocked_until: None,
+            content_last_minute: 70,
+            content_last_hour: 212,
+            paced_until: Some("2026-01-01T12:01:00Z".into()),
+            deferred: vec![
+                "task-004: merge".into(),
+                "task-009: start (GitHub API budget)".into(),
+            ],
+            reserve_only: false,
+        });
+        let md = summary_markdown(&report, &[]);
+        let section = md.split("### GitHub API").nth(1).expect("a GitHub API section");
+        insta::assert_snapshot!(section);
     }
 
     #[test]

@@ -380,9 +380,21 @@ fn summary(r: &StepReport) -> String {
     if let Some(at) = &r.rate_limited_until {
         s.push_str(&format!(", GitHub rate limit: try again after {at}"));
     }
+    if let Some(api) = &r.github_api {
+        s.push_str(&format!(", GitHub API: {} requests", api.requests));
+        if let (Some(left), Some(limit)) = (api.remaining, api.limit) {
+            s.push_str(&format!(" ({left} of {limit} left this hour)"));
+        }
+        if !api.deferred.is_empty() {
+            s.push_str(&format!(", {} writes deferred", api.deferred.len()));
+        }
+    }
     s.push_str(&format!(" ({})\n", r.progress));
     s
 }
+
+/// The longest `run` waits between steps for the pace of GitHub writes to allow more.
+const MAX_PACE_PAUSE: Duration = Duration::from_secs(90);
 
 /// `run`: steps until the work is done, cannot progress, or `max_cycles` ran out. Returns the
 /// outcome and the last step's report.
@@ -481,9 +493,40 @@ async fn run_loop(target: &Target) -> Result<(Outcome, StepReport)> {
             }
             _ => {}
         }
+        // A step held back by the pace of GitHub writes: the next one is useful only once the
+        // pace allows more; a long wait ends the run like a rate limit does.
+        let mut pause = Duration::from_secs(config.poll_interval);
+        if let Some(until) = last
+            .github_api
+            .as_ref()
+            .and_then(|api| api.paced_until.as_deref())
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        {
+            let wait = (until.with_timezone(&chrono::Utc) - chrono::Utc::now())
+                .to_std()
+                .unwrap_or_default();
+            let idle = last.spawned.is_empty() && last.reaped.is_empty() && last.merged.is_empty();
+            if idle && wait > MAX_PACE_PAUSE {
+                emit!(
+                    INFO,
+                    "orchestrator_halted",
+                    reason = "GitHub write pace spent",
+                    retry_at = until.to_rfc3339().as_str(),
+                    total_cycles = cycle,
+                    completed_tasks = last.tasks_complete,
+                    failed_tasks = last.tasks_failed
+                );
+                let outcome = Outcome {
+                    stdout: summary(&last),
+                    exit_code: 0,
+                };
+                return Ok((outcome, last));
+            }
+            pause = pause.max(wait.min(MAX_PACE_PAUSE));
+        }
         if cycle < u64::from(config.max_cycles) {
             tokio::select! {
-                () = tokio::time::sleep(Duration::from_secs(config.poll_interval)) => {}
+                () = tokio::time::sleep(pause) => {}
                 () = crate::cycle::execute::interrupted(&mut interrupt) => {
                     return Err(stopped_by_signal(cycle, &last));
                 }

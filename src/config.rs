@@ -112,6 +112,29 @@ impl MergeStrategy {
     }
 }
 
+/// `merge.checks`: which of the pull request's checks (commit statuses and check runs) must
+/// pass before `merge-pr` merges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChecksPolicy {
+    /// What branch protection requires of the base branch; every check when it has none.
+    Required,
+    /// Every check reported on the head commit.
+    All,
+    /// Merge without looking at checks.
+    None,
+}
+
+impl ChecksPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChecksPolicy::Required => "required",
+            ChecksPolicy::All => "all",
+            ChecksPolicy::None => "none",
+        }
+    }
+}
+
 /// `merge`: what happens when a task's pipeline reaches `merge-pr`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MergeConfig {
@@ -121,6 +144,13 @@ pub struct MergeConfig {
     pub strategy: MergeStrategy,
     /// Delete the worker branch after its merge.
     pub delete_branch: bool,
+    /// GitHub mode: the checks that must pass before a merge.
+    pub checks: ChecksPolicy,
+    /// Seconds a merge waits for pending checks before the task fails.
+    pub checks_timeout: u64,
+    /// Local mode: a command run in the task's checkout after the verifier passes; a failure
+    /// sends the task back with its output. Unset: none.
+    pub local_checks: Option<String>,
 }
 
 /// `observability.log_format`.
@@ -220,6 +250,9 @@ impl Default for Config {
                 auto_merge: true,
                 strategy: MergeStrategy::Squash,
                 delete_branch: true,
+                checks: ChecksPolicy::Required,
+                checks_timeout: 3600,
+                local_checks: None,
             },
             poll_interval: 30,
             max_task_rounds: 50,
@@ -457,6 +490,24 @@ impl Config {
             bool_str(self.merge.delete_branch),
             "Delete the worker branch after its merge.",
         );
+        r.key(
+            1,
+            "checks",
+            self.merge.checks.as_str(),
+            "GitHub: checks that must pass before a merge: required | all | none.",
+        );
+        r.key(
+            1,
+            "checks_timeout",
+            &self.merge.checks_timeout.to_string(),
+            "Seconds a merge waits for pending checks before the task fails.",
+        );
+        r.key(
+            1,
+            "local_checks",
+            self.merge.local_checks.as_deref().unwrap_or("null"),
+            "Local mode: a command run in the task's checkout before its merge; null: none.",
+        );
         r.blank();
         r.key(
             0,
@@ -669,7 +720,14 @@ const RUNTIME_KEYS: &[&str] = &[
     "max_total_cost_usd",
     "agent_user",
 ];
-const MERGE_KEYS: &[&str] = &["auto_merge", "strategy", "delete_branch"];
+const MERGE_KEYS: &[&str] = &[
+    "auto_merge",
+    "strategy",
+    "delete_branch",
+    "checks",
+    "checks_timeout",
+    "local_checks",
+];
 const OBSERVABILITY_KEYS: &[&str] = &["log_format", "log_level", "matrix"];
 const MATRIX_KEYS: &[&str] = &[
     "homeserver",
@@ -1123,6 +1181,17 @@ impl Walker<'_> {
                 MergeStrategy::Squash
             };
         }
+        if let Some(v) = self.choice(&s, "checks", &["required", "all", "none"])? {
+            m.checks = match v {
+                "all" => ChecksPolicy::All,
+                "none" => ChecksPolicy::None,
+                _ => ChecksPolicy::Required,
+            };
+        }
+        if let Some(n) = self.number(&s, "checks_timeout", 1, u64::MAX)? {
+            m.checks_timeout = n;
+        }
+        m.local_checks = self.string(&s, "local_checks", true)?;
         Ok(())
     }
 

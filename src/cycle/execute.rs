@@ -35,6 +35,8 @@ use crate::task::store::{INTAKE_FAILURES, INTAKE_RECORD, IntakeFailures};
 use crate::task::{Attempt, Status, Task};
 use crate::worker::{self, WorkerOutcome, WorkerSpec, result::ResultFile, worktree};
 
+mod api_budget;
+mod ci_checks;
 mod github_mode;
 mod requests;
 mod state_branch;
@@ -140,6 +142,13 @@ pub struct StepReport {
     /// Task branches the forge refused, with its reason: those tasks went back to their agents.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub push_refused: Vec<RefusedPush>,
+    /// Tasks held at `merge-pr` by their checks or by a rule of the repository, one line each
+    /// ("task-001: waiting for checks: test, lint").
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub checks: Vec<String>,
+    /// GitHub mode: the requests this step made, the budget left, what waits for the pace.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub github_api: Option<crate::forge::budget::ApiUsage>,
 }
 
 /// A push of a task's branch that the forge refused.
@@ -313,6 +322,21 @@ pub async fn step(target: &Target, opts: &StepOptions) -> Result<StepReport> {
         Err(Error::RateLimited { message, retry_at }) => stepper
             .finish()
             .map(|report| github_mode::rate_limited(report, &message, retry_at)),
+        // A refusal that the step survived (the writes it stopped are deferred) still tells the
+        // scheduler when to come back.
+        Ok(report) => match report
+            .github_api
+            .as_ref()
+            .and_then(|api| api.blocked_until.as_deref())
+            .and_then(|at| chrono::DateTime::parse_from_rfc3339(at).ok())
+        {
+            Some(at) => Ok(github_mode::rate_limited(
+                report,
+                "GitHub refused a request with a rate limit; the writes it stopped are deferred",
+                at.with_timezone(&chrono::Utc),
+            )),
+            None => Ok(report),
+        },
         other => other,
     };
     drop(lock);
@@ -452,6 +476,8 @@ struct Stepper {
     staged_merges: usize,
     /// The fingerprint of the configuration and agents (see [`IntakeFailures::inputs`]).
     inputs: std::cell::OnceCell<String>,
+    /// Tasks whose pull request description may no longer show their state (GitHub mode).
+    redescribe: HashSet<String>,
 }
 
 impl Stepper {
@@ -510,6 +536,7 @@ impl Stepper {
             published: None,
             staged_merges: 0,
             inputs: std::cell::OnceCell::new(),
+            redescribe: HashSet::new(),
             budget_blocked: false,
             live,
             cooling: HashSet::new(),
@@ -579,9 +606,11 @@ impl Stepper {
         );
         self.recover()?;
         if self.gh.is_some() {
+            self.load_pace();
             self.fetch_task_branches()?;
             self.sync_pull_requests()?;
             self.take_label_requests()?;
+            self.run_pending_writes();
         }
         // From here on, a task branch is only where hyperloop puts it.
         worktree::watch_task_refs(&self.repo.git)?;
@@ -692,6 +721,9 @@ impl Stepper {
                 continue;
             };
             if self.past_deadline() || self.running.contains_key(task_id) || self.over_total_budget() {
+                continue;
+            }
+            if !self.api_allows_start(task_id, started.len()) {
                 continue;
             }
             let Some(mut t) = self.tasks.get(task_id).cloned() else {
@@ -991,7 +1023,12 @@ impl Stepper {
                     MERGE_PR => self.merge(t),
                     MARK_PR_READY if self.gh.is_some() => {
                         let mut t = t;
-                        self.mark_ready_github(&t)?;
+                        match self.mark_ready_github(&t) {
+                            Ok(()) => {}
+                            // Deferred for the pace; a later step readies it.
+                            Err(e) if api_budget::is_held(&e) => return Ok(false),
+                            Err(e) => return Err(e),
+                        }
                         let change = transition::action_done(&mut t, self.pipeline());
                         self.save_task(
                             t,
@@ -1073,6 +1110,9 @@ impl Stepper {
         task_ref: &str,
     ) -> Result<bool> {
         let message = commit_message(subject, "", spec_refs, task_ref);
+        // The pace of GitHub writes rides along with the task state it paid for.
+        let with_pace = self.with_pace(changes);
+        let changes = with_pace.as_ref().unwrap_or(changes);
         let Some(new) = self.repo.commit_changes(&self.tip, changes, &message)? else {
             return Ok(false);
         };
@@ -1220,6 +1260,7 @@ impl Stepper {
     }
 
     fn note_change(&mut self, task: &Task, change: &TaskChange) {
+        self.redescribe.insert(task.id.clone());
         for ev in &change.events {
             match ev {
                 ChangeEvent::Started | ChangeEvent::Advanced | ChangeEvent::RebaseResolved => emit!(
@@ -1985,6 +2026,7 @@ impl Stepper {
                 Err(Error::PushRefused { branch, message }) => {
                     change = self.push_refused(&mut task, &branch, &message);
                 }
+                Err(e) if api_budget::is_held(&e) => {}
                 Err(e) => emit!(
                     WARN,
                     "pr_not_created",
@@ -2039,9 +2081,6 @@ impl Stepper {
         }
         self.commit(&changes, &subject, &[&spec], &id)?;
         self.note_change(&task, &change);
-        if self.gh.is_some() {
-            self.update_pr_body(&task);
-        }
         self.tasks.insert(id, task);
         Ok(())
     }
@@ -2088,6 +2127,8 @@ impl Stepper {
         if self.gh.is_some()
             || self.split_state()
             || !self.config.merge.auto_merge
+            // The checks run first, through `merge`.
+            || self.config.merge.local_checks.is_some()
             || task.status != Status::InProgress
         {
             return Ok(false);
@@ -2318,6 +2359,10 @@ impl Stepper {
     // ----- merging ----------------------------------------------------------------------------
 
     fn merge(&mut self, task: Task) -> Result<bool> {
+        let mut task = task;
+        if let ci_checks::Gate::Hold(changed) = self.local_checks_gate(&mut task)? {
+            return Ok(changed);
+        }
         self.merge_with(task, Changes::default())
     }
 
@@ -2787,6 +2832,12 @@ impl Stepper {
 
     fn finish(&mut self) -> Result<StepReport> {
         self.flush_staged()?;
+        if self.gh.is_some() {
+            // Descriptions last, so that a task that moved several times in this step is
+            // described once; then the pace, so the next step counts these writes too.
+            self.flush_pr_bodies();
+            self.commit_pace()?;
+        }
         for (id, branch) in std::mem::take(&mut self.cleanup_retry) {
             self.delete_task_branch(&id, &branch);
         }
@@ -2814,6 +2865,20 @@ impl Stepper {
         self.report.progress = progress.to_string();
         self.report.work_remaining = remaining;
         self.report.duration_s = (self.started.elapsed().as_secs_f64() * 10.0).round() / 10.0;
+        self.report.github_api = self.api_usage();
+        if let Some(api) = &self.report.github_api {
+            emit!(
+                INFO,
+                "github_api",
+                requests = api.requests,
+                content_requests = api.content_requests,
+                refused = api.refused,
+                remaining = api.remaining.map_or(-1, |r| i64::try_from(r).unwrap_or(i64::MAX)),
+                content_last_minute = api.content_last_minute,
+                content_last_hour = api.content_last_hour,
+                deferred = api.deferred.len()
+            );
+        }
         emit!(
             INFO,
             "cycle_completed",

@@ -646,6 +646,51 @@ pub fn merge_conflict(
     before.change(task, events)
 }
 
+/// The pull request's checks failed at `merge-pr`: they become the findings and the task loops
+/// back to the loop that produced the work, a round spent as for a failed verifier.
+pub fn checks_failed(
+    task: &mut Task,
+    pipeline: &[Step],
+    detail: &str,
+    findings: u32,
+    max_task_rounds: u32,
+) -> TaskChange {
+    if task.status != Status::InProgress {
+        return ignored(task, format!("checks failed, but the task is {}", task.status));
+    }
+    let before = Before::of(task);
+    let mut events = settle(task, pipeline);
+    if task.status == Status::Failed
+        || events
+            .iter()
+            .any(|e| matches!(e, ChangeEvent::RestartedPipeline { .. }))
+    {
+        return before.change(task, events);
+    }
+    let Some(position) = task.position.clone().map(Position) else {
+        events.push(ChangeEvent::Ignored {
+            reason: "task has no position".into(),
+        });
+        return before.change(task, events);
+    };
+    task.last_verdict = Some("fail".into());
+    let failed = FailedRun {
+        role: "checks",
+        verdict: "fail",
+        detail,
+        findings,
+    };
+    events.extend(match pipeline::retry_start(pipeline, &position) {
+        Some(to) => loop_back(task, pipeline, to, &failed, max_task_rounds),
+        None => fail_without_loop(
+            task,
+            &failed,
+            "the pull request's checks failed and no loop precedes the merge",
+        ),
+    });
+    before.change(task, events)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

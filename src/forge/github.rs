@@ -26,6 +26,7 @@ use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
 use super::auth::{AuthConfig, Credentials, InstallationToken, app_jwt};
+use super::budget::{Budget, Hold};
 use super::retry::{Class, Decision, RetryPolicy, classify};
 use super::secret::Secret;
 use super::{ForgeError, MergeOutcome, NotMergeableReason, Permission, PrState, PrStatus};
@@ -122,6 +123,26 @@ struct Call<'a> {
     auth: AuthMode,
 }
 
+impl Call<'_> {
+    /// Whether GitHub counts it against the secondary limit on content creation: every write,
+    /// and GraphQL mutations (a GraphQL query is a POST too, but creates nothing). The App's own
+    /// endpoints are counted against the App, not the repository's budget.
+    fn is_content(&self) -> bool {
+        if self.auth == AuthMode::AppJwt || self.method == Method::GET || self.method == Method::HEAD {
+            return false;
+        }
+        match self
+            .body
+            .as_ref()
+            .and_then(|b| b.get("query"))
+            .and_then(Value::as_str)
+        {
+            Some(query) => query.trim_start().starts_with("mutation"),
+            None => true,
+        }
+    }
+}
+
 struct Reply {
     status: u16,
     headers: HeaderMap,
@@ -200,6 +221,8 @@ struct PrJson {
     node_id: String,
     #[serde(default)]
     title: Option<String>,
+    #[serde(default)]
+    body: Option<String>,
     state: String,
     #[serde(default)]
     draft: Option<bool>,
@@ -246,6 +269,7 @@ impl PrJson {
             url: self.html_url,
             node_id: self.node_id,
             title: self.title.unwrap_or_default(),
+            body: self.body.unwrap_or_default(),
             head_ref: self.head.ref_name,
             head_sha: self.head.sha,
             base_ref: self.base.ref_name,
@@ -273,6 +297,7 @@ pub struct GitHubClient {
     installation_id: Mutex<Option<u64>>,
     installation_token: Mutex<Option<InstallationToken>>,
     options: ClientOptions,
+    budget: Budget,
 }
 
 impl fmt::Debug for GitHubClient {
@@ -317,11 +342,17 @@ impl GitHubClient {
             installation_id: Mutex::new(installation_id),
             installation_token: Mutex::new(None),
             options,
+            budget: Budget::new(),
         })
     }
 
     pub fn repo(&self) -> &RepoRef {
         &self.repo
+    }
+
+    /// What this client asked of GitHub, and the pace it keeps.
+    pub fn budget(&self) -> &Budget {
+        &self.budget
     }
 
     /// A token for git over HTTPS (the personal token, or a fresh installation token).
@@ -354,6 +385,16 @@ impl GitHubClient {
     /// has been seen. Pull requests being waited on are usually the recently updated ones, so
     /// this reads one page where the full history would take many.
     pub async fn list_hyperloop_prs_covering(&self, wanted: &[u64]) -> Result<Vec<PrState>, ForgeError> {
+        self.list_prs_until(wanted).await
+    }
+
+    /// The pull requests numbered in `wanted` (and whatever else of hyperloop's shares their
+    /// pages), reading no page at all when nothing is wanted: a step whose tasks have no pull
+    /// request yet has nothing to learn from GitHub.
+    pub async fn list_wanted_prs(&self, wanted: &[u64]) -> Result<Vec<PrState>, ForgeError> {
+        if wanted.is_empty() {
+            return Ok(Vec::new());
+        }
         self.list_prs_until(wanted).await
     }
 
@@ -471,6 +512,20 @@ impl GitHubClient {
         {
             return Ok(pr);
         }
+        self.open_draft_pr(branch, base, title, body).await
+    }
+
+    /// Opens a draft pull request without looking for an existing one first: for a caller that
+    /// knows there is none open (its listing of this step shows none for the branch). One
+    /// request; should there be one after all, GitHub's "already exists" is answered by the
+    /// lookup.
+    pub async fn open_draft_pr(
+        &self,
+        branch: &str,
+        base: &str,
+        title: &str,
+        body: &str,
+    ) -> Result<PrState, ForgeError> {
         let action = "create a pull request";
         let reply = self
             .send(Call {
@@ -539,11 +594,17 @@ impl GitHubClient {
     pub async fn mark_ready_by_node_id(&self, node_id: &str) -> Result<(), ForgeError> {
         let action = "mark a pull request ready for review";
         let query = "mutation($id: ID!) { markPullRequestReadyForReview(input: {pullRequestId: $id}) { pullRequest { number isDraft } } }";
+        self.graphql_mutation(action, json!({ "query": query, "variables": { "id": node_id } }))
+            .await
+    }
+
+    /// Sends a GraphQL mutation; GitHub answers errors with 200 and an `errors` array.
+    async fn graphql_mutation(&self, action: &str, request: Value) -> Result<(), ForgeError> {
         let reply = self
             .send_ok(Call {
                 method: Method::POST,
                 uri: self.graphql_url.clone(),
-                body: Some(json!({ "query": query, "variables": { "id": node_id } })),
+                body: Some(request),
                 action,
                 needs: Permission::PullRequestsWrite,
                 auth: AuthMode::Repo,
@@ -580,6 +641,84 @@ impl GitHubClient {
             });
         }
         Ok(())
+    }
+
+    /// Marks a draft ready for review and, when `body` is given, replaces its description: one
+    /// GraphQL request doing the work of a PATCH and the ready mutation.
+    pub async fn ready_with_body(&self, node_id: &str, body: Option<&str>) -> Result<(), ForgeError> {
+        let Some(body) = body else {
+            return self.mark_ready_by_node_id(node_id).await;
+        };
+        let action = "mark a pull request ready for review";
+        let query = "mutation($id: ID!, $body: String!) { \
+            body: updatePullRequest(input: {pullRequestId: $id, body: $body}) { pullRequest { number } } \
+            ready: markPullRequestReadyForReview(input: {pullRequestId: $id}) { pullRequest { number isDraft } } }";
+        self.graphql_mutation(
+            action,
+            json!({ "query": query, "variables": { "id": node_id, "body": body } }),
+        )
+        .await
+    }
+
+    /// The checks of the pull requests numbered `numbers` (their heads' check runs and commit
+    /// statuses) and what their base branch requires: one GraphQL query for all of them.
+    pub async fn pr_checks(&self, numbers: &[u64]) -> Result<Vec<super::checks::PrChecks>, ForgeError> {
+        if numbers.is_empty() {
+            return Ok(Vec::new());
+        }
+        let action = "read the checks of pull requests";
+        let reply = self
+            .send_ok(Call {
+                method: Method::POST,
+                uri: self.graphql_url.clone(),
+                body: Some(json!({
+                    "query": super::checks::query(numbers),
+                    "variables": { "owner": self.repo.owner, "name": self.repo.name },
+                })),
+                action,
+                needs: Permission::PullRequestsRead,
+                auth: AuthMode::Repo,
+            })
+            .await?;
+        let v: Value = reply.json(action)?;
+        if v.get("data").is_none_or(Value::is_null) {
+            let message = v
+                .get("errors")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|e| e.get("message").and_then(Value::as_str))
+                .collect::<Vec<_>>()
+                .join("; ");
+            return Err(ForgeError::Api {
+                action: action.into(),
+                status: reply.status,
+                message,
+            });
+        }
+        Ok(super::checks::parse(&v, numbers))
+    }
+
+    /// Whether the repository deletes head branches itself after a merge ("Automatically delete
+    /// head branches"), so that hyperloop need not.
+    pub async fn deletes_branch_on_merge(&self) -> Result<bool, ForgeError> {
+        let action = "read the repository's settings";
+        let reply = self
+            .send_ok(Call {
+                method: Method::GET,
+                uri: self.repo_path(""),
+                body: None,
+                action,
+                needs: Permission::MetadataRead,
+                auth: AuthMode::Repo,
+            })
+            .await?;
+        #[derive(Deserialize)]
+        struct RepoSettings {
+            #[serde(default)]
+            delete_branch_on_merge: bool,
+        }
+        Ok(reply.json::<RepoSettings>(action)?.delete_branch_on_merge)
     }
 
     /// Merges through the API. The commit title and message (with its trailers) are used as
@@ -804,6 +943,21 @@ impl GitHubClient {
         }
     }
 
+    /// Learns GitHub's clock and primary budget from `GET /rate_limit`, which GitHub does not
+    /// count against any limit.
+    pub async fn sync_clock(&self) -> Result<(), ForgeError> {
+        self.send_ok(Call {
+            method: Method::GET,
+            uri: "/rate_limit".into(),
+            body: None,
+            action: "read the rate limit",
+            needs: Permission::MetadataRead,
+            auth: AuthMode::Repo,
+        })
+        .await
+        .map(|_| ())
+    }
+
     // ---------------------------------------------------------------- transport
 
     /// The error for an answer the operation cannot use.
@@ -858,17 +1012,71 @@ impl GitHubClient {
     /// The retry loop for one request with one credential.
     async fn send_with(&self, call: &Call<'_>, token: &Secret) -> Result<Reply, ForgeError> {
         let policy = &self.options.retry;
+        let content = call.is_content();
         let mut attempt = 0u32;
         loop {
             attempt += 1;
+            let mut continue_after_sync = false;
+            // Every attempt is a request for GitHub, so every attempt asks the budget.
+            match self.budget.admit(content, Utc::now()) {
+                Ok(()) => {}
+                Err(Hold::Blocked(retry_at)) => {
+                    return Err(ForgeError::RateLimited {
+                        action: call.action.to_string(),
+                        retry_at,
+                    });
+                }
+                Err(Hold::Paced(until)) => {
+                    // The pace may only look spent because this process has not heard GitHub's
+                    // clock yet (its estimate is an earlier step's). `GET /rate_limit` costs
+                    // nothing against any limit and tells it; then ask once more.
+                    if !self.budget.clock_observed() && Box::pin(self.sync_clock()).await.is_ok() {
+                        continue_after_sync = true;
+                    }
+                    if !continue_after_sync {
+                        return Err(ForgeError::Paced {
+                            action: call.action.to_string(),
+                            until,
+                        });
+                    }
+                    match self.budget.admit(content, Utc::now()) {
+                        Ok(()) => {}
+                        Err(Hold::Paced(until)) => {
+                            return Err(ForgeError::Paced {
+                                action: call.action.to_string(),
+                                until,
+                            });
+                        }
+                        Err(Hold::Blocked(retry_at)) => {
+                            return Err(ForgeError::RateLimited {
+                                action: call.action.to_string(),
+                                retry_at,
+                            });
+                        }
+                    }
+                }
+            }
             let (class, outcome) = match self.send_once(call, token).await {
-                Ok(reply) => (
-                    classify(reply.status, &reply.headers, &reply.body, Utc::now()),
-                    Ok(reply),
-                ),
+                Ok(reply) => {
+                    self.budget.observe(&reply.headers, Utc::now());
+                    (
+                        classify(reply.status, &reply.headers, &reply.body, Utc::now()),
+                        Ok(reply),
+                    )
+                }
                 Err(message) => (Class::Transient { after: None }, Err(message)),
             };
-            match policy.decide(&class, attempt, Utc::now()) {
+            let mut decision = policy.decide(&class, attempt, Utc::now());
+            if let Class::RateLimited { retry_at } = class {
+                self.budget.refused(retry_at);
+                // A write that hit a limit is not sent again in this step: GitHub counts
+                // repeated violations against the integration, and the next step (after
+                // `retry_at`, which the budget now enforces) makes it again.
+                if content {
+                    decision = Decision::GiveUpRateLimited { retry_at };
+                }
+            }
+            match decision {
                 Decision::Return => {
                     // `Return` only follows a real answer.
                     return outcome.map_err(|message| ForgeError::Unreachable {

@@ -6,6 +6,8 @@
 //! wait-or-retry rules in [`retry`].
 
 pub mod auth;
+pub mod budget;
+pub mod checks;
 pub mod github;
 pub mod retry;
 pub mod secret;
@@ -44,6 +46,8 @@ pub struct PrState {
     /// GraphQL id, needed to mark the pull request ready for review.
     pub node_id: String,
     pub title: String,
+    /// The description as GitHub has it (empty when it has none).
+    pub body: String,
     pub head_ref: String,
     pub head_sha: String,
     pub base_ref: String,
@@ -139,6 +143,9 @@ impl Permission {
 pub enum ForgeError {
     #[error("GitHub rate limit reached while trying to {action}; it resets at {retry_at}")]
     RateLimited { action: String, retry_at: DateTime<Utc> },
+    /// Not sent: it would take hyperloop over its pace of content-creating requests.
+    #[error("held back to stay under GitHub's secondary rate limits: {action} can go at {until}")]
+    Paced { action: String, until: DateTime<Utc> },
     #[error("GitHub refused to {action} ({status}): {message}")]
     Permission {
         action: String,
@@ -186,7 +193,7 @@ impl ForgeError {
                 "the token likely lacks `{}` on this repository (a workflow grants it under `permissions:`; a GitHub App or fine-grained token in its repository permissions)",
                 needs.as_str()
             )),
-            ForgeError::RateLimited { .. } => Some(
+            ForgeError::RateLimited { .. } | ForgeError::Paced { .. } => Some(
                 "the next step after the reset continues where this one stopped".into(),
             ),
             ForgeError::NoCommits { head, .. } => Some(format!(
@@ -204,8 +211,13 @@ impl ForgeError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            ForgeError::RateLimited { .. } | ForgeError::Unreachable { .. }
+            ForgeError::RateLimited { .. } | ForgeError::Paced { .. } | ForgeError::Unreachable { .. }
         )
+    }
+
+    /// A rate limit, hit or avoided: the write waits for a later step.
+    pub fn is_rate_limit(&self) -> bool {
+        matches!(self, ForgeError::RateLimited { .. } | ForgeError::Paced { .. })
     }
 }
 
@@ -216,7 +228,9 @@ impl From<ForgeError> for crate::Error {
             None => e.to_string(),
         };
         match e {
-            ForgeError::RateLimited { retry_at, .. } => crate::Error::RateLimited { message, retry_at },
+            ForgeError::RateLimited { retry_at, .. } | ForgeError::Paced { until: retry_at, .. } => {
+                crate::Error::RateLimited { message, retry_at }
+            }
             _ => crate::Error::Other { message },
         }
     }

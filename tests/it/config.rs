@@ -61,6 +61,9 @@ fn defaults_match_the_reference() {
     assert!(c.merge.auto_merge);
     assert_eq!(c.merge.strategy, MergeStrategy::Squash);
     assert!(c.merge.delete_branch);
+    assert_eq!(c.merge.checks, hyperloop::config::ChecksPolicy::Required);
+    assert_eq!(c.merge.checks_timeout, 3600);
+    assert_eq!(c.merge.local_checks, None);
     assert_eq!(c.poll_interval, 30);
     assert_eq!(c.max_task_rounds, 50);
     assert_eq!(c.max_cycles, 200);
@@ -106,6 +109,9 @@ fn every_key_can_be_set() {
     assert!(!c.merge.auto_merge);
     assert_eq!(c.merge.strategy, MergeStrategy::Merge);
     assert!(!c.merge.delete_branch);
+    assert_eq!(c.merge.checks, hyperloop::config::ChecksPolicy::All);
+    assert_eq!(c.merge.checks_timeout, 900);
+    assert_eq!(c.merge.local_checks.as_deref(), Some("cargo test --quiet"));
     assert_eq!(c.poll_interval, 0);
     assert_eq!(c.max_task_rounds, 5);
     assert_eq!(c.max_cycles, 12);
@@ -366,6 +372,9 @@ fn render_shows_every_key() {
         "auto_merge: false",
         "strategy: merge",
         "delete_branch: false",
+        "checks: all",
+        "checks_timeout: 900",
+        "local_checks: cargo test --quiet",
         "poll_interval: 0",
         "max_task_rounds: 5",
         "max_cycles: 12",

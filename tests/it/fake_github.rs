@@ -8,10 +8,16 @@
 //! require), answers carry GitHub's status codes and messages for the refusals hyperloop must
 //! survive, and tests can queue canned answers per route (5xx, rate limits, 401, a broken
 //! connection) and read back every request it saw.
+//!
+//! With [`FakeGitHub::enforce_limits`] it also keeps GitHub's rate limits: a primary budget of
+//! requests per hour reported in `x-ratelimit-*` headers on every answer, and the secondary
+//! limits on content-creating requests (POST, PATCH, PUT, DELETE and GraphQL mutations) per
+//! minute and per hour, refused with GitHub's 403 and `retry-after`. Its clock (the `Date` header
+//! and the windows) can be moved forward, so that an hour of pacing takes no hour of test.
 
 #![allow(dead_code)]
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -163,7 +169,99 @@ struct State {
     clock: i64,
     faults: Vec<Fault>,
     log: Vec<LoggedRequest>,
+    /// Seconds the fake's clock is ahead of the machine's.
+    clock_offset: i64,
+    limits: Option<Limits>,
+    /// Unix seconds (the fake's clock) of accepted content-creating requests.
+    content: VecDeque<i64>,
+    /// Content-creating requests refused by the secondary limits.
+    refused: u32,
+    /// The primary window: when it started and what it used.
+    primary_start: i64,
+    primary_used: u64,
+    delete_branch_on_merge: bool,
+    /// Check runs by head commit, in the order they were reported.
+    check_runs: HashMap<String, Vec<CheckRun>>,
+    /// Commit statuses by head commit: (context, state, description), in order.
+    statuses: HashMap<String, Vec<(String, String, String)>>,
+    /// Status checks branch protection requires on the base branch (empty: unprotected).
+    required_checks: Vec<String>,
+    /// How many GraphQL check queries were answered.
+    rollup_queries: usize,
 }
+
+/// A check run as a CI system reports it.
+#[derive(Debug, Clone)]
+pub struct CheckRun {
+    pub name: String,
+    /// `queued`, `in_progress` or `completed`.
+    pub status: String,
+    /// `success`, `failure`, … once completed.
+    pub conclusion: Option<String>,
+    pub title: String,
+    pub summary: String,
+    /// (path, line, message)
+    pub annotations: Vec<(String, u64, String)>,
+}
+
+impl CheckRun {
+    pub fn completed(name: &str, conclusion: &str, summary: &str) -> CheckRun {
+        CheckRun {
+            name: name.into(),
+            status: "completed".into(),
+            conclusion: Some(conclusion.into()),
+            title: format!("{name}: {conclusion}"),
+            summary: summary.into(),
+            annotations: Vec::new(),
+        }
+    }
+
+    pub fn in_progress(name: &str) -> CheckRun {
+        CheckRun {
+            name: name.into(),
+            status: "in_progress".into(),
+            conclusion: None,
+            title: String::new(),
+            summary: String::new(),
+            annotations: Vec::new(),
+        }
+    }
+
+    pub fn annotate(mut self, path: &str, line: u64, message: &str) -> CheckRun {
+        self.annotations.push((path.into(), line, message.into()));
+        self
+    }
+
+    fn passed(&self) -> bool {
+        self.status == "completed"
+            && matches!(
+                self.conclusion.as_deref(),
+                Some("success" | "neutral" | "skipped")
+            )
+    }
+}
+
+/// GitHub's rate limits as the fake enforces them.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub primary_per_hour: u64,
+    pub content_per_minute: usize,
+    pub content_per_hour: usize,
+}
+
+impl Limits {
+    /// The job token's: 1,000 requests an hour for the repository; 80 content-creating requests
+    /// a minute and 500 an hour.
+    pub fn job_token() -> Limits {
+        Limits {
+            primary_per_hour: 1000,
+            content_per_minute: 80,
+            content_per_hour: 500,
+        }
+    }
+}
+
+const SECONDARY_LIMIT_MESSAGE: &str = "You have exceeded a secondary rate limit. Please wait a few minutes before you try again. If you reach out to GitHub Support for help, please include the request ID FAKE:0000.";
 
 const EPOCH: i64 = 1_767_225_600; // 2026-01-01T00:00:00Z
 
@@ -215,6 +313,17 @@ impl FakeGitHub {
             clock: 0,
             faults: Vec::new(),
             log: Vec::new(),
+            clock_offset: 0,
+            limits: None,
+            content: VecDeque::new(),
+            refused: 0,
+            primary_start: 0,
+            primary_used: 0,
+            delete_branch_on_merge: false,
+            check_runs: HashMap::new(),
+            statuses: HashMap::new(),
+            required_checks: Vec::new(),
+            rollup_queries: 0,
         }));
         let thread = {
             let server = Arc::clone(&server);
@@ -379,6 +488,100 @@ impl FakeGitHub {
     pub fn label_names(&self) -> Vec<String> {
         self.state().labels.iter().map(|l| l.name.clone()).collect()
     }
+
+    /// Keep GitHub's rate limits from now on.
+    pub fn enforce_limits(&self, limits: Limits) {
+        self.state().limits = Some(limits);
+    }
+
+    /// Moves the fake's clock forward (its `Date` header and its rate-limit windows).
+    pub fn advance_clock(&self, by: Duration) {
+        self.state().clock_offset += i64::try_from(by.as_secs()).expect("seconds fit");
+    }
+
+    /// The fake's time now.
+    pub fn now(&self) -> DateTime<Utc> {
+        self.state().now()
+    }
+
+    /// Content-creating requests refused by the secondary limits so far.
+    pub fn refused(&self) -> u32 {
+        self.state().refused
+    }
+
+    /// Accepted content-creating requests within the last `secs` seconds of the fake's clock.
+    pub fn content_within(&self, secs: i64) -> usize {
+        let s = self.state();
+        let now = s.now().timestamp();
+        s.content.iter().filter(|&&t| t > now - secs).count()
+    }
+
+    /// The most content-creating requests accepted in any window of `secs` seconds.
+    pub fn peak_content(&self, secs: i64) -> usize {
+        let s = self.state();
+        let times: Vec<i64> = s.content.iter().copied().collect();
+        let mut peak = 0;
+        let mut start = 0;
+        for (end, t) in times.iter().enumerate() {
+            while times[start] <= t - secs {
+                start += 1;
+            }
+            peak = peak.max(end + 1 - start);
+        }
+        peak
+    }
+
+    /// The repository's "Automatically delete head branches".
+    pub fn set_delete_branch_on_merge(&self, on: bool) {
+        self.state().delete_branch_on_merge = on;
+    }
+
+    /// Branch protection on the base branch requiring these status checks.
+    pub fn require_checks(&self, names: &[&str]) {
+        self.state().required_checks = names.iter().map(|n| n.to_string()).collect();
+    }
+
+    /// CI reports a check run on `sha`.
+    pub fn add_check_run(&self, sha: &str, run: CheckRun) {
+        let mut s = self.state();
+        s.check_runs.entry(sha.to_string()).or_default().push(run);
+        s.tick();
+    }
+
+    /// A commit status (`pending`, `success`, `failure`, `error`) on `sha`.
+    pub fn set_status(&self, sha: &str, context: &str, state: &str, description: &str) {
+        self.state().statuses.entry(sha.to_string()).or_default().push((
+            context.into(),
+            state.into(),
+            description.into(),
+        ));
+    }
+
+    /// The head commit of pull request `number`, as GitHub sees the branch now.
+    pub fn pr_head(&self, number: u64) -> String {
+        let mut s = self.state();
+        s.refresh_head(number);
+        s.prs.get(&number).map(|p| p.head_sha.clone()).unwrap_or_default()
+    }
+
+    pub fn rollup_queries(&self) -> usize {
+        self.state().rollup_queries
+    }
+}
+
+/// Whether GitHub counts a request against the secondary limit on content creation.
+fn is_content(method: &str, path: &str, body: &str) -> bool {
+    if method == "GET" || method == "HEAD" || path.starts_with("/app/") {
+        return false;
+    }
+    if path == "/graphql" {
+        let query = serde_json::from_str::<Value>(body)
+            .ok()
+            .and_then(|v| v.get("query").and_then(Value::as_str).map(str::to_string))
+            .unwrap_or_default();
+        return query.trim_start().starts_with("mutation");
+    }
+    true
 }
 
 // ---------------------------------------------------------------- the server loop
@@ -400,17 +603,26 @@ fn serve(state: &Arc<Mutex<State>>, mut request: tiny_http::Request) {
 
     let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
     let fault = s.take_fault(&method, &path);
-    let (status, headers, text, garbage) = match fault {
+    let content = is_content(&method, &path, &body);
+    let (status, mut headers, text, garbage) = match fault {
         Some((false, canned)) => (canned.status, canned.headers, canned.body, canned.garbage),
         Some((true, canned)) => {
             let _ = s.handle(&method, &path, &query, authorization.as_deref(), &body);
             (canned.status, canned.headers, canned.body, canned.garbage)
         }
-        None => {
-            let (status, headers, text) = s.handle(&method, &path, &query, authorization.as_deref(), &body);
-            (status, headers, text, false)
-        }
+        None => match s.limit(content, &path) {
+            Some((status, headers, text)) => (status, headers, text, false),
+            None => {
+                let (status, headers, text) =
+                    s.handle(&method, &path, &query, authorization.as_deref(), &body);
+                (status, headers, text, false)
+            }
+        },
     };
+    headers.extend(s.limit_headers(&path));
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("date")) {
+        headers.push(("date".into(), s.now().to_rfc2822().replace("+0000", "GMT")));
+    }
     s.log.push(LoggedRequest {
         method,
         path,
@@ -486,6 +698,69 @@ fn iso(t: i64) -> String {
 }
 
 impl State {
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now() + TimeDelta::seconds(self.clock_offset)
+    }
+
+    /// GitHub's refusal when a request goes over a limit (and the request counted when not).
+    fn limit(&mut self, content: bool, path: &str) -> Option<Answer> {
+        let limits = self.limits?;
+        // Neither the App's own endpoints nor the rate-limit reading count against the budget.
+        if path.starts_with("/app/") || path == "/rate_limit" {
+            return None;
+        }
+        let now = self.now().timestamp();
+        if now >= self.primary_start + 3600 {
+            self.primary_start = now;
+            self.primary_used = 0;
+        }
+        if self.primary_used >= limits.primary_per_hour {
+            let (status, mut headers, text) = message(403, "API rate limit exceeded for installation.");
+            headers.push(("x-ratelimit-remaining".into(), "0".into()));
+            return Some((status, headers, text));
+        }
+        self.primary_used += 1;
+        if !content {
+            return None;
+        }
+        while self.content.front().is_some_and(|&t| t <= now - 3600) {
+            self.content.pop_front();
+        }
+        let in_minute = self.content.iter().filter(|&&t| t > now - 60).count();
+        if in_minute >= limits.content_per_minute || self.content.len() >= limits.content_per_hour {
+            self.refused += 1;
+            let (status, mut headers, text) = message(403, SECONDARY_LIMIT_MESSAGE);
+            headers.push(("retry-after".into(), "60".into()));
+            return Some((status, headers, text));
+        }
+        self.content.push_back(now);
+        None
+    }
+
+    /// The primary budget's headers, as GitHub sends them on every answer.
+    fn limit_headers(&self, path: &str) -> Vec<(String, String)> {
+        let Some(limits) = self.limits else {
+            return Vec::new();
+        };
+        let resource = if path == "/graphql" { "graphql" } else { "core" };
+        vec![
+            ("x-ratelimit-limit".into(), limits.primary_per_hour.to_string()),
+            (
+                "x-ratelimit-remaining".into(),
+                limits
+                    .primary_per_hour
+                    .saturating_sub(self.primary_used)
+                    .to_string(),
+            ),
+            ("x-ratelimit-used".into(), self.primary_used.to_string()),
+            (
+                "x-ratelimit-reset".into(),
+                (self.primary_start + 3600).to_string(),
+            ),
+            ("x-ratelimit-resource".into(), resource.into()),
+        ]
+    }
+
     fn tick(&mut self) -> i64 {
         self.clock += 1;
         self.clock
@@ -598,6 +873,20 @@ impl State {
             );
         }
 
+        if segs.as_slice() == ["rate_limit"] && method == "GET" {
+            if !self.token_ok(authorization) {
+                return message(401, "Bad credentials");
+            }
+            let limit = self.limits.map_or(5000, |l| l.primary_per_hour);
+            let core = json!({
+                "limit": limit,
+                "remaining": limit.saturating_sub(self.primary_used),
+                "used": self.primary_used,
+                "reset": self.primary_start + 3600,
+            });
+            return answer(200, json!({ "resources": { "core": core }, "rate": core }));
+        }
+
         if segs.as_slice() == ["graphql"] && method == "POST" {
             if !self.token_ok(authorization) {
                 return message(401, "Bad credentials");
@@ -638,7 +927,21 @@ impl State {
         }
 
         match (method, rest) {
+            ("GET", []) => {
+                let mut repo = self.repo_json();
+                if let Some(obj) = repo.as_object_mut() {
+                    obj.insert(
+                        "delete_branch_on_merge".into(),
+                        json!(self.delete_branch_on_merge),
+                    );
+                    obj.insert("allow_squash_merge".into(), json!(true));
+                    obj.insert("allow_merge_commit".into(), json!(true));
+                }
+                answer(200, repo)
+            }
             ("GET", ["pulls"]) => self.list_pulls(query),
+            ("GET", ["commits", sha, "status"]) => self.combined_status(sha),
+            ("GET", ["commits", sha, "check-runs"]) => self.list_check_runs(sha),
             ("POST", ["pulls"]) => self.create_pull(&body),
             ("GET", ["pulls", n]) => self.with_pr(n, |s, n| {
                 s.refresh_head(n);
@@ -950,6 +1253,9 @@ impl State {
         if pr.draft {
             return Err((405, "Pull Request is still a draft".into()));
         }
+        if let Some(refusal) = self.required_check_refusal(&pr.head_sha) {
+            return Err((405, refusal));
+        }
         if let Some(sha) = expected_sha
             && sha != pr.head_sha
         {
@@ -1008,6 +1314,9 @@ impl State {
         .map_err(|e| (500, e))?;
         let sha = run_git(&dir, &["rev-parse", "HEAD"]).map_err(|e| (500, e))?;
         let now = self.tick();
+        if self.delete_branch_on_merge {
+            let _ = self.git(&["update-ref", "-d", &format!("refs/heads/{}", pr.head_ref)]);
+        }
         let pr = self.prs.get_mut(&n).expect("checked");
         pr.open = false;
         pr.merged_at = Some(now);
@@ -1015,6 +1324,150 @@ impl State {
         pr.merge_commit_sha = Some(sha.clone());
         pr.updated_at = now;
         Ok(sha)
+    }
+
+    /// Branch protection's refusal, worded as GitHub words it, when a required check on `sha`
+    /// has not passed.
+    fn required_check_refusal(&self, sha: &str) -> Option<String> {
+        for name in &self.required_checks {
+            let run = self
+                .check_runs
+                .get(sha)
+                .and_then(|runs| runs.iter().rev().find(|r| &r.name == name));
+            let status = self
+                .statuses
+                .get(sha)
+                .and_then(|st| st.iter().rev().find(|(c, _, _)| c == name));
+            let passed =
+                run.is_some_and(CheckRun::passed) || status.is_some_and(|(_, st, _)| st == "success");
+            if passed {
+                continue;
+            }
+            return Some(if run.is_none() && status.is_none() {
+                format!("Required status check \"{name}\" is expected.")
+            } else {
+                format!("Required status check \"{name}\" is failing.")
+            });
+        }
+        None
+    }
+
+    /// `GET /commits/{sha}/status`: the combined status.
+    fn combined_status(&self, sha: &str) -> Answer {
+        let statuses: Vec<Value> = self
+            .statuses
+            .get(sha)
+            .into_iter()
+            .flatten()
+            .map(|(context, state, description)| {
+                json!({ "context": context, "state": state, "description": description, "target_url": format!("https://ci.example.com/{context}") })
+            })
+            .collect();
+        let states: Vec<&str> = self
+            .statuses
+            .get(sha)
+            .into_iter()
+            .flatten()
+            .map(|(_, st, _)| st.as_str())
+            .collect();
+        let state = if states.iter().any(|s| *s == "failure" || *s == "error") {
+            "failure"
+        } else if states.is_empty() || states.contains(&"pending") {
+            "pending"
+        } else {
+            "success"
+        };
+        answer(
+            200,
+            json!({ "state": state, "sha": sha, "total_count": statuses.len(), "statuses": statuses }),
+        )
+    }
+
+    /// `GET /commits/{sha}/check-runs`.
+    fn list_check_runs(&self, sha: &str) -> Answer {
+        let runs: Vec<Value> = self
+            .check_runs
+            .get(sha)
+            .into_iter()
+            .flatten()
+            .enumerate()
+            .map(|(i, r)| {
+                json!({
+                    "id": i + 1, "name": r.name, "head_sha": sha, "status": r.status,
+                    "conclusion": r.conclusion,
+                    "details_url": format!("https://github.com/{}/runs/{}", self.full_name(), i + 1),
+                    "output": { "title": r.title, "summary": r.summary, "annotations_count": r.annotations.len() },
+                })
+            })
+            .collect();
+        answer(200, json!({ "total_count": runs.len(), "check_runs": runs }))
+    }
+
+    /// GraphQL: the `statusCheckRollup` of each aliased `prN: pullRequest(number: N)`.
+    fn graphql_checks(&mut self, query: &str) -> Answer {
+        self.rollup_queries += 1;
+        let mut repo = serde_json::Map::new();
+        for part in query.split("pullRequest(number: ").skip(1) {
+            let Some(n) = part.split(')').next().and_then(|n| n.trim().parse::<u64>().ok()) else {
+                continue;
+            };
+            if !self.prs.contains_key(&n) {
+                repo.insert(format!("pr{n}"), Value::Null);
+                continue;
+            }
+            self.refresh_head(n);
+            let pr = self.prs[&n].clone();
+            let mut contexts = Vec::new();
+            for (i, r) in self
+                .check_runs
+                .get(&pr.head_sha)
+                .into_iter()
+                .flatten()
+                .enumerate()
+            {
+                contexts.push(json!({
+                    "__typename": "CheckRun",
+                    "name": r.name,
+                    "status": r.status.to_uppercase(),
+                    "conclusion": r.conclusion.as_ref().map(|c| c.to_uppercase()),
+                    "detailsUrl": format!("https://github.com/{}/runs/{}", self.full_name(), i + 1),
+                    "title": r.title,
+                    "summary": r.summary,
+                    "annotations": { "nodes": r.annotations.iter().map(|(path, line, message)| json!({
+                        "path": path, "message": message, "location": { "start": { "line": line } },
+                    })).collect::<Vec<_>>() },
+                }));
+            }
+            for (context, state, description) in self.statuses.get(&pr.head_sha).into_iter().flatten() {
+                contexts.push(json!({
+                    "__typename": "StatusContext",
+                    "context": context,
+                    "state": state.to_uppercase(),
+                    "description": description,
+                    "targetUrl": format!("https://ci.example.com/{context}"),
+                }));
+            }
+            let rule = if self.required_checks.is_empty() {
+                Value::Null
+            } else {
+                json!({ "requiredStatusCheckContexts": self.required_checks, "requiresConversationResolution": false })
+            };
+            repo.insert(
+                format!("pr{n}"),
+                json!({
+                    "number": n,
+                    "headRefOid": pr.head_sha,
+                    "reviewDecision": null,
+                    "mergeStateStatus": if self.required_check_refusal(&pr.head_sha).is_some() { "BLOCKED" } else { "CLEAN" },
+                    "baseRef": { "refUpdateRule": rule },
+                    "commits": { "nodes": [ { "commit": {
+                        "oid": pr.head_sha,
+                        "statusCheckRollup": if contexts.is_empty() { Value::Null } else { json!({ "state": "PENDING", "contexts": { "nodes": contexts } }) },
+                    } } ] },
+                }),
+            );
+        }
+        answer(200, json!({ "data": { "repository": repo } }))
     }
 
     fn update_branch(&mut self, n: u64) -> Answer {
@@ -1118,10 +1571,16 @@ impl State {
 
     fn graphql(&mut self, body: &Value) -> Answer {
         let query = body.get("query").and_then(Value::as_str).unwrap_or("");
-        if !query.contains("markPullRequestReadyForReview") {
+        if query.trim_start().starts_with("query") && query.contains("statusCheckRollup") {
+            let query = query.to_string();
+            return self.graphql_checks(&query);
+        }
+        let updates = query.contains("updatePullRequest");
+        let readies = query.contains("markPullRequestReadyForReview");
+        if !updates && !readies {
             return answer(
                 200,
-                json!({ "errors": [{ "message": "fake GitHub only knows markPullRequestReadyForReview" }] }),
+                json!({ "errors": [{ "message": "fake GitHub does not know this query" }] }),
             );
         }
         let id = body
@@ -1144,12 +1603,31 @@ impl State {
         };
         let now = self.tick();
         let pr = self.prs.get_mut(&n).expect("found");
-        pr.draft = false;
+        let mut data = serde_json::Map::new();
+        if updates && let Some(text) = body.pointer("/variables/body").and_then(Value::as_str) {
+            pr.body = text.to_string();
+            // Aliased as in hyperloop's request, or under the field's own name.
+            let key = if query.contains("body: updatePullRequest") {
+                "body"
+            } else {
+                "updatePullRequest"
+            };
+            data.insert(key.into(), json!({ "pullRequest": { "number": n } }));
+        }
+        if readies {
+            pr.draft = false;
+            let key = if query.contains("ready: markPullRequestReadyForReview") {
+                "ready"
+            } else {
+                "markPullRequestReadyForReview"
+            };
+            data.insert(
+                key.into(),
+                json!({ "pullRequest": { "number": n, "isDraft": false } }),
+            );
+        }
         pr.updated_at = now;
-        answer(
-            200,
-            json!({ "data": { "markPullRequestReadyForReview": { "pullRequest": { "number": n, "isDraft": false } } } }),
-        )
+        answer(200, json!({ "data": data }))
     }
 
     // ------------------------------------------------------------ git

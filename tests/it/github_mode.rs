@@ -58,6 +58,10 @@ impl GhProject {
     }
 }
 
+/// For tests about something else than CI: merge in the step that verifies, as without
+/// `merge.checks` (a pull request opened in a step has no checks reported in that step).
+const NO_CI: &str = "merge:\n  checks: none\n";
+
 fn field<'a>(task_file: &'a str, key: &str) -> Option<&'a str> {
     task_file
         .lines()
@@ -176,7 +180,7 @@ fn state_pushes_are_compare_and_swap() {
       - implement_task: true
       - verdict: {verdict: pass}
 "#;
-    let g = GhProject::new(rules, "", false);
+    let g = GhProject::new(rules, NO_CI, false);
     let out = g.step();
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     let evs = events(&out);
@@ -202,7 +206,7 @@ fn the_token_never_reaches_logs_files_or_agents() {
       - implement_task: true
       - verdict: {verdict: pass}
 "#;
-    let g = GhProject::new(rules, "", false);
+    let g = GhProject::new(rules, NO_CI, false);
     let canary = "ghp_canaryTOKEN0123456789abcdefghijklmnopq";
     g.gh.allow_token(canary);
     let mut cmd = g.p.env.command(crate::harness::hyperloop_bin());
@@ -364,7 +368,11 @@ fn pr_of(task_file: &str) -> u64 {
 
 #[test]
 fn a_separate_state_branch_on_github() {
-    let g = GhProject::new("", "target:\n  state_branch: hyperloop-state\n", false);
+    let g = GhProject::new(
+        "",
+        &format!("target:\n  state_branch: hyperloop-state\n{NO_CI}"),
+        false,
+    );
     let out = g.step();
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     assert_eq!(named(&events(&out), "state_branch_created").len(), 1);
@@ -395,25 +403,26 @@ fn a_separate_state_branch_on_github() {
 }
 
 #[test]
-fn a_rate_limit_ends_the_step_cleanly_and_the_next_step_continues() {
-    let g = GhProject::new("", "", false);
-    let reset = chrono::Utc::now() + chrono::TimeDelta::hours(1);
+fn a_rate_limit_ends_the_step_cleanly_and_no_step_asks_again_before_the_reset() {
+    let g = GhProject::new("", NO_CI, false);
+    // A short reset, so that the test can wait for it; a refused write is never retried in the
+    // step that met the limit, however short the wait.
+    let reset = chrono::Utc::now() + chrono::TimeDelta::seconds(3);
     g.gh.fail_next("PUT", "/merge", 1, Canned::primary_rate_limit(reset));
     let out = g.step();
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     let evs = events(&out);
     let limited = named(&evs, "rate_limited");
     assert_eq!(limited.len(), 1, "{}", describe(&out));
-    let at = limited[0]["retry_at"].as_str().expect("retry_at");
-    assert!(
-        at.starts_with(&reset.format("%Y-%m-%dT%H:%M").to_string()),
-        "{at} vs {reset}"
-    );
+    let at = limited[0]["retry_at"].as_str().expect("retry_at").to_string();
+    let retry_at = chrono::DateTime::parse_from_rfc3339(&at).expect("RFC 3339");
+    assert!(retry_at.timestamp() > reset.timestamp(), "{at} vs {reset}");
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("rate limit"),
         "{}",
         describe(&out)
     );
+    assert_eq!(g.gh.count("PUT", "/merge"), 1, "not retried in the step");
     // What happened before the limit is on origin: the work is verified and waits to merge.
     let t = g.origin_task("task-001");
     assert_eq!(field(&t, "status"), Some("in-progress"), "{t}");
@@ -423,6 +432,21 @@ fn a_rate_limit_ends_the_step_cleanly_and_the_next_step_continues() {
             .contains("(task-001)")
     );
 
+    // A step before the reset (a new process: it knows from the state branch) asks nothing.
+    g.gh.clear_requests();
+    let out = g.step();
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert_eq!(
+        named(&events(&out), "rate_limited").len(),
+        1,
+        "{}",
+        describe(&out)
+    );
+    assert!(g.gh.requests().is_empty(), "{:?}", g.gh.requests());
+
+    while chrono::Utc::now().timestamp() <= retry_at.timestamp() {
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let out = g.step();
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     assert!(named(&events(&out), "rate_limited").is_empty());
@@ -434,6 +458,9 @@ fn a_rate_limit_ends_the_step_cleanly_and_the_next_step_continues() {
 #[test]
 fn permission_errors_fail_the_step_and_name_what_is_missing() {
     let g = GhProject::new("", "", true);
+    // The first step has no pull request to read yet; the second lists the one it opened.
+    let out = g.step();
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     g.gh.fail_next("GET", "/pulls", 1, Canned::status(403));
     let out = g.step();
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));

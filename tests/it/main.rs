@@ -9,6 +9,8 @@ mod events;
 mod fake_github;
 mod faults;
 pub mod github;
+mod github_budget;
+mod github_checks;
 mod github_mode;
 mod harness;
 mod hostile;

@@ -26,6 +26,7 @@ use crate::cycle::transition::{self, ChangeEvent, TaskChange};
 use crate::emit;
 use crate::error::{Error, Result};
 use crate::forge::auth::AuthConfig;
+use crate::forge::budget::PendingWrite;
 use crate::forge::github::{ClientOptions, GitHubClient, RepoRef};
 use crate::forge::{MergeOutcome, NotMergeableReason, PrState};
 use crate::git::trailers;
@@ -33,7 +34,7 @@ use crate::state::{MergeTree, Publish, Repo};
 use crate::task::{Status, Task};
 use crate::transport::{PushOutcome, Transport};
 
-use super::Stepper;
+use super::{Stepper, api_budget, ci_checks};
 
 /// The label that clears a gate.
 pub const APPROVAL_LABEL: &str = "lgtm";
@@ -47,6 +48,14 @@ pub(super) struct GitHubMode {
     pub transport: Transport,
     /// Head branch → its pull request, from this step's listing (updated as the step acts).
     pub prs: HashMap<String, PrState>,
+    /// The repository's "automatically delete head branches", once a merge asked for it.
+    pub deletes_merged_branches: Option<bool>,
+    /// The checks of the pull requests at `merge-pr`, from this step's one query.
+    pub checks: HashMap<u64, crate::forge::checks::PrChecks>,
+    pub checks_read: bool,
+    /// Each listed pull request's head when the step began: a head that is not here was pushed
+    /// by this step, too recently for CI to have reported on it.
+    pub listed_heads: HashMap<u64, String>,
 }
 
 /// Runs a future from synchronous executor code (the step runs on a multi-threaded runtime).
@@ -93,6 +102,10 @@ pub(super) async fn connect(slug: &str, repo: &Repo) -> Result<GitHubMode> {
         remote: "origin".to_string(),
         transport,
         prs: HashMap::new(),
+        deletes_merged_branches: None,
+        checks: HashMap::new(),
+        checks_read: false,
+        listed_heads: HashMap::new(),
     })
 }
 
@@ -316,9 +329,19 @@ impl Stepper {
     /// Reads every hyperloop pull request once, and lets tasks follow what people did to them:
     /// merged by a person → complete; closed without merging → failed.
     pub(super) fn sync_pull_requests(&mut self) -> Result<()> {
+        // Only the pull requests tasks wait on: paging stops once all are seen, so a long
+        // history of merged pull requests costs nothing, and a step with none costs no request.
+        let mut wanted: Vec<u64> = self
+            .tasks
+            .values()
+            .filter(|t| matches!(t.status, Status::InProgress | Status::NeedsRebase))
+            .filter_map(|t| t.pr.as_deref().and_then(pr_number))
+            .collect();
+        wanted.sort_unstable();
+        wanted.dedup();
         let listing = {
             let gh = self.gh()?;
-            wait(gh.client.list_hyperloop_prs()).map_err(forge)?
+            wait(gh.client.list_wanted_prs(&wanted)).map_err(forge)?
         };
         let mut prs = HashMap::new();
         for pr in listing {
@@ -326,6 +349,7 @@ impl Stepper {
             prs.entry(pr.head_ref.clone()).or_insert(pr);
         }
         if let Some(gh) = self.gh.as_mut() {
+            gh.listed_heads = prs.values().map(|p| (p.number, p.head_sha.clone())).collect();
             gh.prs = prs;
         }
         let active: Vec<Task> = self
@@ -441,11 +465,27 @@ impl Stepper {
         ];
         let gh = self.gh()?;
         let existing = gh.prs.get(&branch).filter(|p| p.is_open()).cloned();
+        let held = |e: crate::forge::ForgeError| {
+            if self.deferred(&task.id, "open its pull request", &e) {
+                Error::from(e)
+            } else {
+                forge(e)
+            }
+        };
         let pr = match existing {
             Some(pr) => pr,
             None => {
                 let title = format!("{} ({})", task.title, task.id);
-                match wait(gh.client.create_draft_pr(&branch, &base, &title, &pr_body(task))) {
+                let body = pr_body(task);
+                // A task with no pull request recorded has none open: it is recorded in the same
+                // commit as the work it shows. One that has one recorded but missing from the
+                // listing is looked up before anything is opened.
+                let created = if task.pr.is_none() {
+                    wait(gh.client.open_draft_pr(&branch, &base, &title, &body))
+                } else {
+                    wait(gh.client.create_draft_pr(&branch, &base, &title, &body))
+                };
+                match created {
                     Ok(pr) => {
                         emit!(
                             INFO,
@@ -457,19 +497,36 @@ impl Stepper {
                         pr
                     }
                     Err(crate::forge::ForgeError::NoCommits { .. }) => return Ok(task.pr.clone()),
-                    Err(e) => return Err(forge(e)),
+                    Err(e) => return Err(held(e)),
                 }
             }
         };
-        let label_refs: Vec<&str> = labels.iter().map(String::as_str).collect();
-        let missing: Vec<&str> = label_refs.iter().copied().filter(|l| !pr.has_label(l)).collect();
-        if !missing.is_empty() {
-            wait(gh.client.ensure_labels(&missing)).map_err(forge)?;
-            wait(gh.client.add_labels(pr.number, &missing)).map_err(forge)?;
-        }
         let url = pr.url.clone();
+        let number = pr.number;
         if let Some(gh) = self.gh.as_mut() {
-            gh.prs.insert(branch, pr);
+            gh.prs.insert(branch.clone(), pr.clone());
+        }
+        // Both labels in one request: GitHub creates a label that does not exist yet when it is
+        // added, so neither a listing of the repository's labels nor a create is needed.
+        let missing: Vec<&str> = labels
+            .iter()
+            .map(String::as_str)
+            .filter(|l| !pr.has_label(l))
+            .collect();
+        if !missing.is_empty() {
+            let gh = self.gh()?;
+            match wait(gh.client.add_labels(number, &missing)) {
+                Ok(now) => {
+                    if let Some(gh) = self.gh.as_mut()
+                        && let Some(listed) = gh.prs.get_mut(&branch)
+                    {
+                        listed.labels = now;
+                    }
+                }
+                // The pull request stands; its labels follow in a later step.
+                Err(e) if self.deferred(&task.id, "label its pull request", &e) => {}
+                Err(e) => return Err(forge(e)),
+            }
         }
         Ok(Some(url))
     }
@@ -532,22 +589,6 @@ impl Stepper {
         }
     }
 
-    /// Refreshes the PR body after a round (best effort: a body is information, not state).
-    pub(super) fn update_pr_body(&self, task: &Task) {
-        let Some(number) = task.pr.as_deref().and_then(pr_number) else {
-            return;
-        };
-        let Ok(gh) = self.gh() else { return };
-        if let Err(e) = wait(gh.client.update_pr_body(number, &pr_body(task))) {
-            emit!(
-                WARN,
-                "pr_update_failed",
-                task_id = task.id.as_str(),
-                error = e.to_string().as_str()
-            );
-        }
-    }
-
     /// A gate in GitHub mode: cleared by the `lgtm` label on the task's pull request.
     pub(super) fn poll_gate(&mut self, task_id: &str, gate: &str) -> Result<bool> {
         let Some(task) = self.tasks.get(task_id).cloned() else {
@@ -588,14 +629,13 @@ impl Stepper {
         };
         // Consume the approval so a later gate needs a new one; the clearing is recorded in the
         // task file, so this gate is never polled again.
-        if let (Some(pr), Ok(gh)) = (self.pr_for(&t), self.gh())
-            && let Err(e) = wait(gh.client.remove_label(pr.number, APPROVAL_LABEL))
-        {
-            emit!(
-                WARN,
-                "label_not_removed",
-                task_id = task_id,
-                error = e.to_string().as_str()
+        if let Some(pr) = self.pr_for(&t).map(|p| p.number) {
+            self.write_or_keep(
+                task_id,
+                PendingWrite::RemoveLabel {
+                    pr,
+                    label: APPROVAL_LABEL.to_string(),
+                },
             );
         }
         if let Some(branch) = t.branch.clone()
@@ -612,17 +652,52 @@ impl Stepper {
         Ok(true)
     }
 
+    /// Marks the task's pull request ready for review, with its description brought up to date
+    /// in the same GraphQL request. Free when the listing shows it ready already.
     pub(super) fn mark_ready_github(&mut self, task: &Task) -> Result<()> {
-        if let Some(number) = task.pr.as_deref().and_then(pr_number) {
-            let gh = self.gh()?;
-            let was_draft = wait(gh.client.mark_ready(number)).map_err(forge)?;
-            emit!(
-                INFO,
-                "pr_marked_ready",
-                task_id = task.id.as_str(),
-                pr = number,
-                was_draft = was_draft
-            );
+        let Some(pr) = self.pr_for(task).cloned() else {
+            // Not in this step's listing (just opened elsewhere, or beyond its pages).
+            if let Some(number) = task.pr.as_deref().and_then(pr_number) {
+                let gh = self.gh()?;
+                let was_draft = wait(gh.client.mark_ready(number)).map_err(|e| {
+                    self.deferred(&task.id, "mark its pull request ready", &e);
+                    forge(e)
+                })?;
+                emit!(
+                    INFO,
+                    "pr_marked_ready",
+                    task_id = task.id.as_str(),
+                    pr = number,
+                    was_draft = was_draft
+                );
+            }
+            return Ok(());
+        };
+        if !pr.draft {
+            return Ok(());
+        }
+        let body = pr_body(task);
+        let new_body = (pr.body.replace("\r\n", "\n").trim() != body.trim()).then_some(body.as_str());
+        let gh = self.gh()?;
+        wait(gh.client.ready_with_body(&pr.node_id, new_body)).map_err(|e| {
+            self.deferred(&task.id, "mark its pull request ready", &e);
+            forge(e)
+        })?;
+        emit!(
+            INFO,
+            "pr_marked_ready",
+            task_id = task.id.as_str(),
+            pr = pr.number,
+            was_draft = true
+        );
+        if let Some(branch) = task.branch.clone()
+            && let Some(gh) = self.gh.as_mut()
+            && let Some(listed) = gh.prs.get_mut(&branch)
+        {
+            listed.draft = false;
+            if new_body.is_some() {
+                listed.body = body;
+            }
         }
         Ok(())
     }
@@ -677,7 +752,10 @@ impl Stepper {
                 self.save_task(t, &change, &format!("hyperloop: {id} push refused"))?;
                 return Ok(true);
             }
-            other => other?,
+            Ok(url) => url,
+            // Its pull request waits for the pace; so does the merge.
+            Err(e) if api_budget::is_held(&e) => return Ok(false),
+            Err(e) => return Err(e),
         };
         if url.is_none() {
             // The branch adds nothing to the base: complete without a pull request.
@@ -698,20 +776,35 @@ impl Stepper {
             .as_deref()
             .and_then(pr_number)
             .ok_or_else(|| Error::other("pull request URL without a number"))?;
-        self.mark_ready_github(&t)?;
+        // The repository's own CI is part of verification.
+        match self.checks_gate(&mut t, number, &branch_tip)? {
+            ci_checks::Gate::Go => {}
+            ci_checks::Gate::Hold(changed) => return Ok(changed),
+        }
+        match self.mark_ready_github(&t) {
+            Ok(()) => {}
+            // The pace is spent: the merge waits for a later step.
+            Err(e) if api_budget::is_held(&e) => return Ok(false),
+            Err(e) => return Err(e),
+        }
         let title = format!("{} ({})", t.title, t.id);
         let message = format!("{}\n", trailers(&t.spec_ref, &t.id));
         let strategy = self.config.merge.strategy;
-        let outcome = {
+        let merged = {
             let gh = self.gh()?;
             wait(
                 gh.client
                     .merge_pr_at(number, strategy, &title, &message, Some(branch_tip.as_str())),
             )
-            .map_err(forge)?
+        };
+        let outcome = match merged {
+            Ok(outcome) => outcome,
+            Err(e) if self.deferred(&id, "merge", &e) => return Ok(false),
+            Err(e) => return Err(forge(e)),
         };
         match outcome {
             MergeOutcome::Merged { .. } | MergeOutcome::AlreadyMerged { .. } => {
+                t.extra.remove("merge_blocked");
                 crate::fault::point("github-merged");
                 self.refresh_after_base_moved()?;
                 let change = transition::action_done(&mut t, self.pipeline());
@@ -732,15 +825,12 @@ impl Stepper {
                     &format!("hyperloop: {id} merged (pull request #{number})"),
                 )?;
                 if self.config.merge.delete_branch {
-                    if let Ok(gh) = self.gh()
-                        && let Err(e) = wait(gh.client.delete_branch(&branch))
-                    {
-                        emit!(
-                            WARN,
-                            "cleanup_failed",
-                            task_id = id.as_str(),
-                            branch = branch.as_str(),
-                            error = e.to_string().as_str()
+                    if !self.repo_deletes_merged_branches() {
+                        self.write_or_keep(
+                            &id,
+                            PendingWrite::DeleteBranch {
+                                branch: branch.clone(),
+                            },
                         );
                     }
                     self.delete_task_branch(&id, &branch);
@@ -770,15 +860,63 @@ impl Stepper {
                     }
                     NotMergeableReason::HeadModified | NotMergeableReason::Draft => Ok(false),
                     NotMergeableReason::Blocked => {
-                        // Out of date with the base, or required checks: ask GitHub to bring
-                        // the branch up to date; a later step tries again.
+                        let known = self.gh()?.checks.get(&number).cloned();
+                        if let Some(why) = crate::forge::checks::merge_blocker(known.as_ref(), &message) {
+                            // A rule of the repository a person must satisfy: say which, on the
+                            // task and in the report, and try again in a later step.
+                            emit!(
+                                WARN,
+                                "merge_blocked",
+                                task_id = id.as_str(),
+                                pr = number,
+                                reason = why.as_str()
+                            );
+                            self.report.checks.push(format!("{id}: merge refused: {why}"));
+                            let note = format!("merge refused: {why}");
+                            if t.extra.get("merge_blocked").and_then(serde_json::Value::as_str)
+                                != Some(note.as_str())
+                            {
+                                t.extra
+                                    .insert("merge_blocked".into(), serde_json::Value::String(note));
+                                let change = super::no_change(&t);
+                                self.save_task(
+                                    t,
+                                    &change,
+                                    &format!("hyperloop: {id} merge refused ({why})"),
+                                )?;
+                                return Ok(true);
+                            }
+                            return Ok(false);
+                        }
+                        // Out of date with the base: ask GitHub to bring the branch up to date;
+                        // a later step tries again.
                         let gh = self.gh()?;
-                        let _ = wait(gh.client.update_branch(number));
+                        if let Err(e) = wait(gh.client.update_branch(number)) {
+                            self.deferred(&id, "update its branch", &e);
+                        }
                         Ok(false)
                     }
                 }
             }
         }
+    }
+}
+
+impl Stepper {
+    /// Whether GitHub deletes a head branch after its merge by itself, so that deleting it
+    /// costs no request of ours. Asked once per step, at its first merge.
+    fn repo_deletes_merged_branches(&mut self) -> bool {
+        let Some(gh) = self.gh.as_ref() else {
+            return false;
+        };
+        if let Some(known) = gh.deletes_merged_branches {
+            return known;
+        }
+        let known = wait(gh.client.deletes_branch_on_merge()).unwrap_or(false);
+        if let Some(gh) = self.gh.as_mut() {
+            gh.deletes_merged_branches = Some(known);
+        }
+        known
     }
 }
 
