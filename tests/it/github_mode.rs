@@ -407,7 +407,8 @@ fn a_rate_limit_ends_the_step_cleanly_and_no_step_asks_again_before_the_reset() 
     let g = GhProject::new("", NO_CI, false);
     // A short reset, so that the test can wait for it; a refused write is never retried in the
     // step that met the limit, however short the wait.
-    let reset = chrono::Utc::now() + chrono::TimeDelta::seconds(3);
+    // Long enough that a step slowed down by a busy machine still ends before it.
+    let reset = chrono::Utc::now() + chrono::TimeDelta::seconds(20);
     g.gh.fail_next("PUT", "/merge", 1, Canned::primary_rate_limit(reset));
     let out = g.step();
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));

@@ -329,12 +329,18 @@ impl Stepper {
     /// Reads every hyperloop pull request once, and lets tasks follow what people did to them:
     /// merged by a person → complete; closed without merging → failed.
     pub(super) fn sync_pull_requests(&mut self) -> Result<()> {
-        // Only the pull requests tasks wait on: paging stops once all are seen, so a long
-        // history of merged pull requests costs nothing, and a step with none costs no request.
+        // Only the pull requests tasks wait on — and those of failed tasks, whose pull requests
+        // may carry a `hyperloop:retry` label: paging stops once all are seen, so a long history
+        // of merged pull requests costs nothing, and a step with none costs no request.
         let mut wanted: Vec<u64> = self
             .tasks
             .values()
-            .filter(|t| matches!(t.status, Status::InProgress | Status::NeedsRebase))
+            .filter(|t| {
+                matches!(
+                    t.status,
+                    Status::InProgress | Status::NeedsRebase | Status::Failed
+                )
+            })
             .filter_map(|t| t.pr.as_deref().and_then(pr_number))
             .collect();
         wanted.sort_unstable();
