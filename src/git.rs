@@ -127,6 +127,41 @@ impl Git {
         })
     }
 
+    /// Runs git with `input` on standard input; returns standard output as bytes (a pack, say).
+    /// Standard input is written from a thread, so a child that answers while it reads cannot
+    /// block on a full pipe.
+    pub fn run_bytes<I, S>(&self, args: I, input: &[u8]) -> Result<Vec<u8>>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        use std::io::Write;
+        let (mut cmd, shown) = self.command(args);
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let err = |e: std::io::Error| Error::Git {
+            args: shown.clone(),
+            dir: self.dir.clone(),
+            stderr: e.to_string(),
+        };
+        let mut child = cmd.spawn().map_err(err)?;
+        let writer = child.stdin.take().map(|mut stdin| {
+            let input = input.to_vec();
+            std::thread::spawn(move || {
+                let _ = stdin.write_all(&input);
+            })
+        });
+        let out = child.wait_with_output().map_err(err)?;
+        if let Some(w) = writer {
+            let _ = w.join();
+        }
+        if out.status.success() {
+            return Ok(out.stdout);
+        }
+        self.check(&shown, &out).map(String::into_bytes)
+    }
+
     /// Runs git with `input` on standard input.
     pub fn run_with_input<I, S>(&self, args: I, input: &[u8]) -> Result<String>
     where

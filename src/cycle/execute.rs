@@ -1981,7 +1981,12 @@ impl Stepper {
         task.last_verdict = Some(verdict.as_str().to_string());
         // What a merge may take: the tip this passing agent left, and nothing that came after.
         task.verified_tip = if outcome.verdict.is_pass() {
-            self.repo.branch_tip(&crate::task::file::task_branch(&task.id))?
+            // Where the run left the branch: its last commit, taken in just now, or the commit
+            // it started from.
+            match outcome.commits.last() {
+                Some(tip) => Some(tip.clone()),
+                None => self.repo.branch_tip(&crate::task::file::task_branch(&task.id))?,
+            }
         } else {
             None
         };

@@ -85,7 +85,7 @@ fn check_name(what: &str, name: &str) -> Result<()> {
 
 /// Makes sure `info/exclude` ignores hyperloop's local state and the result file.
 pub fn ensure_local_excludes(git: &Git) -> Result<()> {
-    ensure_local_excludes_in(&git.common_dir()?)
+    ensure_local_excludes_in(&common_dir(git)?)
 }
 
 /// [`ensure_local_excludes`] for a repository whose common git directory is known.
@@ -386,7 +386,7 @@ pub fn prepare_task_worktree(
     }
     let path = task_worktree_path(repo_root, task_id);
     let branch_ref = format!("refs/heads/{branch}");
-    let common = git.common_dir()?;
+    let common = common_dir(git)?;
     clear_stale_lock(&common.join(format!("{branch_ref}.lock")))?;
 
     let base_tip = git.rev_parse(base_commit)?.unwrap_or_default();
@@ -487,43 +487,74 @@ fn quoted(value: &str) -> String {
 }
 
 /// Creates an empty repository at `path` that borrows the objects of the repository whose common
-/// git directory is `common`, with `refs` set. Two git commands, no copy of any object.
+/// git directory is `common`, with the base refs of `refs` (`update-ref --stdin` lines). Its
+/// files are written directly — a repository is a handful of small files — so the only git
+/// command a new checkout costs is the checkout itself, as a worktree's did.
 fn make_checkout(git: &Git, common: &Path, path: &Path, refs: &str) -> Result<()> {
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    }
-    let p = path.to_string_lossy().into_owned();
-    Git::new(parent_or_dot(path)).run(["init", "-q", p.as_str()])?;
     let gitdir = path.join(".git");
-    let objects = std::path::absolute(common.join("objects")).map_err(|e| Error::io(common, e))?;
-    let alternates = gitdir.join("objects").join("info").join("alternates");
-    std::fs::write(&alternates, format!("{}\n", objects.display())).map_err(|e| Error::io(&alternates, e))?;
-    ensure_local_excludes_in(&gitdir)?;
+    let io = |p: &Path, e: std::io::Error| Error::io(p, e);
+    for dir in ["objects/info", "objects/pack", "refs/heads", "refs/tags", "info"] {
+        let d = gitdir.join(dir);
+        std::fs::create_dir_all(&d).map_err(|e| io(&d, e))?;
+    }
+    let objects = std::path::absolute(common.join("objects")).map_err(|e| io(common, e))?;
+    let write = |rel: &str, text: &str| -> Result<()> {
+        let f = gitdir.join(rel);
+        std::fs::write(&f, text).map_err(|e| Error::io(&f, e))
+    };
+    write("objects/info/alternates", &format!("{}\n", objects.display()))?;
+    // Unborn until the checkout that follows points it somewhere.
+    write("HEAD", "ref: refs/heads/hyperloop-unborn\n")?;
+    let sha256 = refs
+        .split_whitespace()
+        .any(|w| w.len() == 64 && w.bytes().all(|b| b.is_ascii_hexdigit()));
+    let mut config = if sha256 {
+        "[core]\n\trepositoryformatversion = 1\n".to_string()
+    } else {
+        "[core]\n\trepositoryformatversion = 0\n".to_string()
+    };
+    config.push_str("\tfilemode = true\n\tbare = false\n\tlogallrefupdates = true\n");
+    if sha256 {
+        config.push_str("[extensions]\n\tobjectformat = sha256\n");
+    }
     // The repository's `origin`, without any credential: agents may read from it as people do.
-    let origin = git.output(["config", "--get", "remote.origin.url"])?;
-    let url = String::from_utf8_lossy(&origin.stdout).trim().to_string();
-    if origin.status.success() && !url.is_empty() {
-        use std::io::Write;
-        let config = gitdir.join("config");
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&config)
-            .map_err(|e| Error::io(&config, e))?;
-        write!(
-            f,
+    if let Some(url) = origin_url(git, common)? {
+        config.push_str(&format!(
             "[remote \"origin\"]\n\turl = {}\n\tfetch = +refs/heads/*:refs/remotes/origin/*\n",
             quoted(&url)
-        )
-        .map_err(|e| Error::io(&config, e))?;
+        ));
     }
-    if !refs.is_empty() {
-        Git::new(path).run_with_input(["update-ref", "--stdin"], refs.as_bytes())?;
+    write("config", &config)?;
+    write("description", "a hyperloop agent's checkout\n")?;
+    ensure_local_excludes_in(&gitdir)?;
+    for line in refs.lines() {
+        let mut words = line.split_whitespace().skip(1);
+        let (Some(name), Some(oid)) = (words.next(), words.next()) else {
+            continue;
+        };
+        let file = gitdir.join(name);
+        if let Some(dir) = file.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+        }
+        std::fs::write(&file, format!("{oid}\n")).map_err(|e| io(&file, e))?;
     }
     Ok(())
 }
 
-fn parent_or_dot(path: &Path) -> &Path {
-    path.parent().unwrap_or(Path::new("."))
+/// `origin`'s URL in the repository, read once per process.
+fn origin_url(git: &Git, common: &Path) -> Result<Option<String>> {
+    static CACHE: std::sync::Mutex<Option<(PathBuf, Option<String>)>> = std::sync::Mutex::new(None);
+    let mut cache = CACHE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some((dir, url)) = cache.as_ref()
+        && dir == common
+    {
+        return Ok(url.clone());
+    }
+    let out = git.output(["config", "--get", "remote.origin.url"])?;
+    let url = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let url = (out.status.success() && !url.is_empty()).then_some(url);
+    *cache = Some((common.to_path_buf(), url.clone()));
+    Ok(url)
 }
 
 fn remove_dir(path: &Path) -> Result<()> {
@@ -564,7 +595,7 @@ pub fn import(
     git: &Git,
     checkout: &Path,
     source: &str,
-    key: &str,
+    _key: &str,
     base: &str,
     branch: Option<&str>,
 ) -> Result<Option<String>> {
@@ -575,53 +606,22 @@ pub fn import(
     if tip == base {
         return Ok(None);
     }
-    let incoming = format!("refs/hyperloop/incoming/{key}");
-    if !git.succeeds(["cat-file", "-e", &format!("{tip}^{{commit}}")])? {
-        if super::agent_user::current().is_some() {
-            // Another user's repository is not read by a git of hyperloop's (its configuration
-            // could run commands): the agent user packs the commits into a bundle, which is
-            // only data.
-            let bundle = checkout.join(".git").join("hyperloop-export.bundle");
-            let shown = bundle.to_string_lossy().into_owned();
-            let _ = super::agent_user::remove_tree(&bundle);
-            agent.run([
-                "bundle",
-                "create",
-                "-q",
-                shown.as_str(),
-                source,
-                &format!("^{base}"),
-            ])?;
-            let fetched = git.run([
-                "fetch",
-                "--quiet",
-                "--no-tags",
-                "--no-write-fetch-head",
-                shown.as_str(),
-                &format!("+{source}:{incoming}"),
-            ]);
-            let _ = super::agent_user::remove_tree(&bundle);
-            fetched?;
-            if git.rev_parse(&incoming)?.as_deref() != Some(tip.as_str()) {
-                let _ = git.output(["update-ref", "-d", incoming.as_str()]);
-                return Err(Error::other(format!(
-                    "the agent's {source} moved while it was taken in"
-                )));
-            }
-        } else {
-            let from = checkout.to_string_lossy().into_owned();
-            git.run([
-                "fetch",
-                "--quiet",
-                "--no-tags",
-                "--no-write-fetch-head",
-                from.as_str(),
-                &format!("+{tip}:{incoming}"),
-            ])?;
+    {
+        // The agent's new objects, packed in its checkout (as the agent user, when there is
+        // one: no git of hyperloop's reads that repository's configuration), and unpacked here
+        // by git, which hashes every object as it writes it and checks each one: the pack is
+        // only data. Two processes, no transport negotiation.
+        let wanted = format!("{tip}\n^{base}\n");
+        let pack = agent.run_bytes(["pack-objects", "--revs", "--stdout", "-q"], wanted.as_bytes())?;
+        if pack.len() > MAX_IMPORT_BYTES {
+            return Err(Error::other(format!(
+                "the agent's commits come to {} bytes, more than the {MAX_IMPORT_BYTES} hyperloop takes in",
+                pack.len()
+            )));
         }
+        git.run_bytes(["unpack-objects", "-q", "--strict"], &pack)?;
     }
     let descends = git.succeeds(["merge-base", "--is-ancestor", base, tip.as_str()])?;
-    let _ = git.output(["update-ref", "-d", incoming.as_str()]);
     if !descends {
         return Err(Error::other(format!(
             "the agent's {source} ({}) does not build on the commit it was given ({}); nothing of it is taken",
@@ -638,6 +638,9 @@ pub fn import(
 fn short(oid: &str) -> &str {
     oid.get(..12).unwrap_or(oid)
 }
+
+/// The most an agent's run may add to the repository (its new objects, packed).
+const MAX_IMPORT_BYTES: usize = 512 << 20;
 
 /// Where hyperloop last put each task branch of this repository (`None`: deleted). A task
 /// branch that is anywhere else was moved by something other than hyperloop.
@@ -704,6 +707,14 @@ pub fn watch_task_refs(git: &Git) -> Result<()> {
 }
 
 fn list_task_refs(git: &Git) -> Result<Vec<(String, String)>> {
+    // Checked after every agent run: read from the files (packed-refs, then the loose refs that
+    // override it) rather than with a git process, unless the repository keeps refs otherwise.
+    if let Some(common) = common_dir_of(git)
+        && !common.join("reftable").exists()
+        && let Some(found) = read_files_refs(&common)
+    {
+        return Ok(found);
+    }
     let out = git.run([
         "for-each-ref",
         "--format=%(refname:strip=2) %(objectname)",
@@ -714,6 +725,80 @@ fn list_task_refs(git: &Git) -> Result<Vec<(String, String)>> {
         .filter_map(|l| l.split_once(' '))
         .map(|(n, o)| (n.to_string(), o.to_string()))
         .collect())
+}
+
+/// [`common_dir_of`], as an error when git cannot tell.
+fn common_dir(git: &Git) -> Result<PathBuf> {
+    match common_dir_of(git) {
+        Some(c) => Ok(c),
+        None => git.common_dir(),
+    }
+}
+
+/// The common git directory of the repository `git` works in, looked up once per directory.
+fn common_dir_of(git: &Git) -> Option<PathBuf> {
+    static CACHE: std::sync::Mutex<Option<(PathBuf, PathBuf)>> = std::sync::Mutex::new(None);
+    let mut cache = CACHE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some((dir, common)) = cache.as_ref()
+        && dir == git.dir()
+    {
+        return Some(common.clone());
+    }
+    let common = git.common_dir().ok()?;
+    *cache = Some((git.dir().to_path_buf(), common.clone()));
+    Some(common)
+}
+
+/// `worker/*` branches from a files-backend repository; `None` when something there is not
+/// understood (the caller asks git instead).
+fn read_files_refs(common: &Path) -> Option<Vec<(String, String)>> {
+    let mut refs: std::collections::BTreeMap<String, String> = std::collections::BTreeMap::new();
+    match std::fs::read_to_string(common.join("packed-refs")) {
+        Ok(text) => {
+            for line in text.lines() {
+                if line.starts_with('#') || line.starts_with('^') {
+                    continue;
+                }
+                let (oid, name) = line.split_once(' ')?;
+                if let Some(branch) = name.strip_prefix("refs/heads/")
+                    && branch.starts_with("worker/")
+                {
+                    refs.insert(branch.to_string(), oid.to_string());
+                }
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(_) => return None,
+    }
+    let root = common.join("refs").join("heads");
+    let mut stack = vec![root.join("worker")];
+    while let Some(dir) = stack.pop() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(_) => return None,
+        };
+        for entry in entries {
+            let entry = entry.ok()?;
+            let path = entry.path();
+            if entry.file_type().ok()?.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let name = path.strip_prefix(&root).ok()?.to_str()?.to_string();
+            if name.ends_with(".lock") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).ok()?;
+            let oid = text.trim();
+            if oid.starts_with("ref:") || !oid.bytes().all(|b| b.is_ascii_hexdigit()) {
+                // A symbolic ref or something odd: git knows better.
+                return None;
+            }
+            refs.insert(name, oid.to_string());
+        }
+    }
+    Some(refs.into_iter().collect())
 }
 
 /// A task branch found where hyperloop did not put it.
@@ -849,7 +934,7 @@ pub fn ensure_base_worktree(git: &Git, repo_root: &Path, name: &str, commit: &st
         }
     }
     remove_dir(&path)?;
-    make_checkout(git, &git.common_dir()?, &path, "")?;
+    make_checkout(git, &common_dir(git)?, &path, "")?;
     Git::new(&path).run(["checkout", "-q", "--force", "--detach", commit.as_str()])?;
     super::agent_user::give(&path)?;
     Ok(path)
