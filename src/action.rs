@@ -542,6 +542,9 @@ mod tests {
             cost_usd: 1.5,
             rate_limited_until: None,
             push_refused: Vec::new(),
+            items: Vec::new(),
+            recorded: Vec::new(),
+            refused: Vec::new(),
             intake_gave_up: None,
         }
     }
