@@ -431,3 +431,92 @@ fn forged_and_replayed_outputs_are_refused_and_reported() {
         assert_eq!(merges_of(&p, id), 1);
     }
 }
+
+#[test]
+fn github_mode_plan_and_record_with_work_in_clones_without_a_token() {
+    use crate::fake_github::FakeGitHub;
+    const TASKS: usize = 3;
+    let p = project(TASKS, 600, "");
+    p.git(&["push", "-q", "origin", "main"]);
+    let gh = FakeGitHub::start(&p.repo.origin, "acme", "widgets");
+    // `plan` and `record` hold the token; `work` runs in clones of origin without one.
+    let with_token = |args: &[&str]| -> Output {
+        let mut cmd = p.env.command(hyperloop_bin());
+        cmd.args(["--path", p.repo.path_str(), "--repo", "acme/widgets"]);
+        cmd.args(args);
+        cmd.env("GITHUB_API_URL", &gh.url);
+        cmd.env("GITHUB_TOKEN", &gh.token);
+        cmd.output().expect("hyperloop runs")
+    };
+    let mut ran = 0;
+    for round in 0..6 {
+        let out = with_token(&["plan", "--json"]);
+        assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+        let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+        let items: Vec<String> = v["items"]
+            .as_array()
+            .map(|a| a.iter().map(item_id).collect())
+            .unwrap_or_default();
+        if items.is_empty() {
+            break;
+        }
+        // The leases reached origin before any work started.
+        let on_origin = p
+            .env
+            .git(&p.repo.origin, &["log", "--format=%s", "-n", "20", "main"]);
+        for id in &items {
+            assert!(
+                on_origin.contains(id.as_str()),
+                "{id} not claimed on origin: {on_origin}"
+            );
+        }
+        let children: Vec<(String, Child)> = items
+            .iter()
+            .map(|id| {
+                let dir = p.env.root().join("gh-clones").join(format!("{id}-{round}"));
+                std::fs::create_dir_all(dir.parent().expect("parent")).expect("mkdir");
+                p.env.git(
+                    p.env.root(),
+                    &[
+                        "clone",
+                        "-q",
+                        p.repo.origin.to_str().expect("utf8"),
+                        dir.to_str().expect("utf8"),
+                    ],
+                );
+                (id.clone(), start_work(&p, &dir, id))
+            })
+            .collect();
+        let mut args = vec!["record".to_string(), "--json".to_string()];
+        for (id, child) in children {
+            let out = child.wait_with_output().expect("work ends");
+            assert_eq!(out.status.code(), Some(0), "work {id}: {}", describe(&out));
+            args.push(outputs(&p).join(&id).display().to_string());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = with_token(&args);
+        assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+        let report: Value = serde_json::from_slice(&out.stdout).expect("json");
+        assert_eq!(strings(&report["recorded"]).len(), items.len(), "{report}");
+        ran += items.len();
+    }
+    assert_eq!(ran, 2 * TASKS, "implementer and verifier of each task, once each");
+    let files = p
+        .env
+        .git(&p.repo.origin, &["ls-tree", "-r", "--name-only", "main"]);
+    for i in 1..=TASKS {
+        let id = format!("task-{i:03}");
+        let t = p
+            .env
+            .git(&p.repo.origin, &["show", &format!("main:specs/tasks/{id}.md")]);
+        assert!(t.contains("\nstatus: complete\n"), "{t}");
+        assert!(!t.contains("\nclaim:"), "a lease is left: {t}");
+        let number: u64 = t
+            .lines()
+            .find_map(|l| l.strip_prefix("pr: "))
+            .and_then(|u| u.rsplit('/').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no PR in {t}"));
+        assert_eq!(gh.pr_json(number)["merged"], Value::Bool(true), "{id}");
+        assert!(files.contains(&format!("impl/{id}.md")), "{files}");
+    }
+}
