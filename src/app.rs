@@ -269,6 +269,73 @@ pub fn run(command: &Command, global: &GlobalArgs) -> Result<Outcome> {
             let target = Target::load(global)?;
             crate::logs::show(&target, args)
         }
+        Command::Plan(args) => {
+            no_dry_run(global)?;
+            let target = Target::load(global)?;
+            let _notifier = start_logging(&target, true);
+            crate::commands::preflight(&target, false)?;
+            emit_started(&target);
+            let report = block_on(async {
+                let opts = step_options()?;
+                crate::cycle::execute::plan(&target, &opts).await
+            })??;
+            let text = if args.json {
+                let items = serde_json::json!({ "items": report.items });
+                let mut s = serde_json::to_string(&items).map_err(|e| Error::other(e.to_string()))?;
+                s.push('\n');
+                s
+            } else {
+                let mut s: String = report
+                    .items
+                    .iter()
+                    .map(|i| format!("{}\t{} {} round {}\n", i.id, i.task_id, i.role, i.round))
+                    .collect();
+                s.push_str(&format!("plan: {} item(s) claimed; ", report.items.len()));
+                s.push_str(&summary(&report));
+                s
+            };
+            Ok(Outcome::ok(text))
+        }
+        Command::Work(args) => {
+            no_dry_run(global)?;
+            let target = Target::load(global)?;
+            let _notifier = start_logging(&target, false);
+            let report = block_on(crate::cycle::execute::work(&target, &args.item, &args.out))??;
+            Ok(Outcome::ok(format!(
+                "work: {} ({} {}) {}, {} commit(s); output in {}\n",
+                report.item, report.task_id, report.role, report.verdict, report.commits, report.out
+            )))
+        }
+        Command::Record(args) => {
+            no_dry_run(global)?;
+            let target = Target::load(global)?;
+            let _notifier = start_logging(&target, true);
+            emit_started(&target);
+            let report = block_on(async {
+                let opts = step_options()?;
+                crate::cycle::execute::record(&target, &opts, &args.dirs).await
+            })??;
+            crate::action::after_step(&target, &report);
+            let text = if args.json {
+                let mut s = serde_json::to_string_pretty(&report).map_err(|e| Error::other(e.to_string()))?;
+                s.push('\n');
+                s
+            } else {
+                let mut s: String = report
+                    .refused
+                    .iter()
+                    .map(|r| format!("refused {}: {}\n", r.dir, r.reason))
+                    .collect();
+                s.push_str(&format!(
+                    "record: {} output(s) applied, {} refused; ",
+                    report.recorded.len(),
+                    report.refused.len()
+                ));
+                s.push_str(&summary(&report));
+                s
+            };
+            Ok(Outcome::ok(text))
+        }
         Command::Approve(args) => {
             if global.dry_run {
                 return Err(Error::usage("--dry-run applies to step and run"));
@@ -278,6 +345,15 @@ pub fn run(command: &Command, global: &GlobalArgs) -> Result<Outcome> {
             approve(&target, &args.task, args.gate.as_deref())
         }
     }
+}
+
+/// Options of a `plan` or `record`: one cycle that stops cleanly on SIGTERM or SIGINT.
+fn step_options() -> Result<StepOptions> {
+    Ok(StepOptions {
+        max_duration: None,
+        cycle: 1,
+        interrupt: Some(crate::cycle::execute::interrupt_on_signals()?),
+    })
 }
 
 fn no_dry_run(global: &GlobalArgs) -> Result<()> {

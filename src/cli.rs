@@ -54,6 +54,14 @@ pub enum Command {
     Cancel(CancelArgs),
     /// Show what a task's agents did, readable (default: the latest run).
     Logs(LogsArgs),
+    /// The first part of a step: do what needs no agent, claim the next agent runs as work items
+    /// (leases committed to the state branch) and print them.
+    Plan(PlanArgs),
+    /// Run the agent of one claimed work item in this clone; write its output to DIR. Pushes
+    /// nothing.
+    Work(WorkArgs),
+    /// Verify outputs of `work` against their leases, apply them, then finish the cycle.
+    Record(RecordArgs),
 }
 
 impl GlobalArgs {
@@ -104,6 +112,32 @@ pub struct StepArgs {
     /// Override the configured number of parallel workers.
     #[arg(long, value_name = "N")]
     pub max_workers: Option<usize>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PlanArgs {
+    /// Print `{"items":[{"id","task_id","role","round"},…]}` on standard output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WorkArgs {
+    /// The work item's id, as `plan` printed it.
+    pub item: String,
+    /// Where the output goes (created when missing).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RecordArgs {
+    /// Output folders written by `work`.
+    #[arg(required = true, value_name = "DIR")]
+    pub dirs: Vec<PathBuf>,
+    /// Print the cycle's report as JSON on standard output.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -81,6 +81,9 @@ pub struct RuntimeConfig {
     pub worker_timeout: u64,
     /// Seconds a worker may print nothing before it is treated as timed out (at least 1).
     pub stall_timeout: u64,
+    /// Seconds after which a work item claimed by `plan` whose output was never recorded may be
+    /// claimed again. Unset: [`RuntimeConfig::lease_timeout`] derives it from `worker_timeout`.
+    pub lease_timeout: Option<u64>,
     /// Names of extra environment variables passed through to workers. Forge credentials and
     /// hyperloop's own `HYPERLOOP_*` variables are refused: workers never receive them.
     pub agent_env: Vec<String>,
@@ -241,6 +244,7 @@ impl Default for Config {
                     .collect(),
                 worker_timeout: 3600,
                 stall_timeout: 900,
+                lease_timeout: None,
                 agent_env: Vec::new(),
                 agent_user: None,
                 max_task_cost_usd: None,
@@ -432,6 +436,15 @@ impl Config {
             "stall_timeout",
             &self.runtime.stall_timeout.to_string(),
             "Seconds a worker may print nothing before it is killed (verdict: timeout).",
+        );
+        r.key(
+            1,
+            "lease_timeout",
+            &self
+                .runtime
+                .lease_timeout
+                .map_or_else(|| "null".to_string(), |n| n.to_string()),
+            "Seconds after which a claimed work item never recorded may be claimed again; null: worker_timeout + 600.",
         );
         let env_list = format!(
             "[{}]",
@@ -715,6 +728,7 @@ const RUNTIME_KEYS: &[&str] = &[
     "agent_command",
     "worker_timeout",
     "stall_timeout",
+    "lease_timeout",
     "agent_env",
     "max_task_cost_usd",
     "max_total_cost_usd",
@@ -764,6 +778,18 @@ pub fn is_user_name(name: &str) -> bool {
 /// The longest worker or stall limit: a week. Larger values are typos (milliseconds for
 /// seconds), and durations beyond what a clock can add would fail only after a worker started.
 pub const MAX_TIMEOUT_S: u64 = 7 * 24 * 3600;
+
+/// What a lease adds to `worker_timeout` by default: a `work` job also clones, fetches, and
+/// uploads its output before `record` can see it.
+pub const LEASE_MARGIN_S: u64 = 600;
+
+impl RuntimeConfig {
+    /// `runtime.lease_timeout`, or `worker_timeout` plus [`LEASE_MARGIN_S`].
+    pub fn lease_timeout(&self) -> u64 {
+        self.lease_timeout
+            .unwrap_or_else(|| self.worker_timeout.saturating_add(LEASE_MARGIN_S))
+    }
+}
 
 struct Walker<'a> {
     file: &'a Path,
@@ -1044,6 +1070,12 @@ impl Walker<'_> {
         }
         if let Some(n) = self.number(&s, "stall_timeout", 1, MAX_TIMEOUT_S)? {
             r.stall_timeout = n;
+        }
+        // `null` (what `render` writes for the default) means the default.
+        if !matches!(s.get("lease_timeout"), Some(Value::Null))
+            && let Some(n) = self.number(&s, "lease_timeout", 1, MAX_TIMEOUT_S + LEASE_MARGIN_S)?
+        {
+            r.lease_timeout = Some(n);
         }
         if let Some(v) = s.get("agent_command") {
             r.agent_command = self.agent_command(&s.key("agent_command"), v)?;

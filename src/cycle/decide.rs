@@ -216,8 +216,10 @@ pub fn decide(snapshot: &Snapshot, config: &Config, process: &Process, now: u64)
         if let Some(claim) = &task.claim {
             // In GitHub mode several steps may run at once (different CI jobs); a claim that has
             // not expired belongs to one of them. Locally one step holds the repository, so a
-            // claim it does not know is left over from a step that died.
-            if snapshot.github_mode && claim.expires_at > now {
+            // claim it does not know is left over from a step that died — except a lease of
+            // `plan`, whose `work` runs in another process or on another machine until it
+            // expires.
+            if (snapshot.github_mode && claim.expires_at > now) || claim.live_lease(now) {
                 foreign_running += 1;
             } else {
                 recover.push(Action::Recover {
@@ -536,6 +538,9 @@ mod tests {
             started_at: NOW - 10,
             expires_at,
             nonce: "n".into(),
+            item: None,
+            round: None,
+            base: None,
         }
     }
 
@@ -725,11 +730,21 @@ mod tests {
 
         // Locally no other step can be running: every unknown claim is recovered.
         s.github_mode = false;
-        let plan = decide(&s, &config(2), &process(p), NOW).expect("plan");
+        let plan = decide(&s, &config(2), &process(p.clone()), NOW).expect("plan");
         assert_eq!(
             summary(&plan),
             vec!["recover task-001", "recover task-002", "start task-003"]
         );
+
+        // A lease of `plan` is a `work` elsewhere, locally too, until it expires.
+        for t in &mut s.tasks {
+            if let Some(c) = &mut t.claim {
+                c.item = Some(format!("{}-implementer-r0-n", t.id));
+            }
+        }
+        let plan = decide(&s, &config(2), &process(p), NOW).expect("plan");
+        assert_eq!(summary(&plan), vec!["recover task-002", "start task-003"]);
+        assert_eq!(plan.workers.running, 1);
     }
 
     #[test]

@@ -37,9 +37,12 @@ use crate::worker::{self, WorkerOutcome, WorkerSpec, result::ResultFile, worktre
 
 mod api_budget;
 mod ci_checks;
+mod fanout;
 mod github_mode;
 mod requests;
 mod state_branch;
+
+pub use fanout::{LEASE_OWNER, OutputRefused, WorkItem, plan, record, work};
 
 pub use requests::{CANCEL_LABEL, Op, RETRY_LABEL, operate, request_cancel};
 
@@ -149,6 +152,15 @@ pub struct StepReport {
     /// GitHub mode: the requests this step made, the budget left, what waits for the pace.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub github_api: Option<crate::forge::budget::ApiUsage>,
+    /// Work items `plan` claimed in this step.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub items: Vec<WorkItem>,
+    /// Outputs `record` applied, by item id.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub recorded: Vec<String>,
+    /// Outputs `record` refused, with the reason.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub refused: Vec<OutputRefused>,
 }
 
 /// A push of a task's branch that the forge refused.
@@ -264,8 +276,78 @@ fn refusal_hint(message: &str) -> String {
 
 /// Runs one step on `target`.
 pub async fn step(target: &Target, opts: &StepOptions) -> Result<StepReport> {
+    let lock = StepLock::acquire(&target.repo.common_dir.join("hyperloop.lock"))?;
+    let mut stepper = match open(target, opts, Mode::Step).await? {
+        Ok(s) => s,
+        Err(report) => return Ok(report),
+    };
+    let result = match stepper.run().await {
+        // Everything done so far is committed (and pushed); the rest waits for the reset.
+        Err(Error::RateLimited { message, retry_at }) => stepper
+            .finish()
+            .map(|report| github_mode::rate_limited(report, &message, retry_at)),
+        Ok(report) => Ok(when_to_come_back(report)),
+        other => other,
+    };
+    drop(lock);
+    result
+}
+
+/// A rate-limit refusal that the step survived (the writes it stopped are deferred) still tells
+/// the scheduler when to come back.
+fn when_to_come_back(report: StepReport) -> StepReport {
+    match report
+        .github_api
+        .as_ref()
+        .and_then(|api| api.blocked_until.as_deref())
+        .and_then(|at| chrono::DateTime::parse_from_rfc3339(at).ok())
+    {
+        Some(at) => github_mode::rate_limited(
+            report,
+            "GitHub refused a request with a rate limit; the writes it stopped are deferred",
+            at.with_timezone(&chrono::Utc),
+        ),
+        None => report,
+    }
+}
+
+/// Sets up what agents run under (their user, no credential in the repository's configuration)
+/// and opens a [`Stepper`] for `mode`, under the step lock the caller holds. `Err` is the report
+/// of a step that GitHub's rate limit ended before it began.
+async fn open(
+    target: &Target,
+    opts: &StepOptions,
+    mode: Mode,
+) -> Result<std::result::Result<Stepper, StepReport>> {
     let repo = target.repo.clone();
-    let lock = StepLock::acquire(&repo.common_dir.join("hyperloop.lock"))?;
+    prepare_agents(target)?;
+    let defs = definitions::load(&target.config, &repo.root)?;
+    let gh = match target.config.target.repo.as_deref() {
+        Some(slug) => match github_mode::connect(slug, &repo).await {
+            Ok(gh) => Some(gh),
+            Err(Error::RateLimited { message, retry_at }) => {
+                return Ok(Err(github_mode::rate_limited(
+                    StepReport {
+                        cycle: opts.cycle,
+                        ..StepReport::default()
+                    },
+                    &message,
+                    retry_at,
+                )));
+            }
+            Err(e) => return Err(e),
+        },
+        None => None,
+    };
+    let mut stepper = Stepper::new(repo, target.config.clone(), defs, opts, gh)?;
+    stepper.mode = mode;
+    Ok(Ok(stepper))
+}
+
+/// What must hold before any agent runs in this process: the configured agent user is set up,
+/// and no credential persisted in the repository's git configuration is within its reach.
+fn prepare_agents(target: &Target) -> Result<()> {
+    let repo = &target.repo;
     let agent_user = match worker::agent_user::configured(target.config.runtime.agent_user.as_deref()) {
         Some(name) => Some(worker::agent_user::resolve(&name)?),
         None => None,
@@ -298,49 +380,7 @@ pub async fn step(target: &Target, opts: &StepOptions) -> Result<StepReport> {
             hint = "agents could read it from the repository's git configuration; set `persist-credentials: false` on actions/checkout"
         );
     }
-    let defs = definitions::load(&target.config, &repo.root)?;
-    let gh = match target.config.target.repo.as_deref() {
-        Some(slug) => match github_mode::connect(slug, &repo).await {
-            Ok(gh) => Some(gh),
-            Err(Error::RateLimited { message, retry_at }) => {
-                return Ok(github_mode::rate_limited(
-                    StepReport {
-                        cycle: opts.cycle,
-                        ..StepReport::default()
-                    },
-                    &message,
-                    retry_at,
-                ));
-            }
-            Err(e) => return Err(e),
-        },
-        None => None,
-    };
-    let mut stepper = Stepper::new(repo, target.config.clone(), defs, opts, gh)?;
-    let result = match stepper.run().await {
-        // Everything done so far is committed (and pushed); the rest waits for the reset.
-        Err(Error::RateLimited { message, retry_at }) => stepper
-            .finish()
-            .map(|report| github_mode::rate_limited(report, &message, retry_at)),
-        // A refusal that the step survived (the writes it stopped are deferred) still tells the
-        // scheduler when to come back.
-        Ok(report) => match report
-            .github_api
-            .as_ref()
-            .and_then(|api| api.blocked_until.as_deref())
-            .and_then(|at| chrono::DateTime::parse_from_rfc3339(at).ok())
-        {
-            Some(at) => Ok(github_mode::rate_limited(
-                report,
-                "GitHub refused a request with a rate limit; the writes it stopped are deferred",
-                at.with_timezone(&chrono::Utc),
-            )),
-            None => Ok(report),
-        },
-        other => other,
-    };
-    drop(lock);
-    result
+    Ok(())
 }
 
 /// Prints what the next step would do, changing nothing.
@@ -410,7 +450,19 @@ struct Running {
     stop: watch::Sender<bool>,
 }
 
+/// Which part of a step a [`Stepper`] performs: all of it, or one of the fan-out commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Plan, run the agents in this process, record: `hyperloop step`.
+    Step,
+    /// Everything that needs no agent, and a lease for each agent run instead of the run.
+    Plan,
+    /// Everything that needs no agent; agent runs come from outputs of `work`.
+    Record,
+}
+
 struct Stepper {
+    mode: Mode,
     repo: Repo,
     config: Config,
     defs: Definitions,
@@ -496,6 +548,7 @@ impl Stepper {
         // Under the step lock: whatever private index a dead step left is garbage now.
         repo.discard_private_indexes();
         let mut stepper = Stepper {
+            mode: Mode::Step,
             repo,
             branch,
             tasks: BTreeMap::new(),
@@ -593,7 +646,9 @@ impl Stepper {
             .collect()
     }
 
-    async fn run(&mut self) -> Result<StepReport> {
+    /// What every part of a step does first: settle what a killed step left, read the state,
+    /// recover dead workers, and (GitHub mode) read the forge.
+    fn begin(&mut self) -> Result<()> {
         self.repo.finish_interrupted_publish()?;
         self.sync_state_with_base()?;
         self.reload()?;
@@ -615,7 +670,11 @@ impl Stepper {
         // From here on, a task branch is only where hyperloop puts it.
         worktree::watch_task_refs(&self.repo.git)?;
         self.cleanup_merged_branches();
+        Ok(())
+    }
 
+    async fn run(&mut self) -> Result<StepReport> {
+        self.begin()?;
         let mut interrupt = self.interrupt.clone();
         let mut cancelled = interrupt.as_ref().is_some_and(|rx| *rx.borrow());
         if cancelled {
@@ -713,6 +772,10 @@ impl Stepper {
     /// Starts every task the plan starts, in one commit: the workers of a wave do not wait for
     /// one state commit each.
     fn start_batch(&mut self, plan: &Plan) -> Result<bool> {
+        if self.mode == Mode::Record {
+            // A task started here would only wait for the next `plan` to claim its agent.
+            return Ok(false);
+        }
         let mut changes = Changes::default();
         let mut started = Vec::new();
         let mut progressed = false;
@@ -940,6 +1003,11 @@ impl Stepper {
             )?;
             return Ok(true);
         }
+        if self.mode != Mode::Step && matches!(action, Action::RunIntake { .. } | Action::RunImprover { .. })
+        {
+            // Intake and the process improver are not work items yet: `step` runs them.
+            return Ok(false);
+        }
         match action {
             Action::RunIntake { specs, .. } => {
                 if self.intake_attempted || self.past_deadline() {
@@ -979,7 +1047,11 @@ impl Stepper {
                 if self.past_deadline() || self.running.contains_key(task_id) {
                     return Ok(false);
                 }
-                self.spawn_task(task_id, role)?;
+                match self.mode {
+                    Mode::Step => self.spawn_task(task_id, role)?,
+                    Mode::Plan => return self.claim_item(task_id, role),
+                    Mode::Record => return Ok(false),
+                }
                 Ok(true)
             }
             Action::ClearGate { task_id, .. } => {
@@ -1074,15 +1146,28 @@ impl Stepper {
                 let Some(mut t) = self.tasks.get(task_id).cloned() else {
                     return Ok(false);
                 };
-                if t.claim.take().is_none() {
+                let Some(claim) = t.claim.take() else {
                     return Ok(false);
+                };
+                if let Some(item) = &claim.item {
+                    // Its `work` died, was cancelled or is too late: the next plan claims the
+                    // task again, under another item id, so a late output cannot pass for it.
+                    emit!(
+                        WARN,
+                        "lease_expired",
+                        task_id = task_id.as_str(),
+                        item = item.as_str(),
+                        role = claim.role.as_str(),
+                        expires_at = claim.expires_at
+                    );
+                } else {
+                    emit!(
+                        WARN,
+                        "orphan_found",
+                        task_id = task_id.as_str(),
+                        note = "stale claim cleared"
+                    );
                 }
-                emit!(
-                    WARN,
-                    "orphan_found",
-                    task_id = task_id.as_str(),
-                    note = "stale claim cleared"
-                );
                 let change = no_change(&t);
                 self.save_task(t, &change, &format!("hyperloop: {task_id} stale claim cleared"))?;
                 Ok(true)
@@ -1404,17 +1489,7 @@ impl Stepper {
     }
 
     fn read_role_overlay(&self, role: &str) -> Result<Option<String>> {
-        let rel = format!(
-            "{}/prompts/{role}-overlay.yaml",
-            self.specs_dir().trim_end_matches('/')
-        );
-        let spec = format!("{}:{}", self.tip, rel);
-        let Some(oid) = self.repo.git.rev_parse_object(&spec)? else {
-            return Ok(None);
-        };
-        let bytes = self.repo.cat_blobs(std::iter::once(oid.as_str()))?;
-        let text = String::from_utf8_lossy(bytes.first().map_or(&[][..], Vec::as_slice)).into_owned();
-        prompt::parse_role_overlay(Path::new(&rel), &text)
+        read_role_overlay(&self.repo, self.specs_dir(), &self.tip, role)
     }
 
     fn worker_spec(
@@ -1559,11 +1634,9 @@ impl Stepper {
         let Some(task) = self.tasks.get(task_id).cloned() else {
             return Ok(());
         };
-        let agent = self
-            .defs
-            .agent(role)
-            .cloned()
-            .ok_or_else(|| Error::other(format!("no agent named `{role}` for {task_id}")))?;
+        if self.defs.agent(role).is_none() {
+            return Err(Error::other(format!("no agent named `{role}` for {task_id}")));
+        }
         let mut task = task;
         let branch = crate::task::file::task_branch(task_id);
         let known = worktree::task_worktree_path(&self.repo.root, task_id);
@@ -1615,24 +1688,15 @@ impl Stepper {
                 &format!("hyperloop: {task_id} works on {branch}"),
             )?;
         }
-        let mut extra = Vec::new();
-        if role == pipeline::REBASE_RESOLVER || task.status == Status::NeedsRebase {
-            extra = self.conflict_sections(&branch)?;
-        }
-        let findings = task.findings().to_string();
-        let input = PromptInput {
-            task_id: task_id.to_string(),
-            spec_ref: task.spec_ref.clone(),
-            round: task.round,
-            branch: Some(branch.clone()),
-            base_branch: self.config.target.base_branch.clone(),
-            task_title: Some(task.title.clone()),
-            task_spec: Some(task.spec_text().to_string()),
-            findings: (!findings.is_empty()).then_some(findings),
-            role_overlay: self.role_overlay(role)?,
-            extra_sections: extra,
-        };
-        let text = prompt::compose(&agent, &input);
+        let branch_tip = self.repo.branch_tip(&branch)?;
+        let text = task_prompt(
+            &self.repo,
+            &self.config,
+            &self.defs,
+            (&task, role),
+            self.role_overlay(role)?,
+            (self.base_tip(), branch_tip.as_deref()),
+        )?;
         let nonce = self.new_nonce();
         let record = RunRecord {
             key: task_id.to_string(),
@@ -1655,45 +1719,6 @@ impl Stepper {
             spec.known_head = Some(record.start_head.clone());
         }
         self.launch_with(record, spec, new_worktree)
-    }
-
-    /// Prompt sections for the rebase-resolver: what conflicts and what changed on the base.
-    fn conflict_sections(&self, branch: &str) -> Result<Vec<(String, String)>> {
-        let Some(branch_tip) = self.repo.branch_tip(branch)? else {
-            return Ok(Vec::new());
-        };
-        let mut sections = Vec::new();
-        let base_tip = self.base_tip().to_string();
-        if let MergeTree::Conflict(files) = self.repo.merge_tree(&base_tip, &branch_tip)? {
-            sections.push((
-                "Conflicting files".to_string(),
-                files.iter().map(|f| format!("- {f}\n")).collect(),
-            ));
-        }
-        let base = self
-            .repo
-            .git
-            .run_trim(["merge-base", &base_tip, &branch_tip])
-            .unwrap_or_default();
-        if !base.is_empty() {
-            let log = self.repo.git.run([
-                "log",
-                "--oneline",
-                "--no-decorate",
-                "-n",
-                "50",
-                &format!("{base}..{base_tip}"),
-            ])?;
-            let stat = self.repo.git.run(["diff", "--stat", &base, &base_tip])?;
-            sections.push((
-                format!(
-                    "Changes on {} since this branch started",
-                    self.config.target.base_branch
-                ),
-                format!("Base branch tip: {base_tip}\n\n{log}\n{stat}"),
-            ));
-        }
-        Ok(sections)
     }
 
     fn spawn_intake(&mut self, specs: &[String]) -> Result<()> {
@@ -1845,6 +1870,32 @@ impl Stepper {
             .elapsed()
             .as_secs_f64()
             .max(outcome.duration.as_secs_f64());
+        let result = self.reap(&record, outcome, duration);
+        // Anything the agent started in a session of its own escaped the group kill; its
+        // environment still carries the run's nonce.
+        let stray = kill_by_nonce(&record.nonce);
+        if stray > 0 {
+            emit!(
+                WARN,
+                "stray_processes_stopped",
+                task_id = record.task_id.as_str(),
+                role = record.role.as_str(),
+                count = stray
+            );
+        }
+        if result.is_ok() {
+            // Only a recorded result may be forgotten: if recording failed, the next step
+            // records it from the saved outcome instead of paying for the agent again.
+            let _ = std::fs::remove_file(outcome_path(&self.running_dir(), key));
+            let _ = std::fs::remove_file(self.running_dir().join(format!("{key}.json")));
+        }
+        result
+    }
+
+    /// Reports a finished agent run and records its result: the one path by which the result
+    /// of an agent becomes task state, whether the agent ran in this process (`step`) or in a
+    /// `work` job whose output `record` verified.
+    fn reap(&mut self, record: &RunRecord, outcome: &WorkerOutcome, duration: f64) -> Result<()> {
         macro_rules! reaped {
             ($lvl:ident) => {
                 emit!(
@@ -1886,30 +1937,12 @@ impl Stepper {
         });
         self.report.cost_usd += outcome.cost_usd.unwrap_or(0.0);
         let result = match record.kind {
-            Kind::Task => self.record_task_result(&record, outcome, duration),
-            Kind::Intake => self.record_intake(&record, outcome, duration),
-            Kind::Improver => self.record_improver(&record, outcome, duration),
+            Kind::Task => self.record_task_result(record, outcome, duration),
+            Kind::Intake => self.record_intake(record, outcome, duration),
+            Kind::Improver => self.record_improver(record, outcome, duration),
         };
         self.show_progress();
         crate::fault::point("after-record");
-        // Anything the agent started in a session of its own escaped the group kill; its
-        // environment still carries the run's nonce.
-        let stray = kill_by_nonce(&record.nonce);
-        if stray > 0 {
-            emit!(
-                WARN,
-                "stray_processes_stopped",
-                task_id = record.task_id.as_str(),
-                role = record.role.as_str(),
-                count = stray
-            );
-        }
-        if result.is_ok() {
-            // Only a recorded result may be forgotten: if recording failed, the next step
-            // records it from the saved outcome instead of paying for the agent again.
-            let _ = std::fs::remove_file(outcome_path(&self.running_dir(), key));
-            let _ = std::fs::remove_file(self.running_dir().join(format!("{key}.json")));
-        }
         result
     }
 
@@ -2899,6 +2932,90 @@ impl Stepper {
         );
         Ok(self.report.clone())
     }
+}
+
+/// `<specs>/prompts/<role>-overlay.yaml` as committed at `tip`.
+fn read_role_overlay(repo: &Repo, specs_dir: &str, tip: &str, role: &str) -> Result<Option<String>> {
+    let rel = format!("{}/prompts/{role}-overlay.yaml", specs_dir.trim_end_matches('/'));
+    let spec = format!("{tip}:{rel}");
+    let Some(oid) = repo.git.rev_parse_object(&spec)? else {
+        return Ok(None);
+    };
+    let bytes = repo.cat_blobs(std::iter::once(oid.as_str()))?;
+    let text = String::from_utf8_lossy(bytes.first().map_or(&[][..], Vec::as_slice)).into_owned();
+    prompt::parse_role_overlay(Path::new(&rel), &text)
+}
+
+/// The prompt of a task's agent: the same text whether `step` runs the agent or a `work` job
+/// does. `tips` are the base branch's tip and the task branch's (when it exists).
+fn task_prompt(
+    repo: &Repo,
+    config: &Config,
+    defs: &Definitions,
+    (task, role): (&Task, &str),
+    role_overlay: Option<String>,
+    (base_tip, branch_tip): (&str, Option<&str>),
+) -> Result<String> {
+    let agent = defs
+        .agent(role)
+        .ok_or_else(|| Error::other(format!("no agent named `{role}` for {}", task.id)))?;
+    let branch = crate::task::file::task_branch(&task.id);
+    let mut extra = Vec::new();
+    if (role == pipeline::REBASE_RESOLVER || task.status == Status::NeedsRebase)
+        && let Some(branch_tip) = branch_tip
+    {
+        extra = conflict_sections(repo, &config.target.base_branch, base_tip, branch_tip)?;
+    }
+    let findings = task.findings().to_string();
+    let input = PromptInput {
+        task_id: task.id.clone(),
+        spec_ref: task.spec_ref.clone(),
+        round: task.round,
+        branch: Some(branch),
+        base_branch: config.target.base_branch.clone(),
+        task_title: Some(task.title.clone()),
+        task_spec: Some(task.spec_text().to_string()),
+        findings: (!findings.is_empty()).then_some(findings),
+        role_overlay,
+        extra_sections: extra,
+    };
+    Ok(prompt::compose(agent, &input))
+}
+
+/// Prompt sections for the rebase-resolver: what conflicts and what changed on the base.
+fn conflict_sections(
+    repo: &Repo,
+    base_branch: &str,
+    base_tip: &str,
+    branch_tip: &str,
+) -> Result<Vec<(String, String)>> {
+    let mut sections = Vec::new();
+    if let MergeTree::Conflict(files) = repo.merge_tree(base_tip, branch_tip)? {
+        sections.push((
+            "Conflicting files".to_string(),
+            files.iter().map(|f| format!("- {f}\n")).collect(),
+        ));
+    }
+    let base = repo
+        .git
+        .run_trim(["merge-base", base_tip, branch_tip])
+        .unwrap_or_default();
+    if !base.is_empty() {
+        let log = repo.git.run([
+            "log",
+            "--oneline",
+            "--no-decorate",
+            "-n",
+            "50",
+            &format!("{base}..{base_tip}"),
+        ])?;
+        let stat = repo.git.run(["diff", "--stat", &base, base_tip])?;
+        sections.push((
+            format!("Changes on {base_branch} since this branch started"),
+            format!("Base branch tip: {base_tip}\n\n{log}\n{stat}"),
+        ));
+    }
+    Ok(sections)
 }
 
 /// What to do about an intake that gave up.

@@ -550,6 +550,9 @@ mod tests {
             started_at: 10,
             expires_at: 20,
             nonce: "abc".into(),
+            item: Some("task-001-verifier-r2-abc".into()),
+            round: Some(2),
+            base: Some("0123456789012345678901234567890123456789".into()),
         });
         t.history.push(Attempt {
             round: 0,

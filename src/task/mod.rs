@@ -51,9 +51,10 @@ impl std::fmt::Display for Status {
     }
 }
 
-/// A record that a step has started a worker for this task. Written (and committed) before the
-/// worker starts, cleared when its result is recorded; a claim whose holder is gone marks a worker
-/// that died with its step.
+/// A record that a worker was started for this task, or (a lease, with `item`) that `plan` handed
+/// the task's next agent run to a `work` job elsewhere. Written (and committed) before the worker
+/// starts, cleared when its result is recorded; a claim whose holder is gone, or a lease past
+/// `expires_at`, marks a run that will never be recorded, and the task is claimable again.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Claim {
     /// The role the worker runs.
@@ -70,6 +71,24 @@ pub struct Claim {
     /// A random token also written into the worker's environment, so a result file left on disk
     /// can be matched to the claim that produced it.
     pub nonce: String,
+    /// The work item's id (a lease): what `work` and `record` name it by. Ends with part of
+    /// the nonce, so an item re-issued after its lease expired has another id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub item: Option<String>,
+    /// The task's round the item was claimed in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub round: Option<u32>,
+    /// The commit the agent is given (the task branch's tip when claimed): its output must be
+    /// commits that descend from it, and the branch must still be there when it is recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
+}
+
+impl Claim {
+    /// Whether this claim is a lease of `plan` that has not expired at `now`.
+    pub fn live_lease(&self, now: u64) -> bool {
+        self.item.is_some() && self.expires_at > now
+    }
 }
 
 /// One finished worker run, kept in the task's history.

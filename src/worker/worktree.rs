@@ -635,6 +635,58 @@ pub fn import(
     Ok(Some(tip))
 }
 
+/// Takes in the commits of a task branch from a bundle that `hyperloop work` wrote, after
+/// checking that the bundle holds exactly `refs/heads/<branch>` and nothing else, that git
+/// verifies it against this repository, and that its tip descends from `base` (the commit the
+/// agent was given). Moves no branch; returns the tip, whose objects are now in the repository.
+///
+/// The bundle comes from a runner hyperloop does not trust: it is read as data only (a bundle
+/// carries no configuration or hooks), and everything it claims is checked.
+pub fn import_bundle(git: &Git, bundle: &Path, branch: &str, key: &str, base: &str) -> Result<String> {
+    let shown = bundle.to_string_lossy().into_owned();
+    let want = format!("refs/heads/{branch}");
+    let heads = git
+        .run(["bundle", "list-heads", shown.as_str()])
+        .map_err(|e| Error::other(format!("not a readable git bundle: {e}")))?;
+    let listed: Vec<(&str, &str)> = heads.lines().filter_map(|l| l.trim().split_once(' ')).collect();
+    let tip = match listed.as_slice() {
+        [(tip, name)] if *name == want => (*tip).to_string(),
+        _ => {
+            let names: Vec<&str> = listed.iter().map(|(_, n)| *n).collect();
+            return Err(Error::other(format!(
+                "the bundle must hold exactly {want}; it holds [{}]",
+                names.join(", ")
+            )));
+        }
+    };
+    if tip.len() != 40 || !tip.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(Error::other(format!("the bundle names {tip:?}, not a commit id")));
+    }
+    git.run(["bundle", "verify", "--quiet", shown.as_str()])
+        .map_err(|e| Error::other(format!("the bundle does not verify against this repository: {e}")))?;
+    let incoming = format!("refs/hyperloop/incoming/{key}");
+    git.run([
+        "fetch",
+        "--quiet",
+        "--no-tags",
+        "--no-write-fetch-head",
+        shown.as_str(),
+        &format!("+{want}:{incoming}"),
+    ])?;
+    let fetched = git.rev_parse(&incoming)?;
+    let descends = fetched.as_deref() == Some(tip.as_str())
+        && git.succeeds(["merge-base", "--is-ancestor", base, tip.as_str()])?;
+    let _ = git.output(["update-ref", "-d", incoming.as_str()]);
+    if !descends {
+        return Err(Error::other(format!(
+            "the bundle's {want} ({}) does not build on the commit the agent was given ({}); nothing of it is taken",
+            short(&tip),
+            short(base)
+        )));
+    }
+    Ok(tip)
+}
+
 fn short(oid: &str) -> &str {
     oid.get(..12).unwrap_or(oid)
 }

@@ -57,6 +57,9 @@ fn defaults_match_the_reference() {
     assert_eq!(c.runtime.agent_command.join(" "), DEFAULT_AGENT_COMMAND);
     assert_eq!(c.runtime.worker_timeout, 3600);
     assert_eq!(c.runtime.stall_timeout, 900);
+    // A lease outlives the worker it covers by a margin.
+    assert_eq!(c.runtime.lease_timeout, None);
+    assert_eq!(c.runtime.lease_timeout(), 3600 + 600);
     assert!(c.runtime.agent_env.is_empty());
     assert!(c.merge.auto_merge);
     assert_eq!(c.merge.strategy, MergeStrategy::Squash);
@@ -105,6 +108,8 @@ fn every_key_can_be_set() {
     assert_eq!(c.runtime.agent_command, ["my-agent", "--model", "big one", "-p"]);
     assert_eq!(c.runtime.worker_timeout, 600);
     assert_eq!(c.runtime.stall_timeout, 120);
+    assert_eq!(c.runtime.lease_timeout, Some(900));
+    assert_eq!(c.runtime.lease_timeout(), 900);
     assert_eq!(c.runtime.agent_env, ["NPM_TOKEN", "DATABASE_URL"]);
     assert!(!c.merge.auto_merge);
     assert_eq!(c.merge.strategy, MergeStrategy::Merge);
@@ -234,7 +239,7 @@ fn numbers_have_their_bounds() {
         let msg = invalid_message(&format!("{key}: 0\n"));
         assert!(msg.contains(&format!("{key}: must be at least 1")), "{msg}");
     }
-    for key in ["max_workers", "worker_timeout", "stall_timeout"] {
+    for key in ["max_workers", "worker_timeout", "stall_timeout", "lease_timeout"] {
         let msg = invalid_message(&format!("runtime:\n  {key}: 0\n"));
         assert!(
             msg.contains(&format!("runtime.{key}: must be at least 1")),
@@ -368,6 +373,7 @@ fn render_shows_every_key() {
         "agent_command:",
         "worker_timeout: 600",
         "stall_timeout: 120",
+        "lease_timeout: 900",
         "agent_env: [NPM_TOKEN, DATABASE_URL]",
         "auto_merge: false",
         "strategy: merge",

@@ -7,6 +7,7 @@ mod config;
 mod definitions;
 mod events;
 mod fake_github;
+mod fanout;
 mod faults;
 pub mod github;
 mod github_budget;

@@ -1,0 +1,522 @@
+//! A step as three commands (issue 13): `plan` claims work items with leases, `work` runs one
+//! item's agent in any clone and writes its output, `record` verifies and applies outputs. Local
+//! mode, end to end: the planning repository, fresh clones of it for the `work` processes (read
+//! access only), the real binary and the scripted agent.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Output};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::harness::{describe, hyperloop_bin};
+use crate::local::{Project, events, named};
+
+/// A project of `tasks` independent tasks, a worker for each (at least ten), leases of `lease`
+/// seconds.
+fn project(tasks: usize, lease: u64, rules: &str) -> Project {
+    let workers = tasks.max(10);
+    let p = Project::new(rules, "");
+    let cfg = p.repo.read(".hyperloop.yaml");
+    p.repo.write(
+        ".hyperloop.yaml",
+        &cfg.replace("max_workers: 2", &format!("max_workers: {workers}"))
+            .replace(
+                "stall_timeout: 30",
+                &format!("stall_timeout: 30\n  lease_timeout: {lease}"),
+            ),
+    );
+    p.repo.write("specs/a.md", "# A\n");
+    for i in 1..=tasks {
+        p.write_task(&format!("task-{i:03}"), "specs/a.md", &[]);
+    }
+    p.commit_all("tasks");
+    p
+}
+
+fn plan(p: &Project) -> Vec<Value> {
+    let out = p.hyperloop(&["plan", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", describe(&out)));
+    v["items"].as_array().cloned().unwrap_or_default()
+}
+
+fn item_id(item: &Value) -> String {
+    item["id"].as_str().expect("item id").to_string()
+}
+
+/// A fresh clone of the planning repository, as a `work` runner would check it out.
+fn clone(p: &Project, name: &str) -> PathBuf {
+    let dir = p.env.root().join("clones").join(name);
+    std::fs::create_dir_all(dir.parent().expect("parent")).expect("mkdir");
+    p.env.git(
+        p.env.root(),
+        &["clone", "-q", p.repo.path_str(), dir.to_str().expect("utf8")],
+    );
+    dir
+}
+
+fn outputs(p: &Project) -> PathBuf {
+    p.env.root().join("outputs")
+}
+
+/// `work ITEM --out DIR` in `clone`, started and not waited for.
+fn start_work(p: &Project, clone: &Path, item: &str) -> Child {
+    let out = outputs(p).join(item);
+    p.env
+        .command(hyperloop_bin())
+        .args(["--path", clone.to_str().expect("utf8"), "work", item, "--out"])
+        .arg(&out)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("work starts")
+}
+
+fn work(p: &Project, item: &str) -> Output {
+    static CLONES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = CLONES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let c = clone(p, &format!("{item}-{n}"));
+    start_work(p, &c, item).wait_with_output().expect("work ends")
+}
+
+fn record(p: &Project, dirs: &[PathBuf]) -> (Output, Value) {
+    let mut args = vec!["record".to_string(), "--json".to_string()];
+    args.extend(dirs.iter().map(|d| d.display().to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = p.hyperloop(&args);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", describe(&out)));
+    (out, v)
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_string)).collect())
+        .unwrap_or_default()
+}
+
+/// How many commits on main merged `task` (the squash commit's subject names it).
+fn merges_of(p: &Project, task: &str) -> usize {
+    p.git(&["log", "--format=%s", "main"])
+        .lines()
+        .filter(|s| s.ends_with(&format!("({task})")))
+        .count()
+}
+
+/// Plan, work (every item at once, each in a fresh clone) and record until nothing is left.
+/// Returns how many items ran.
+fn fan_out_until_done(p: &Project) -> usize {
+    let mut ran = 0;
+    for _ in 0..10 {
+        let items = plan(p);
+        if items.is_empty() {
+            return ran;
+        }
+        let clones: Vec<(String, PathBuf)> = items
+            .iter()
+            .map(|i| (item_id(i), clone(p, &item_id(i))))
+            .collect();
+        let children: Vec<(String, Child)> = clones
+            .iter()
+            .map(|(id, c)| (id.clone(), start_work(p, c, id)))
+            .collect();
+        let mut dirs = Vec::new();
+        for (id, child) in children {
+            let out = child.wait_with_output().expect("work ends");
+            assert_eq!(out.status.code(), Some(0), "work {id}: {}", describe(&out));
+            dirs.push(outputs(p).join(&id));
+        }
+        let (_, report) = record(p, &dirs);
+        let recorded = strings(&report["recorded"]);
+        assert_eq!(recorded.len(), dirs.len(), "every output is recorded: {report}");
+        assert!(report["refused"].is_null(), "{report}");
+        ran += dirs.len();
+    }
+    panic!("not done after 10 rounds of plan, work and record");
+}
+
+#[test]
+fn fifty_work_processes_at_once_finish_like_run() {
+    const TASKS: usize = 50;
+    let fanned = project(TASKS, 600, "");
+    let started = Instant::now();
+    let ran = fan_out_until_done(&fanned);
+    let took = started.elapsed();
+    // Implementer and verifier for each task, each exactly once.
+    assert_eq!(ran, 2 * TASKS, "items run");
+
+    let single = project(TASKS, 600, "");
+    let out = single.hyperloop(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+
+    for p in [&fanned, &single] {
+        let tasks = p.status();
+        assert_eq!(tasks.len(), TASKS);
+        for t in &tasks {
+            let id = t["id"].as_str().expect("id");
+            assert_eq!(t["status"], "complete", "{t}");
+            assert_eq!(merges_of(p, id), 1, "{id} merged exactly once");
+            assert!(
+                p.repo.path.join(format!("impl/{id}.md")).exists(),
+                "{id}'s work is on main"
+            );
+        }
+        assert_eq!(
+            p.git(&["branch", "--list", "worker/*"]),
+            "",
+            "task branches are gone"
+        );
+        assert_eq!(p.git(&["status", "--porcelain"]), "", "the checkout is clean");
+    }
+    // No lease is left behind.
+    for i in 1..=TASKS {
+        let text = fanned.repo.read(&format!("specs/tasks/task-{i:03}.md"));
+        assert!(!text.contains("\nclaim:"), "a lease is left: {text}");
+    }
+    // The figure, where a person running the test sees it (the harness captures print macros).
+    let _ = std::io::Write::write_all(
+        &mut std::io::stderr(),
+        format!("fan-out of {TASKS} tasks ({ran} items, {TASKS} work processes at once): {took:?}\n")
+            .as_bytes(),
+    );
+}
+
+#[test]
+fn a_killed_work_is_reissued_after_its_lease_and_completes() {
+    let p = project(
+        1,
+        3,
+        "  - role: implementer\n    attempt: 0\n    actions:\n      - sleep: 60\n",
+    );
+    let items = plan(&p);
+    assert_eq!(items.len(), 1, "{items:?}");
+    let first = item_id(&items[0]);
+    let c = clone(&p, "killed");
+    let mut child = start_work(&p, &c, &first);
+    // Wait until the agent runs (its log says so), then kill `work` outright.
+    let log_dir = c.join(".hyperloop/logs");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_dir(&log_dir).is_ok_and(|mut d| d.next().is_some()) {
+        assert!(Instant::now() < deadline, "the agent never started");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    child.kill().expect("kill -9");
+    let _ = child.wait();
+
+    // While the lease holds, nobody else gets the task.
+    assert!(plan(&p).is_empty(), "the item is still leased");
+    std::thread::sleep(Duration::from_secs(4));
+    let out = p.hyperloop(&["plan", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert_eq!(
+        named(&events(&out), "lease_expired").len(),
+        1,
+        "{}",
+        describe(&out)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let items = v["items"].as_array().cloned().unwrap_or_default();
+    assert_eq!(items.len(), 1, "{v}");
+    let second = item_id(&items[0]);
+    assert_ne!(second, first, "a re-issued item has a new id");
+    assert_eq!(items[0]["role"], "implementer");
+
+    // The dead item is refused by `work`; the new one runs.
+    let stale = work(&p, &first);
+    assert_eq!(stale.status.code(), Some(2), "{}", describe(&stale));
+    assert!(
+        String::from_utf8_lossy(&stale.stderr).contains("not a claimed work item"),
+        "{}",
+        describe(&stale)
+    );
+    let out = work(&p, &second);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    record(&p, &[outputs(&p).join(&second)]);
+    fan_out_until_done(&p);
+    assert_eq!(p.task("task-001")["status"], "complete");
+    assert_eq!(merges_of(&p, "task-001"), 1);
+}
+
+/// Copies an output folder, so that a test can tamper with the copy.
+fn copy_output(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(from).expect("read output") {
+        let e = e.expect("entry");
+        std::fs::copy(e.path(), to.join(e.file_name())).expect("copy");
+    }
+}
+
+fn edit_item(dir: &Path, key: &str, value: &str) {
+    let path = dir.join("item.json");
+    let mut v: Value = serde_json::from_slice(&std::fs::read(&path).expect("item.json")).expect("json");
+    v[key] = Value::String(value.to_string());
+    std::fs::write(&path, serde_json::to_vec(&v).expect("json")).expect("write");
+}
+
+#[test]
+fn forged_and_replayed_outputs_are_refused_and_reported() {
+    let p = project(2, 600, "");
+    let items = plan(&p);
+    assert_eq!(items.len(), 2, "{items:?}");
+    let a = items
+        .iter()
+        .find(|i| i["task_id"] == "task-001")
+        .map(item_id)
+        .expect("task-001");
+    let b = items
+        .iter()
+        .find(|i| i["task_id"] == "task-002")
+        .map(item_id)
+        .expect("task-002");
+    for id in [&a, &b] {
+        let out = work(&p, id);
+        assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    }
+    // The lease is in the task file, committed: item, nonce, role, round and base commit.
+    let lease = p.repo.read("specs/tasks/task-001.md");
+    for field in [
+        format!("\"item\":\"{a}\""),
+        "\"role\":\"implementer\"".to_string(),
+        "\"round\":0".to_string(),
+        "\"nonce\":".to_string(),
+        "\"expires_at\":".to_string(),
+    ] {
+        assert!(lease.contains(&field), "{field} missing in {lease}");
+    }
+    assert!(lease.contains("\"base\":\""), "{lease}");
+    let out_a = outputs(&p).join(&a);
+    let out_b = outputs(&p).join(&b);
+    assert!(
+        out_a.join("commits.bundle").is_file(),
+        "the implementer's commits come as a bundle"
+    );
+    let forged = p.env.root().join("forged");
+
+    // An item nobody claimed.
+    let wrong_item = forged.join("wrong-item");
+    copy_output(&out_a, &wrong_item);
+    edit_item(&wrong_item, "id", "task-009-implementer-r0-deadbeef");
+
+    // Another base than the lease's.
+    let wrong_base = forged.join("wrong-base");
+    copy_output(&out_a, &wrong_base);
+    let readme_commit = p.git(&["rev-list", "--max-parents=0", "main"]);
+    edit_item(&wrong_base, "base", &readme_commit);
+
+    // Commits that do not build on the commit the agent was given.
+    let scratch = clone(&p, "scratch");
+    p.env
+        .git(&scratch, &["checkout", "-q", "--orphan", "worker/task-001"]);
+    p.env.git(&scratch, &["commit", "-q", "-m", "unrelated history"]);
+    let unrelated = forged.join("unrelated");
+    copy_output(&out_a, &unrelated);
+    p.env.git(
+        &scratch,
+        &[
+            "bundle",
+            "create",
+            "-q",
+            unrelated.join("commits.bundle").to_str().expect("utf8"),
+            "refs/heads/worker/task-001",
+        ],
+    );
+
+    // Commits for another branch than the task's.
+    let other_branch = forged.join("other-branch");
+    copy_output(&out_a, &other_branch);
+    let theirs = clone(&p, "theirs");
+    p.env.git(
+        &theirs,
+        &["fetch", "-q", "origin", "worker/task-002:worker/task-002"],
+    );
+    p.env.git(
+        &theirs,
+        &[
+            "bundle",
+            "create",
+            "-q",
+            other_branch.join("commits.bundle").to_str().expect("utf8"),
+            "refs/heads/worker/task-002",
+            "refs/heads/main",
+            "^HEAD~3",
+        ],
+    );
+
+    let before = p.git(&["rev-parse", "worker/task-001"]);
+    let (out, report) = record(
+        &p,
+        &[
+            wrong_item.clone(),
+            wrong_base.clone(),
+            unrelated.clone(),
+            other_branch.clone(),
+            out_a.clone(),
+            out_a.clone(),
+            out_b,
+        ],
+    );
+    assert_eq!(strings(&report["recorded"]), vec![a.clone(), b], "{report}");
+    let refused = report["refused"].as_array().cloned().unwrap_or_default();
+    let reasons: Vec<(String, String)> = refused
+        .iter()
+        .map(|r| {
+            (
+                r["dir"].as_str().unwrap_or("").to_string(),
+                r["reason"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(refused.len(), 5, "{reasons:#?}");
+    let reason_of = |dir: &Path| -> String {
+        reasons
+            .iter()
+            .find(|(d, _)| d == &dir.display().to_string())
+            .map(|(_, r)| r.clone())
+            .unwrap_or_else(|| panic!("{} not refused: {reasons:#?}", dir.display()))
+    };
+    assert!(reason_of(&wrong_item).contains("no lease holds"), "{reasons:#?}");
+    assert!(
+        reason_of(&wrong_base).contains("does not match its lease"),
+        "{reasons:#?}"
+    );
+    assert!(
+        reason_of(&unrelated).contains("does not build on"),
+        "{reasons:#?}"
+    );
+    assert!(
+        reason_of(&other_branch).contains("must hold exactly"),
+        "{reasons:#?}"
+    );
+    // The same output a second time: its lease is gone with the first.
+    assert_eq!(
+        reasons
+            .iter()
+            .filter(|(d, _)| d == &out_a.display().to_string())
+            .count(),
+        1,
+        "{reasons:#?}"
+    );
+    assert_eq!(named(&events(&out), "output_refused").len(), 5);
+    assert_ne!(
+        p.git(&["rev-parse", "worker/task-001"]),
+        before,
+        "the real output was taken"
+    );
+
+    // Replayed later, in another `record`: refused, nothing applied twice.
+    let (out, report) = record(&p, std::slice::from_ref(&out_a));
+    assert!(report["recorded"].is_null(), "{report}");
+    assert_eq!(named(&events(&out), "output_refused").len(), 1);
+    for id in ["task-001", "task-002"] {
+        let t = p.task(id);
+        assert_eq!(t["phase"], "verifier", "{t}");
+    }
+    let history = p.repo.read("specs/tasks/task-001.md");
+    assert_eq!(
+        history.matches("\"role\":\"implementer\"").count(),
+        1,
+        "{history}"
+    );
+
+    // `work` refuses an item that is no longer claimed.
+    let again = work(&p, &a);
+    assert_eq!(again.status.code(), Some(2), "{}", describe(&again));
+
+    // The rest goes through as usual.
+    fan_out_until_done(&p);
+    for id in ["task-001", "task-002"] {
+        assert_eq!(p.task(id)["status"], "complete");
+        assert_eq!(merges_of(&p, id), 1);
+    }
+}
+
+#[test]
+fn github_mode_plan_and_record_with_work_in_clones_without_a_token() {
+    use crate::fake_github::FakeGitHub;
+    const TASKS: usize = 3;
+    let p = project(TASKS, 600, "");
+    p.git(&["push", "-q", "origin", "main"]);
+    let gh = FakeGitHub::start(&p.repo.origin, "acme", "widgets");
+    // `plan` and `record` hold the token; `work` runs in clones of origin without one.
+    let with_token = |args: &[&str]| -> Output {
+        let mut cmd = p.env.command(hyperloop_bin());
+        cmd.args(["--path", p.repo.path_str(), "--repo", "acme/widgets"]);
+        cmd.args(args);
+        cmd.env("GITHUB_API_URL", &gh.url);
+        cmd.env("GITHUB_TOKEN", &gh.token);
+        cmd.output().expect("hyperloop runs")
+    };
+    let mut ran = 0;
+    for round in 0..6 {
+        let out = with_token(&["plan", "--json"]);
+        assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+        let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+        let items: Vec<String> = v["items"]
+            .as_array()
+            .map(|a| a.iter().map(item_id).collect())
+            .unwrap_or_default();
+        if items.is_empty() {
+            break;
+        }
+        // The leases reached origin before any work started.
+        let on_origin = p
+            .env
+            .git(&p.repo.origin, &["log", "--format=%s", "-n", "20", "main"]);
+        for id in &items {
+            assert!(
+                on_origin.contains(id.as_str()),
+                "{id} not claimed on origin: {on_origin}"
+            );
+        }
+        let children: Vec<(String, Child)> = items
+            .iter()
+            .map(|id| {
+                let dir = p.env.root().join("gh-clones").join(format!("{id}-{round}"));
+                std::fs::create_dir_all(dir.parent().expect("parent")).expect("mkdir");
+                p.env.git(
+                    p.env.root(),
+                    &[
+                        "clone",
+                        "-q",
+                        p.repo.origin.to_str().expect("utf8"),
+                        dir.to_str().expect("utf8"),
+                    ],
+                );
+                (id.clone(), start_work(&p, &dir, id))
+            })
+            .collect();
+        let mut args = vec!["record".to_string(), "--json".to_string()];
+        for (id, child) in children {
+            let out = child.wait_with_output().expect("work ends");
+            assert_eq!(out.status.code(), Some(0), "work {id}: {}", describe(&out));
+            args.push(outputs(&p).join(&id).display().to_string());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = with_token(&args);
+        assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+        let report: Value = serde_json::from_slice(&out.stdout).expect("json");
+        assert_eq!(strings(&report["recorded"]).len(), items.len(), "{report}");
+        ran += items.len();
+    }
+    assert_eq!(ran, 2 * TASKS, "implementer and verifier of each task, once each");
+    let files = p
+        .env
+        .git(&p.repo.origin, &["ls-tree", "-r", "--name-only", "main"]);
+    for i in 1..=TASKS {
+        let id = format!("task-{i:03}");
+        let t = p
+            .env
+            .git(&p.repo.origin, &["show", &format!("main:specs/tasks/{id}.md")]);
+        assert!(t.contains("\nstatus: complete\n"), "{t}");
+        assert!(!t.contains("\nclaim:"), "a lease is left: {t}");
+        let number: u64 = t
+            .lines()
+            .find_map(|l| l.strip_prefix("pr: "))
+            .and_then(|u| u.rsplit('/').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no PR in {t}"));
+        assert_eq!(gh.pr_json(number)["merged"], Value::Bool(true), "{id}");
+        assert!(files.contains(&format!("impl/{id}.md")), "{files}");
+    }
+}
