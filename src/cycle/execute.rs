@@ -40,6 +40,7 @@ mod ci_checks;
 mod github_mode;
 mod requests;
 mod state_branch;
+mod trusted_gate;
 
 pub use requests::{CANCEL_LABEL, Op, RETRY_LABEL, operate, request_cancel};
 

@@ -21,4 +21,5 @@ mod operate;
 mod prompts;
 mod state;
 mod support;
+mod trusted_gates;
 mod worker;
