@@ -4,6 +4,7 @@ mod action;
 mod claude_cli;
 mod concurrency;
 mod config;
+mod dashboard;
 mod definitions;
 mod events;
 mod fake_github;

@@ -58,6 +58,8 @@ pub(super) struct GitHubMode {
     pub listed_heads: HashMap<u64, String>,
     /// Who may approve, as this step learned it (see `trusted_gate`).
     pub permissions: super::trusted_gate::Permissions,
+    /// The dashboard issue as this step read it (see `dashboard`).
+    pub dashboard: super::dashboard::Dashboard,
 }
 
 /// Runs a future from synchronous executor code (the step runs on a multi-threaded runtime).
@@ -109,6 +111,7 @@ pub(super) async fn connect(slug: &str, repo: &Repo) -> Result<GitHubMode> {
         checks_read: false,
         listed_heads: HashMap::new(),
         permissions: HashMap::new(),
+        dashboard: super::dashboard::Dashboard::default(),
     })
 }
 
@@ -602,17 +605,19 @@ impl Stepper {
             .pr_for(&task)
             .filter(|pr| pr.has_label(APPROVAL_LABEL))
             .cloned();
-        let cleared = match labelled {
-            None => false,
-            Some(pr) => match self.judge_approval(&task, &pr) {
-                super::trusted_gate::Verdict::Counts { .. } => true,
-                super::trusted_gate::Verdict::Undecided => false,
-                super::trusted_gate::Verdict::Ignored { by, reason } => {
-                    self.refuse_approval(&task, &pr, by.as_deref(), &reason);
-                    false
-                }
-            },
-        };
+        // A box ticked on the dashboard issue approves under the same rule (checked when read).
+        let cleared = self.dashboard_approves(task_id)
+            || match labelled {
+                None => false,
+                Some(pr) => match self.judge_approval(&task, &pr) {
+                    super::trusted_gate::Verdict::Counts { .. } => true,
+                    super::trusted_gate::Verdict::Undecided => false,
+                    super::trusted_gate::Verdict::Ignored { by, reason } => {
+                        self.refuse_approval(&task, &pr, by.as_deref(), &reason);
+                        false
+                    }
+                },
+            };
         emit!(
             DEBUG,
             "gate_checked",
@@ -647,7 +652,11 @@ impl Stepper {
         };
         // Consume the approval so a later gate needs a new one; the clearing is recorded in the
         // task file, so this gate is never polled again.
-        if let Some(pr) = self.pr_for(&t).map(|p| p.number) {
+        if let Some(pr) = self
+            .pr_for(&t)
+            .filter(|p| p.has_label(APPROVAL_LABEL))
+            .map(|p| p.number)
+        {
             self.write_or_keep(
                 task_id,
                 PendingWrite::RemoveLabel {

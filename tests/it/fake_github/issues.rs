@@ -441,6 +441,31 @@ impl FakeGitHub {
         issue.updated_at = now;
     }
 
+    /// Someone opens an issue (e.g. what a racing step would have left).
+    pub fn create_issue_as(&self, title: &str, body: &str, labels: &[&str], login: &str) -> u64 {
+        let mut s = self.state();
+        for l in labels {
+            s.ensure_label(l);
+        }
+        let now = s.tick();
+        let number = s.next_number;
+        s.next_number += 1;
+        s.social.issues.insert(
+            number,
+            Issue {
+                number,
+                title: title.to_string(),
+                body: body.to_string(),
+                open: true,
+                labels: labels.iter().map(|l| (*l).to_string()).collect(),
+                created_at: now,
+                updated_at: now,
+                editor: Some((login.to_string(), now)),
+            },
+        );
+        number
+    }
+
     pub fn issue_body(&self, number: u64) -> String {
         self.state()
             .social
