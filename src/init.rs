@@ -322,7 +322,8 @@ annotations:
 "#;
 
 const WORKFLOW: &str = r#"# Runs one hyperloop step at a time: on a schedule, when a pull request or issue gets the
-# `lgtm` label (which clears a gate) or `hyperloop:retry` / `hyperloop:cancel`, and on demand. Runs never overlap and never cancel each
+# `lgtm` label (which clears a gate) or `hyperloop:retry` / `hyperloop:cancel`, when a person edits the
+# dashboard issue (ticks a box), and on demand. Runs never overlap and never cancel each
 # other; every step reads all its state from the repository, so a queued run simply continues.
 # Each run's summary page shows what the step did, every task, and a graph of their dependencies.
 name: hyperloop
@@ -333,7 +334,7 @@ on:
   pull_request:
     types: [labeled]
   issues:
-    types: [labeled]
+    types: [labeled, edited]
   workflow_dispatch:
 
 concurrency:
@@ -349,8 +350,13 @@ permissions:
 
 jobs:
   step:
-    # Any other label is not a decision for hyperloop: do not spend a run on it.
-    if: (github.event_name != 'pull_request' && github.event_name != 'issues') || contains(fromJSON('["lgtm", "hyperloop:retry", "hyperloop:cancel"]'), github.event.label.name)
+    # Any other label, and an edit of any issue but the dashboard, is not a decision for
+    # hyperloop: do not spend a run on it. Edits by bots (hyperloop's own rewrite of the
+    # dashboard, when it runs as a GitHub App) start nothing either.
+    if: >-
+      (github.event_name != 'pull_request' && github.event_name != 'issues')
+      || (github.event.action == 'labeled' && contains(fromJSON('["lgtm", "hyperloop:retry", "hyperloop:cancel"]'), github.event.label.name))
+      || (github.event.action == 'edited' && github.event.sender.type != 'Bot' && contains(github.event.issue.labels.*.name, 'hyperloop:dashboard'))
     runs-on: ubuntu-latest
     timeout-minutes: 120
     steps:

@@ -157,6 +157,16 @@ impl Transport {
             {
                 return Ok(PushOutcome::Moved);
             }
+            // Two pushes landing at the same instant: the receiving side's compare-and-swap
+            // lost to the other one ("cannot lock ref … is at X but expected Y"). That is a
+            // moved branch, to re-read and replay onto, not a rule of the remote.
+            let said = format!("{reason}\n{stderr}");
+            if reason.contains("[remote rejected]")
+                && said.contains("cannot lock ref")
+                && said.contains("but expected")
+            {
+                return Ok(PushOutcome::Moved);
+            }
             if reason.contains("[remote rejected]") || reason.contains("[rejected]") {
                 return Ok(PushOutcome::Refused {
                     message: remote_message(&stderr, reason),

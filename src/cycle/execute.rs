@@ -37,10 +37,12 @@ use crate::worker::{self, WorkerOutcome, WorkerSpec, result::ResultFile, worktre
 
 mod api_budget;
 mod ci_checks;
+mod dashboard;
 mod fanout;
 mod github_mode;
 mod requests;
 mod state_branch;
+mod trusted_gate;
 
 pub use fanout::{LEASE_OWNER, OutputRefused, WorkItem, plan, record, work};
 
@@ -665,6 +667,8 @@ impl Stepper {
             self.fetch_task_branches()?;
             self.sync_pull_requests()?;
             self.take_label_requests()?;
+            // Hook: the dashboard issue's ticked boxes (see `dashboard`).
+            self.read_dashboard()?;
             self.run_pending_writes();
         }
         // From here on, a task branch is only where hyperloop puts it.
@@ -2874,6 +2878,8 @@ impl Stepper {
             // Descriptions last, so that a task that moved several times in this step is
             // described once; then the pace, so the next step counts these writes too.
             self.flush_pr_bodies();
+            // Hook: the dashboard shows the step's outcome (see `dashboard`).
+            self.publish_dashboard();
             self.commit_pace()?;
         }
         for (id, branch) in std::mem::take(&mut self.cleanup_retry) {

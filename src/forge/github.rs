@@ -42,6 +42,9 @@ const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
 
 const PER_PAGE: usize = 100;
 
+mod issues;
+pub use issues::{BodyEdit, BranchChange, IssueState, LabelEvent, can_approve};
+
 /// `owner/name` of the repository the client works on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RepoRef {

@@ -17,7 +17,7 @@ use std::fmt;
 use chrono::{DateTime, Utc};
 
 pub use auth::{AuthConfig, Credentials};
-pub use github::{ClientOptions, GitHubClient, RepoRef};
+pub use github::{ClientOptions, GitHubClient, IssueState, RepoRef};
 pub use retry::RetryPolicy;
 pub use secret::Secret;
 

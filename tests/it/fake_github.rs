@@ -30,6 +30,9 @@ use octocrab::jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use percent_encoding::percent_decode_str;
 use serde_json::{Value, json};
 
+mod issues;
+pub use issues::{BOT, OWNER};
+
 /// One request as the fake saw it.
 #[derive(Debug, Clone)]
 pub struct LoggedRequest {
@@ -188,6 +191,8 @@ struct State {
     required_checks: Vec<String>,
     /// How many GraphQL check queries were answered.
     rollup_queries: usize,
+    /// Issues, events with actors, comments, collaborators, push activity (see `issues`).
+    social: issues::Social,
 }
 
 /// A check run as a CI system reports it.
@@ -324,6 +329,10 @@ impl FakeGitHub {
             statuses: HashMap::new(),
             required_checks: Vec::new(),
             rollup_queries: 0,
+            social: issues::Social {
+                push_log: Some(issues::install_push_hook(bare)),
+                ..issues::Social::default()
+            },
         }));
         let thread = {
             let server = Arc::clone(&server);
@@ -423,15 +432,9 @@ impl FakeGitHub {
         s.insert_pr(head, base, title, "", draft, sha)
     }
 
+    /// The repository's owner (an admin) adds a label.
     pub fn add_label_to_pr(&self, number: u64, label: &str) {
-        let mut s = self.state();
-        s.ensure_label(label);
-        let now = s.tick();
-        let pr = s.prs.get_mut(&number).expect("fake GitHub: no such PR");
-        if !pr.labels.iter().any(|l| l == label) {
-            pr.labels.push(label.to_string());
-        }
-        pr.updated_at = now;
+        self.add_label_as(number, label, OWNER);
     }
 
     /// A person presses "Ready for review".
@@ -602,6 +605,7 @@ fn serve(state: &Arc<Mutex<State>>, mut request: tiny_http::Request) {
     let _ = request.as_reader().read_to_string(&mut body);
 
     let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+    s.ingest_pushes();
     let fault = s.take_fault(&method, &path);
     let content = is_content(&method, &path, &body);
     let (status, mut headers, text, garbage) = match fault {
@@ -995,13 +999,18 @@ impl State {
                 }
                 let now = s.tick();
                 let pr = s.prs.get_mut(&n).expect("checked");
+                let mut added = Vec::new();
                 for name in names {
                     if !pr.labels.contains(&name) {
-                        pr.labels.push(name);
+                        pr.labels.push(name.clone());
+                        added.push(name);
                     }
                 }
                 pr.updated_at = now;
                 let pr = pr.clone();
+                for name in added {
+                    s.record_event(n, "labeled", BOT, Some(&name));
+                }
                 answer(200, Value::Array(s.pr_labels_json(&pr)))
             }),
             ("DELETE", ["issues", n, "labels", name]) => self.with_pr(n, |s, n| {
@@ -1014,6 +1023,7 @@ impl State {
                 }
                 pr.updated_at = now;
                 let pr = pr.clone();
+                s.record_event(n, "unlabeled", BOT, Some(name));
                 answer(200, Value::Array(s.pr_labels_json(&pr)))
             }),
             ("DELETE", ["git", "refs", "heads", branch @ ..]) => {
@@ -1025,7 +1035,9 @@ impl State {
                     .expect("delete ref");
                 no_content()
             }
-            _ => message(404, "Not Found"),
+            (method, rest) => self
+                .handle_social(method, rest, query, &body)
+                .unwrap_or_else(|| message(404, "Not Found")),
         }
     }
 
@@ -1571,6 +1583,9 @@ impl State {
 
     fn graphql(&mut self, body: &Value) -> Answer {
         let query = body.get("query").and_then(Value::as_str).unwrap_or("");
+        if query.trim_start().starts_with("query") && query.contains("lastEditedAt") {
+            return self.graphql_editor(body);
+        }
         if query.trim_start().starts_with("query") && query.contains("statusCheckRollup") {
             let query = query.to_string();
             return self.graphql_checks(&query);

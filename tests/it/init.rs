@@ -220,7 +220,17 @@ fn workflow_runs_one_step_at_a_time() {
     let w = yaml(&repo.read(".github/workflows/hyperloop.yml"));
     assert_eq!(w["on"]["schedule"][0]["cron"], "*/15 * * * *");
     assert_eq!(w["on"]["pull_request"]["types"], serde_json::json!(["labeled"]));
-    assert_eq!(w["on"]["issues"]["types"], serde_json::json!(["labeled"]));
+    assert_eq!(
+        w["on"]["issues"]["types"],
+        serde_json::json!(["labeled", "edited"])
+    );
+    // Among issue edits, only the dashboard's start a step.
+    let cond = w["jobs"]["step"]["if"].as_str().expect("if");
+    assert!(
+        cond.contains("github.event.action == 'edited'")
+            && cond.contains("contains(github.event.issue.labels.*.name, 'hyperloop:dashboard')"),
+        "{cond}"
+    );
     assert!(w["on"].get("workflow_dispatch").is_some());
     assert_eq!(w["concurrency"]["group"], "hyperloop");
     assert_eq!(w["concurrency"]["cancel-in-progress"], false);

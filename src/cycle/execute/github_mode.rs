@@ -56,6 +56,10 @@ pub(super) struct GitHubMode {
     /// Each listed pull request's head when the step began: a head that is not here was pushed
     /// by this step, too recently for CI to have reported on it.
     pub listed_heads: HashMap<u64, String>,
+    /// Who may approve, as this step learned it (see `trusted_gate`).
+    pub permissions: super::trusted_gate::Permissions,
+    /// The dashboard issue as this step read it (see `dashboard`).
+    pub dashboard: super::dashboard::Dashboard,
 }
 
 /// Runs a future from synchronous executor code (the step runs on a multi-threaded runtime).
@@ -106,6 +110,8 @@ pub(super) async fn connect(slug: &str, repo: &Repo) -> Result<GitHubMode> {
         checks: HashMap::new(),
         checks_read: false,
         listed_heads: HashMap::new(),
+        permissions: HashMap::new(),
+        dashboard: super::dashboard::Dashboard::default(),
     })
 }
 
@@ -600,7 +606,24 @@ impl Stepper {
         let Some(task) = self.tasks.get(task_id).cloned() else {
             return Ok(false);
         };
-        let cleared = self.pr_for(&task).is_some_and(|pr| pr.has_label(APPROVAL_LABEL));
+        // Trusted gates: an `lgtm` counts only from a writer, after the head's last change.
+        let labelled = self
+            .pr_for(&task)
+            .filter(|pr| pr.has_label(APPROVAL_LABEL))
+            .cloned();
+        // A box ticked on the dashboard issue approves under the same rule (checked when read).
+        let cleared = self.dashboard_approves(task_id)
+            || match labelled {
+                None => false,
+                Some(pr) => match self.judge_approval(&task, &pr) {
+                    super::trusted_gate::Verdict::Counts { .. } => true,
+                    super::trusted_gate::Verdict::Undecided => false,
+                    super::trusted_gate::Verdict::Ignored { by, reason } => {
+                        self.refuse_approval(&task, &pr, by.as_deref(), &reason);
+                        false
+                    }
+                },
+            };
         emit!(
             DEBUG,
             "gate_checked",
@@ -635,7 +658,11 @@ impl Stepper {
         };
         // Consume the approval so a later gate needs a new one; the clearing is recorded in the
         // task file, so this gate is never polled again.
-        if let Some(pr) = self.pr_for(&t).map(|p| p.number) {
+        if let Some(pr) = self
+            .pr_for(&t)
+            .filter(|p| p.has_label(APPROVAL_LABEL))
+            .map(|p| p.number)
+        {
             self.write_or_keep(
                 task_id,
                 PendingWrite::RemoveLabel {
