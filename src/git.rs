@@ -38,6 +38,19 @@ impl Git {
         }
     }
 
+    /// A checkout's own repository at `dir`, and only that one: git never looks for a repository
+    /// above it. A checkout lives inside the user's working tree, so a `.git` that is damaged
+    /// or half made would otherwise send every command to the user's repository — checking out
+    /// a task's branch over their files.
+    pub fn pinned(dir: impl Into<PathBuf>) -> Self {
+        let dir: PathBuf = dir.into();
+        let gitdir = dir.join(".git");
+        let worktree = dir.display().to_string();
+        Git::new(dir)
+            .with_env("GIT_DIR", gitdir.display().to_string())
+            .with_env("GIT_WORK_TREE", worktree)
+    }
+
     /// The same, run as `user` (with that user's home).
     pub fn as_user(mut self, user: crate::worker::agent_user::AgentUser) -> Self {
         self.user = Some(user);

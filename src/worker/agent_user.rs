@@ -156,7 +156,7 @@ pub fn resolve(name: &str) -> Result<AgentUser> {
 /// git in an agent's checkout: as the agent user when there is one, so that no git of
 /// hyperloop's reads the configuration or hooks the agent wrote.
 pub fn checkout_git(path: &Path) -> Git {
-    let git = Git::new(path);
+    let git = Git::pinned(path);
     match current() {
         Some(u) => git.as_user(u),
         None => git,

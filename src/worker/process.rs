@@ -281,10 +281,13 @@ pub async fn run_worker(spec: &WorkerSpec, mut cancel: watch::Receiver<bool>) ->
     {
         cmd.uid(u.uid).gid(u.gid);
     }
-    cmd.current_dir(&worktree)
-        .env_clear()
-        .envs(spec.environment())
-        .stdin(Stdio::piped())
+    cmd.current_dir(&worktree).env_clear().envs(spec.environment());
+    // The checkout sits inside the user's working tree: an agent whose `.git` broke must get
+    // "not a git repository", not the user's repository.
+    if let Some(above) = worktree.parent().filter(|p| p.is_absolute()) {
+        cmd.env("GIT_CEILING_DIRECTORIES", above);
+    }
+    cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)

@@ -445,7 +445,7 @@ pub fn prepare_task_worktree(
         remove_dir(&path)?;
     }
     make_checkout(git, &common, &path, &base_refs(base_branch, &base_tip))?;
-    Git::new(&path).run(["checkout", "-q", "--force", "-B", branch, tip.as_str()])?;
+    Git::pinned(&path).run(["checkout", "-q", "--force", "-B", branch, tip.as_str()])?;
     super::agent_user::give(&path)?;
     Ok(path)
 }
@@ -491,8 +491,13 @@ fn quoted(value: &str) -> String {
 /// files are written directly — a repository is a handful of small files — so the only git
 /// command a new checkout costs is the checkout itself, as a worktree's did.
 fn make_checkout(git: &Git, common: &Path, path: &Path, refs: &str) -> Result<()> {
-    let gitdir = path.join(".git");
+    // Written aside and renamed into place: a step killed half way leaves no `.git` that looks
+    // like a repository without being one.
+    let gitdir = path.join(".git-partial");
     let io = |p: &Path, e: std::io::Error| Error::io(p, e);
+    if gitdir.exists() {
+        std::fs::remove_dir_all(&gitdir).map_err(|e| io(&gitdir, e))?;
+    }
     for dir in ["objects/info", "objects/pack", "refs/heads", "refs/tags", "info"] {
         let d = gitdir.join(dir);
         std::fs::create_dir_all(&d).map_err(|e| io(&d, e))?;
@@ -538,7 +543,8 @@ fn make_checkout(git: &Git, common: &Path, path: &Path, refs: &str) -> Result<()
         }
         std::fs::write(&file, format!("{oid}\n")).map_err(|e| io(&file, e))?;
     }
-    Ok(())
+    let done = path.join(".git");
+    std::fs::rename(&gitdir, &done).map_err(|e| io(&done, e))
 }
 
 /// `origin`'s URL in the repository, read once per process.
@@ -987,7 +993,7 @@ pub fn ensure_base_worktree(git: &Git, repo_root: &Path, name: &str, commit: &st
     }
     remove_dir(&path)?;
     make_checkout(git, &common_dir(git)?, &path, "")?;
-    Git::new(&path).run(["checkout", "-q", "--force", "--detach", commit.as_str()])?;
+    Git::pinned(&path).run(["checkout", "-q", "--force", "--detach", commit.as_str()])?;
     super::agent_user::give(&path)?;
     Ok(path)
 }
