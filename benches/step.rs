@@ -8,11 +8,13 @@
 //! - 8 tasks whose implementer takes 2 s, 4 workers: `run` against the ideal of two waves;
 //! - a large repository (15,000 files): 6 tasks, instant agents, 3 workers, `run` — where each
 //!   agent's checkout is the cost, and checkouts of different workers must not wait for each
-//!   other.
+//!   other;
+//! - fan-out: 50 tasks, `plan` of 50 items, their `work` in a clone (not timed), `record` of the
+//!   50 outputs — implementers, then verifiers and merges; time per item of `plan` and `record`.
 //!
 //! `HYPERLOOP_BENCH_BIN` and `HYPERLOOP_BENCH_AGENT` point the benchmark at other builds (an
 //! older version, to compare); arguments after `--bench` that are not flags choose scenarios by
-//! name (`idle`, `ten`, `slow`, `large`).
+//! name (`idle`, `ten`, `slow`, `large`, `fanout`).
 //!
 //! Peak memory is the largest resident set of any child process (getrusage).
 
@@ -209,6 +211,93 @@ fn large_repo(root: &Path, run: usize) -> Duration {
     hyperloop(&repo, &["run"])
 }
 
+/// `hyperloop ARGS` in `dir`: its standard output and how long it took.
+fn hyperloop_out(dir: &Path, args: &[&str]) -> (Vec<u8>, Duration) {
+    let start = Instant::now();
+    let out = Command::new(hyperloop_bin())
+        .arg("--path")
+        .arg(dir)
+        .args(args)
+        .env("GIT_CONFIG_GLOBAL", dir.join("../.gitconfig"))
+        .env("HOME", dir.join(".."))
+        .stderr(Stdio::piped())
+        .output()
+        .expect("hyperloop runs");
+    let took = start.elapsed();
+    assert!(
+        out.status.success(),
+        "hyperloop {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.stdout, took)
+}
+
+/// Two rounds of plan → work → record over 50 tasks: the time per item of `plan` and of
+/// `record`, per round.
+fn fanout(root: &Path) -> Vec<(Duration, Duration)> {
+    const ITEMS: usize = 50;
+    let repo = new_repo(root, "fanout");
+    let tasks = repo.join("specs/tasks");
+    std::fs::create_dir_all(&tasks).expect("mkdir");
+    std::fs::write(repo.join("specs/a.md"), "# A\n").expect("spec");
+    for i in 1..=ITEMS {
+        let id = format!("task-{i:03}");
+        std::fs::write(
+            tasks.join(format!("{id}.md")),
+            task_file(&id, "not-started", "[]"),
+        )
+        .expect("task");
+    }
+    let script = root.join("fanout.yaml");
+    std::fs::write(
+        &script,
+        "rules:\n  - role: implementer\n    actions:\n      - implement_task: true\n      - verdict: {verdict: pass}\n  - role: verifier\n    actions:\n      - verdict: {verdict: pass}\n",
+    )
+    .expect("script");
+    write_config(&repo, &script, ITEMS);
+    git(&repo, &["add", "-A"]);
+    git(&repo, &["commit", "-qm", "tasks"]);
+    let clone = root.join("fanout-clone");
+    let mut rounds = Vec::new();
+    for round in 0..2 {
+        let (stdout, plan_took) = hyperloop_out(&repo, &["plan", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&stdout).expect("plan prints JSON");
+        let items: Vec<String> = v["items"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|i| i["id"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert_eq!(items.len(), ITEMS, "round {round}: {v}");
+        if clone.exists() {
+            std::fs::remove_dir_all(&clone).expect("rm clone");
+        }
+        git(
+            root,
+            &[
+                "clone",
+                "-q",
+                repo.to_str().expect("utf8"),
+                clone.to_str().expect("utf8"),
+            ],
+        );
+        let outs = root.join(format!("fanout-out-{round}"));
+        let mut record: Vec<String> = vec!["record".into()];
+        for id in &items {
+            let dir = outs.join(id);
+            let dir_s = dir.display().to_string();
+            hyperloop_out(&clone, &["work", id, "--out", &dir_s]);
+            record.push(dir_s);
+        }
+        let args: Vec<&str> = record.iter().map(String::as_str).collect();
+        let (_, record_took) = hyperloop_out(&repo, &args);
+        rounds.push((plan_took / ITEMS as u32, record_took / ITEMS as u32));
+    }
+    rounds
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; `cargo test --all-targets` builds and runs this file too
     // (unoptimised), where timing it would only slow the test suite down.
@@ -265,6 +354,21 @@ fn main() {
             t.as_secs_f64(),
             ideal / t.as_secs_f64()
         );
+    }
+    if wants("fanout") {
+        for (round, (plan, record)) in fanout(root).into_iter().enumerate() {
+            let what = if round == 0 {
+                "implementers"
+            } else {
+                "verifiers, merges"
+            };
+            println!(
+                "{:<58} {:>8.1} ms / {:.1} ms",
+                format!("fan-out of 50 items ({what}): plan / record per item"),
+                plan.as_secs_f64() * 1e3,
+                record.as_secs_f64() * 1e3
+            );
+        }
     }
     println!(
         "{:<58} {:>8} MB",

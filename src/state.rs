@@ -6,7 +6,7 @@
 //! When the user has the branch checked out, [`Repo::publish`] carries their checkout along the
 //! way a fast-forward would, keeping their uncommitted changes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -195,7 +195,7 @@ impl Repo {
                 });
             }
         }
-        let contents = self.cat_blobs(wanted.iter().map(|(_, oid)| oid.as_str()))?;
+        let contents = self.cat_task_blobs(&wanted)?;
         for ((path, _), bytes) in wanted.iter().zip(contents) {
             let text = String::from_utf8(bytes)
                 .map_err(|_| Error::invalid(path, "document", "the file is not valid UTF-8"))?;
@@ -213,6 +213,62 @@ impl Repo {
         }
         state.tasks.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(state)
+    }
+
+    /// The task files' blobs, from the task cache where it has them, the rest from git.
+    ///
+    /// A repository hyperloop commits to holds its task files as loose objects (its plumbing
+    /// commits never start git's automatic gc), and reading a thousand loose objects is a
+    /// thousand files to open and inflate on every step, idle or not. The cache is one file of
+    /// the blobs the last read wanted, keyed by object id: content-addressed, so an entry can
+    /// only be right or absent; it is rewritten only when a read missed.
+    fn cat_task_blobs(&self, wanted: &[(String, String)]) -> Result<Vec<Vec<u8>>> {
+        let path = self.task_cache_path();
+        let mut cached = std::fs::read(&path)
+            .ok()
+            .and_then(|b| parse_task_cache(&b))
+            .unwrap_or_default();
+        let missing: Vec<&str> = wanted
+            .iter()
+            .map(|(_, oid)| oid.as_str())
+            .filter(|oid| !cached.contains_key(*oid))
+            .collect();
+        let distinct: HashSet<&str> = wanted.iter().map(|(_, oid)| oid.as_str()).collect();
+        if !missing.is_empty() || cached.len() != distinct.len() {
+            let fetched = self.cat_blobs(missing.iter().copied())?;
+            for (oid, bytes) in missing.iter().zip(fetched) {
+                cached.insert((*oid).to_string(), bytes);
+            }
+            let mut out = Vec::with_capacity(cached.len() * 400 + 32);
+            out.extend_from_slice(TASK_CACHE_HEADER);
+            for oid in &distinct {
+                if let Some(bytes) = cached.get(*oid) {
+                    out.extend_from_slice(format!("{oid} {}\n", bytes.len()).as_bytes());
+                    out.extend_from_slice(bytes);
+                    out.push(b'\n');
+                }
+            }
+            // A cache: a failed write costs the next step a read from git, nothing else.
+            let tmp = self
+                .common_dir
+                .join(format!("hyperloop-task-cache.tmp-{}", std::process::id()));
+            if std::fs::write(&tmp, &out).is_ok() && std::fs::rename(&tmp, &path).is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+        }
+        wanted
+            .iter()
+            .map(|(path, oid)| {
+                cached
+                    .get(oid.as_str())
+                    .cloned()
+                    .ok_or_else(|| Error::other(format!("{path}: blob {oid} was not read")))
+            })
+            .collect()
+    }
+
+    fn task_cache_path(&self) -> PathBuf {
+        self.common_dir.join("hyperloop-task-cache")
     }
 
     /// Reads blobs by id with one `git cat-file --batch`.
@@ -640,9 +696,54 @@ pub fn is_spec_path(path: &str, specs_dir: &str) -> bool {
     !(rest.contains('/') && matches!(first, "tasks" | "reviews" | "prompts"))
 }
 
+const TASK_CACHE_HEADER: &[u8] = b"hyperloop task cache 1\n";
+
+/// The task cache's entries (`<oid> <length>\n<bytes>\n` after the header), or `None` for a file
+/// that is not a whole cache of this format.
+fn parse_task_cache(bytes: &[u8]) -> Option<HashMap<String, Vec<u8>>> {
+    let mut rest = bytes.strip_prefix(TASK_CACHE_HEADER)?;
+    let mut entries = HashMap::new();
+    while !rest.is_empty() {
+        let eol = rest.iter().position(|b| *b == b'\n')?;
+        let line = std::str::from_utf8(&rest[..eol]).ok()?;
+        let (oid, len) = line.split_once(' ')?;
+        let len: usize = len.parse().ok()?;
+        if !(oid.len() == 40 || oid.len() == 64) || !oid.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        let body = rest.get(eol + 1..eol + 1 + len)?;
+        if rest.get(eol + 1 + len) != Some(&b'\n') {
+            return None;
+        }
+        entries.insert(oid.to_string(), body.to_vec());
+        rest = &rest[eol + 2 + len..];
+    }
+    Some(entries)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::is_spec_path;
+    use super::{TASK_CACHE_HEADER, is_spec_path, parse_task_cache};
+
+    #[test]
+    fn a_task_cache_is_read_whole_or_not_at_all() {
+        let oid = "a".repeat(40);
+        let mut file = TASK_CACHE_HEADER.to_vec();
+        file.extend_from_slice(format!("{oid} 5\nhello\n").as_bytes());
+        let read = parse_task_cache(&file).expect("a whole cache");
+        assert_eq!(read.get(&oid).map(Vec::as_slice), Some(&b"hello"[..]));
+        // Cut anywhere, or of another format: not used.
+        for cut in 1..file.len() {
+            if cut == TASK_CACHE_HEADER.len() {
+                continue;
+            }
+            assert!(parse_task_cache(&file[..cut]).is_none(), "cut at {cut}");
+        }
+        assert!(parse_task_cache(b"hyperloop task cache 2\n").is_none());
+        let mut bad = TASK_CACHE_HEADER.to_vec();
+        bad.extend_from_slice(b"not-an-oid 1\nx\n");
+        assert!(parse_task_cache(&bad).is_none());
+    }
 
     #[test]
     fn spec_paths() {

@@ -520,3 +520,111 @@ fn github_mode_plan_and_record_with_work_in_clones_without_a_token() {
         assert!(files.contains(&format!("impl/{id}.md")), "{files}");
     }
 }
+
+/// The GitHub requests `plan` and `record` make for one round of five items, in a repository of
+/// `tasks` tasks: (plan, record) for the implementers' round, then for the verifiers'.
+fn github_requests_per_round(tasks: usize) -> Vec<(usize, usize)> {
+    use crate::fake_github::FakeGitHub;
+    let p = Project::new("", "");
+    p.set_max_workers(5);
+    p.repo.write("specs/a.md", "# A\n");
+    for i in 1..=tasks {
+        p.write_task(&format!("task-{i:04}"), "specs/a.md", &[]);
+    }
+    p.commit_all("tasks");
+    p.git(&["push", "-q", "origin", "main"]);
+    let gh = FakeGitHub::start(&p.repo.origin, "acme", "widgets");
+    let with_token = |args: &[String]| -> Output {
+        let mut cmd = p.env.command(hyperloop_bin());
+        cmd.args(["--path", p.repo.path_str(), "--repo", "acme/widgets"]);
+        cmd.args(args);
+        cmd.env("GITHUB_API_URL", &gh.url);
+        cmd.env("GITHUB_TOKEN", &gh.token);
+        let out = cmd.output().expect("hyperloop runs");
+        assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+        out
+    };
+    let mut rounds = Vec::new();
+    for round in 0..2 {
+        gh.clear_requests();
+        let out = with_token(&["plan".into(), "--json".into()]);
+        let planned = gh.requests().len();
+        let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+        let items: Vec<String> = v["items"]
+            .as_array()
+            .map(|a| a.iter().map(item_id).collect())
+            .unwrap_or_default();
+        assert_eq!(items.len(), 5, "max_workers bounds the items: {v}");
+        let mut args = vec!["record".to_string(), "--json".to_string()];
+        for id in &items {
+            let dir = p.env.root().join("gh-clones").join(format!("{id}-{round}"));
+            std::fs::create_dir_all(dir.parent().expect("parent")).expect("mkdir");
+            p.env.git(
+                p.env.root(),
+                &[
+                    "clone",
+                    "-q",
+                    p.repo.origin.to_str().expect("utf8"),
+                    dir.to_str().expect("utf8"),
+                ],
+            );
+            let out = start_work(&p, &dir, id).wait_with_output().expect("work ends");
+            assert_eq!(out.status.code(), Some(0), "work {id}: {}", describe(&out));
+            args.push(outputs(&p).join(id).display().to_string());
+        }
+        gh.clear_requests();
+        let started = Instant::now();
+        let out = with_token(&args);
+        let took = started.elapsed();
+        let requests = gh.requests();
+        // A step that ran longer than ten seconds reads the dashboard again before it writes
+        // (a person may have ticked a box meanwhile): a matter of the machine's speed, not of
+        // the number of tasks, so it is not counted here.
+        let dashboard_reads = requests
+            .iter()
+            .filter(|r| r.method == "GET" && r.query.contains("hyperloop%3Adashboard"))
+            .count();
+        assert!(
+            (1..=2).contains(&dashboard_reads),
+            "{dashboard_reads} dashboard reads"
+        );
+        let recorded = requests.len() - (dashboard_reads - 1);
+        if std::env::var_os("HYPERLOOP_TEST_SHOW_REQUESTS").is_some() {
+            #[allow(clippy::print_stderr)]
+            {
+                eprintln!("{tasks} tasks, round {round}: record took {took:?}");
+            }
+        }
+        // HYPERLOOP_TEST_SHOW_REQUESTS=1 lists them, to see what changed when the counts do.
+        #[allow(clippy::print_stderr)]
+        if std::env::var_os("HYPERLOOP_TEST_SHOW_REQUESTS").is_some() {
+            for r in gh.requests() {
+                eprintln!(
+                    "{tasks} round {round}: {} {}?{} -> {}",
+                    r.method, r.path, r.query, r.status
+                );
+            }
+        }
+        let report: Value = serde_json::from_slice(&out.stdout).expect("json");
+        assert_eq!(strings(&report["recorded"]).len(), 5, "{report}");
+        rounds.push((planned, recorded));
+    }
+    rounds
+}
+
+/// What `plan` and `record` cost in GitHub requests depends on the items they handle, not on how
+/// many tasks the repository holds. Printed with `--nocapture` (the README quotes it).
+#[test]
+fn github_requests_of_plan_and_record_do_not_grow_with_the_tasks() {
+    let small = github_requests_per_round(100);
+    let large = github_requests_per_round(1_000);
+    #[allow(clippy::print_stderr)]
+    {
+        for (i, ((p1, r1), (p2, r2))) in small.iter().zip(&large).enumerate() {
+            eprintln!(
+                "round {i} of 5 items: plan {p1} / {p2} requests, record {r1} / {r2} requests (100 / 1,000 tasks)"
+            );
+        }
+    }
+    assert_eq!(small, large, "requests per round with 100 tasks and with 1,000");
+}
