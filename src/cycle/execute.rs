@@ -2009,7 +2009,7 @@ impl Stepper {
         if task.cancelled {
             return self.record_cancelled_run(task, record, outcome, duration);
         }
-        let verdict = to_pipeline_verdict(outcome.verdict);
+        let verdict = outcome.verdict;
         let mut detail = outcome.detail.clone();
         if let Some(why) = &outcome.suspicious {
             detail = format!("{detail}\n\nhyperloop: {why}").trim().to_string();
@@ -3095,15 +3095,6 @@ fn intake_role(process: &definitions::Process) -> String {
             _ => None,
         })
         .unwrap_or_else(|| "pm".to_string())
-}
-
-fn to_pipeline_verdict(v: worker::Verdict) -> Verdict {
-    match v {
-        worker::Verdict::Pass => Verdict::Pass,
-        worker::Verdict::Fail => Verdict::Fail,
-        worker::Verdict::Error => Verdict::Error,
-        worker::Verdict::Timeout => Verdict::Timeout,
-    }
 }
 
 fn preview(s: &str) -> String {

@@ -23,7 +23,6 @@ pub mod worktree;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 
 pub use process::{WorkerSpec, run_worker};
 pub use worktree::{ensure_base_worktree, ensure_task_worktree, remove_worktree, remove_worktree_and_branch};
@@ -31,37 +30,9 @@ pub use worktree::{ensure_base_worktree, ensure_task_worktree, remove_worktree, 
 /// The name of the result file at a worktree's root (CONTRACT §4).
 pub const RESULT_FILE: &str = ".worker-result.json";
 
-/// What a worker run amounted to. Agents may only write `pass` or `fail`; `error` and `timeout`
-/// are hyperloop's own judgements.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Verdict {
-    Pass,
-    Fail,
-    Error,
-    Timeout,
-}
-
-impl Verdict {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Verdict::Pass => "pass",
-            Verdict::Fail => "fail",
-            Verdict::Error => "error",
-            Verdict::Timeout => "timeout",
-        }
-    }
-
-    pub fn is_pass(self) -> bool {
-        self == Verdict::Pass
-    }
-}
-
-impl std::fmt::Display for Verdict {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+/// What a worker run amounted to: the pipeline's own verdict type. Agents may only write `pass`
+/// or `fail`; `error` and `timeout` are hyperloop's own judgements.
+pub use crate::pipeline::Verdict;
 
 /// Everything a finished (or killed) worker tells the cycle.
 #[derive(Debug, Clone, PartialEq)]
