@@ -458,13 +458,25 @@ pub async fn work(target: &Target, item: &str, out: &Path) -> Result<WorkReport>
         .output(["config", "--get", "remote.origin.url"])
         .is_ok_and(|o| o.status.success());
     if has_origin {
-        repo.git.run([
+        // `work` holds no credential, so a private repository's origin may refuse the fetch;
+        // a clone made after `plan` pushed (a matrix job's checkout) already has the lease, and
+        // one that does not is refused below like any unclaimed item.
+        let fetched = repo.git.output([
             "fetch",
             "--quiet",
             "--no-tags",
             "origin",
             "+refs/heads/*:refs/remotes/origin/*",
         ])?;
+        if !fetched.status.success() {
+            emit!(
+                WARN,
+                "fetch_failed",
+                remote = "origin",
+                detail = String::from_utf8_lossy(&fetched.stderr).trim(),
+                hint = "working from the refs this clone already has"
+            );
+        }
     }
     // The state as published: origin's, when this clone has one.
     let tip_of = |branch: &str| -> Result<Option<String>> {
