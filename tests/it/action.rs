@@ -274,7 +274,7 @@ impl Install {
     }
 }
 
-fn set_executable(p: &Path) {
+pub(crate) fn set_executable(p: &Path) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
 }
@@ -443,7 +443,7 @@ jobs:
 /// `act EVENT` in `workdir` on this host (no Docker), offline, with `extra` arguments and the
 /// directory `bin_first` (if any) put first on PATH; returns its output and its log (standard
 /// output, where act prints the steps' lines).
-fn run_act(
+pub(crate) fn run_act(
     env: &TestEnv,
     act: &Path,
     workdir: &Path,
@@ -495,7 +495,7 @@ pub(crate) fn act_output<'a>(log: &'a str, key: &str) -> &'a str {
 }
 
 /// The job summary, which act prints after the step that wrote it.
-fn act_summary(log: &str) -> &str {
+pub(crate) fn act_summary(log: &str) -> &str {
     log.split_once("Summary - ")
         .map(|(_, rest)| rest)
         .unwrap_or_else(|| panic!("no job summary in:\n{log}"))
@@ -572,7 +572,7 @@ const GATED_OVERLAY: [(&str, &str); 2] = [
 ];
 
 /// The `KEY: value` line of a task file.
-fn task_field<'a>(task: &'a str, key: &str) -> Option<&'a str> {
+pub(crate) fn task_field<'a>(task: &'a str, key: &str) -> Option<&'a str> {
     task.lines().find_map(|l| l.strip_prefix(&format!("{key}: ")))
 }
 
@@ -714,7 +714,7 @@ fn the_action_walks_a_task_through_github_mode_under_act() {
 /// checks out the repository, and refuses what the real one would do differently from what
 /// hyperloop needs (no `ref`: a pull-request event would check out the PR's merge commit; a
 /// shallow clone: merges need history).
-const CHECKOUT_STAND_IN: &str = r#"name: checkout stand-in
+pub(crate) const CHECKOUT_STAND_IN: &str = r#"name: checkout stand-in
 inputs:
   ref:
     default: ""

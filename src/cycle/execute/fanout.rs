@@ -334,7 +334,15 @@ impl Stepper {
         // Compare-and-swap from the lease's base. A branch already at the output's tip was moved
         // by a `record` that died before its commit: the same output, not a second one.
         let now = self.repo.branch_tip(&branch)?;
-        if now.as_deref() != Some(base.as_str()) && now.as_deref() != Some(tip.as_str()) {
+        // No such branch here: `plan` made it at the base in its own clone and published nothing
+        // on it (the task branches origin has were fetched at the start), so a `record` on
+        // another runner (the fan-out workflow's) finds it where the lease says, and creates it.
+        let absent_at_base = now.is_none()
+            && self
+                .repo
+                .git
+                .succeeds(["cat-file", "-e", &format!("{base}^{{commit}}")])?;
+        if !absent_at_base && now.as_deref() != Some(base.as_str()) && now.as_deref() != Some(tip.as_str()) {
             return refuse(
                 Some(id),
                 format!(
@@ -344,7 +352,7 @@ impl Stepper {
             );
         }
         if now.as_deref() != Some(tip.as_str()) {
-            worktree::set_task_ref(&self.repo.git, &branch, &tip, Some(&base))?;
+            worktree::set_task_ref(&self.repo.git, &branch, &tip, now.as_deref())?;
         }
         let mut suspicious = None;
         if result.verdict.is_pass() && claim.role == "implementer" {
