@@ -573,3 +573,147 @@ jobs:
             "${GITHUB_API_URL:-https://api.github.com}/repos/$GITHUB_REPOSITORY/actions/workflows/$workflow/dispatches" \
             -d "{\"ref\":\"$BRANCH\"}"
 "#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    fn parse(text: &str) -> Value {
+        crate::yaml::parse(Path::new("hyperloop-fanout.yml"), text).expect("the workflow is YAML")
+    }
+
+    fn uses(job: &Value) -> Vec<String> {
+        job["steps"]
+            .as_array()
+            .expect("steps")
+            .iter()
+            .filter_map(|s| s["uses"].as_str().map(str::to_string))
+            .collect()
+    }
+
+    fn step<'a>(job: &'a Value, prefix: &str) -> &'a Value {
+        job["steps"]
+            .as_array()
+            .expect("steps")
+            .iter()
+            .find(|s| s["uses"].as_str().is_some_and(|u| u.starts_with(prefix)))
+            .unwrap_or_else(|| panic!("no step uses {prefix}"))
+    }
+
+    #[test]
+    fn the_fan_out_workflow_has_three_jobs_with_their_own_permissions() {
+        let w = parse(&fanout_workflow(4));
+        let jobs = &w["jobs"];
+        assert_eq!(
+            jobs.as_object().expect("jobs").keys().collect::<Vec<_>>(),
+            ["plan", "work", "record"]
+        );
+        assert_eq!(w["permissions"], json!({}), "nothing unless a job asks");
+        let write = json!({"contents": "write", "pull-requests": "write", "issues": "write"});
+        assert_eq!(jobs["plan"]["permissions"], write);
+        assert_eq!(jobs["work"]["permissions"], json!({"contents": "read"}));
+        let mut record = write;
+        record["actions"] = json!("write");
+        assert_eq!(jobs["record"]["permissions"], record);
+        assert_eq!(w["concurrency"]["group"], "hyperloop");
+        assert_eq!(w["concurrency"]["cancel-in-progress"], false);
+        let on = w["on"].as_object().expect("triggers");
+        for trigger in ["schedule", "workflow_dispatch", "pull_request", "issues"] {
+            assert!(on.contains_key(trigger), "{trigger}");
+        }
+    }
+
+    #[test]
+    fn work_is_a_matrix_over_the_planned_items_without_credentials() {
+        let w = parse(&fanout_workflow(4));
+        let plan = &w["jobs"]["plan"];
+        assert_eq!(plan["outputs"]["items"], "${{ steps.plan.outputs.items }}");
+        assert_eq!(step(plan, "hyperloop-dev/hyperloop@")["with"]["command"], "plan");
+        let work = &w["jobs"]["work"];
+        assert_eq!(work["needs"], "plan");
+        assert_eq!(work["if"], "needs.plan.outputs.has-items == 'true'");
+        let strategy = &work["strategy"];
+        assert_eq!(strategy["fail-fast"], false);
+        assert_eq!(strategy["max-parallel"], 4);
+        assert_eq!(
+            strategy["matrix"]["item"],
+            "${{ fromJSON(needs.plan.outputs.items) }}"
+        );
+        let checkout = step(work, "actions/checkout@");
+        assert_eq!(checkout["with"]["persist-credentials"], false);
+        assert_eq!(checkout["with"]["fetch-depth"], 0);
+        let action = &step(work, "hyperloop-dev/hyperloop@")["with"];
+        assert_eq!(action["command"], "work");
+        assert_eq!(action["item"], "${{ matrix.item }}");
+        assert!(
+            action.get("github-token").is_none() && action.get("app-private-key").is_none(),
+            "work is given no forge credential: {action}"
+        );
+        let upload = &step(work, "actions/upload-artifact@")["with"];
+        assert_eq!(upload["name"], "hyperloop-output-${{ matrix.item }}");
+        assert_eq!(upload["path"], action["out"]);
+        // Every checkout leaves no token in .git/config.
+        for job in ["plan", "work", "record"] {
+            let c = step(&w["jobs"][job], "actions/checkout@");
+            assert_eq!(c["with"]["persist-credentials"], false, "{job}");
+        }
+    }
+
+    #[test]
+    fn record_runs_after_every_work_job_and_starts_the_next_round() {
+        let w = parse(&fanout_workflow(4));
+        let record = &w["jobs"]["record"];
+        assert_eq!(record["needs"], json!(["plan", "work"]));
+        let cond = record["if"].as_str().expect("if");
+        assert!(cond.starts_with("always()"), "{cond}");
+        assert!(cond.contains("needs.plan.result == 'success'"), "{cond}");
+        let download = &step(record, "actions/download-artifact@")["with"];
+        assert_eq!(download["pattern"], "hyperloop-output-*");
+        let action = &step(record, "hyperloop-dev/hyperloop@")["with"];
+        assert_eq!(action["command"], "record");
+        assert_eq!(action["dirs"], download["path"]);
+        let steps = record["steps"].as_array().expect("steps");
+        let dispatch = steps.last().expect("a last step");
+        assert!(
+            dispatch["if"]
+                .as_str()
+                .is_some_and(|c| c.contains("steps.record.outputs.ready")),
+            "{dispatch}"
+        );
+        let run = dispatch["run"].as_str().expect("run");
+        assert!(run.contains("/actions/workflows/$workflow/dispatches"), "{run}");
+        assert!(
+            run.contains(FANOUT_WORKFLOW_PATH.rsplit('/').next().expect("file")),
+            "{run}"
+        );
+    }
+
+    #[test]
+    fn every_remote_action_is_pinned_to_a_full_commit() {
+        let w = parse(&fanout_workflow(4));
+        let mut seen = 0;
+        for (name, job) in w["jobs"].as_object().expect("jobs") {
+            for u in uses(job) {
+                if u.starts_with("hyperloop-dev/hyperloop@") {
+                    continue;
+                }
+                seen += 1;
+                let sha = u.split_once('@').map(|(_, r)| r).unwrap_or_default();
+                assert!(
+                    sha.len() == 40 && sha.bytes().all(|b| b.is_ascii_hexdigit()),
+                    "{name}: {u}"
+                );
+            }
+        }
+        assert_eq!(seen, 5, "three checkouts, an upload and a download");
+    }
+
+    #[test]
+    fn max_parallel_follows_the_configuration_and_is_never_zero() {
+        for (workers, want) in [(1, 1), (6, 6), (0, 1)] {
+            let w = parse(&fanout_workflow(workers));
+            assert_eq!(w["jobs"]["work"]["strategy"]["max-parallel"], want);
+        }
+    }
+}

@@ -590,4 +590,13 @@ fn github_mode_record_in_a_fresh_clone_takes_outputs_for_new_branches() {
         .env
         .git(&p.repo.origin, &["ls-tree", "-r", "--name-only", "main"]);
     assert!(files.contains("impl/task-001.md"), "{files}");
+    // A round whose every `work` failed has no output to record; `record` still ends the cycle.
+    let out = with_token(&fresh("record-none"), &["record", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let report: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert!(
+        report["recorded"].is_null() && report["refused"].is_null(),
+        "{report}"
+    );
+    assert_eq!(report["progress"], "all-complete", "{report}");
 }
