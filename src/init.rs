@@ -440,9 +440,10 @@ on:
     types: [labeled, edited]
   workflow_dispatch:
 
-# One round at a time, queued, never cancelled: a plan that ran while another round's outputs
-# were still unrecorded would see their leases and claim nothing twice, but the pushes of two
-# rounds would race. The group is the single-job workflow's, so the two never overlap either.
+# One round at a time, queued, never cancelled (a cancelled round would leave its leases to
+# expire). Leases already keep two rounds from running the same item; the group also keeps
+# their plans and records from contending for the same pushes. It is the single-job workflow's
+# group, so a step of that one never overlaps a round either.
 concurrency:
   group: hyperloop
   cancel-in-progress: false
