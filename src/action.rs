@@ -1,6 +1,6 @@
 //! What hyperloop does differently when it runs inside a GitHub Actions job
 //! (`GITHUB_ACTIONS=true`): after `step` or `run` it appends the step outputs the action
-//! (`action.yml`) publishes to `$GITHUB_OUTPUT` and a Markdown job summary — what the cycle did, a
+//! (`action.yml`) publishes to `$GITHUB_OUTPUT` (after `plan` and `record` too) and a Markdown job summary — what the cycle did, a
 //! table of tasks and a Mermaid graph of their dependencies — to `$GITHUB_STEP_SUMMARY`; and it
 //! turns errors into workflow-command annotations so a bad configuration or task file is marked
 //! on the file itself in the pull request and run views. The rendering functions are pure; only
@@ -74,8 +74,18 @@ pub fn outputs(report: &StepReport) -> Vec<(String, String)> {
         pair("work-remaining", report.work_remaining.to_string()),
         pair("progress", report.progress.clone()),
         pair("cost-usd", format!("{:.4}", report.cost_usd)),
+        pair("ready", report.ready.to_string()),
+        // The ids alone: a matrix over plain strings names each job by its item.
+        pair("items", items_json(report)),
+        pair("has-items", (!report.items.is_empty()).to_string()),
         pair("report", json),
     ]
+}
+
+/// The ids of the work items `plan` claimed, as one line of JSON (`[]` for any other command).
+pub fn items_json(report: &StepReport) -> String {
+    let ids: Vec<&str> = report.items.iter().map(|i| i.id.as_str()).collect();
+    serde_json::to_string(&ids).unwrap_or_else(|_| "[]".to_string())
 }
 
 /// `$GITHUB_OUTPUT` text for `pairs`. Single-line values are `key=value`; anything with a line
@@ -449,7 +459,7 @@ fn append(path: &Path, text: &str) -> Result<()> {
     f.write_all(text.as_bytes()).map_err(|e| Error::io(path, e))
 }
 
-/// Called after `step` and `run`: inside GitHub Actions, publishes the report. The cycle has
+/// Called after `step`, `run`, `plan` and `record`: inside GitHub Actions, publishes the report. The cycle has
 /// already committed its work, so a failure here is reported as a warning, not as a failed step.
 pub fn after_step(target: &Target, report: &StepReport) {
     let Some(env) = ActionsEnv::from_env() else {
@@ -612,6 +622,7 @@ mod tests {
             items: Vec::new(),
             recorded: Vec::new(),
             refused: Vec::new(),
+            ready: 2,
             intake_gave_up: None,
             checks: Vec::new(),
             github_api: None,
@@ -675,6 +686,9 @@ mod tests {
                 "work-remaining",
                 "progress",
                 "cost-usd",
+                "ready",
+                "items",
+                "has-items",
                 "report"
             ]
         );

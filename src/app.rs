@@ -176,9 +176,12 @@ impl Outcome {
 /// Runs one parsed command line.
 pub fn run(command: &Command, global: &GlobalArgs) -> Result<Outcome> {
     match command {
-        Command::Init => {
+        Command::Init(args) => {
             let repo = open_repo(global)?;
-            let report = crate::init::init(&repo.root)?;
+            let options = crate::init::InitOptions {
+                fan_out: args.fan_out,
+            };
+            let report = crate::init::init_with(&repo.root, &options)?;
             Ok(Outcome::ok(report.to_string()))
         }
         Command::Status(args) => {
@@ -273,12 +276,13 @@ pub fn run(command: &Command, global: &GlobalArgs) -> Result<Outcome> {
             no_dry_run(global)?;
             let target = Target::load(global)?;
             let _notifier = start_logging(&target, true);
-            crate::commands::preflight(&target, false)?;
+            crate::commands::preflight_repository(&target)?;
             emit_started(&target);
             let report = block_on(async {
                 let opts = step_options()?;
                 crate::cycle::execute::plan(&target, &opts).await
             })??;
+            crate::action::after_step(&target, &report);
             let text = if args.json {
                 let items = serde_json::json!({ "items": report.items });
                 let mut s = serde_json::to_string(&items).map_err(|e| Error::other(e.to_string()))?;

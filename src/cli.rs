@@ -46,7 +46,7 @@ pub enum Command {
     /// Clear the gate a task waits at (local mode).
     Approve(ApproveArgs),
     /// Write .hyperloop.yaml, specs/, an agents overlay and a GitHub workflow; never overwrite.
-    Init,
+    Init(InitArgs),
     /// Put a failed or cancelled task back to the start of the step (or loop) it stopped in,
     /// with a fresh round budget; `retry intake` runs an intake that gave up again.
     Retry(RetryArgs),
@@ -115,6 +115,14 @@ pub struct StepArgs {
 }
 
 #[derive(Debug, Clone, Args)]
+pub struct InitArgs {
+    /// Write the fan-out workflow (`.github/workflows/hyperloop-fanout.yml`: plan, a matrix of
+    /// work jobs without write credentials, record) instead of the single-job one.
+    #[arg(long)]
+    pub fan_out: bool,
+}
+
+#[derive(Debug, Clone, Args)]
 pub struct PlanArgs {
     /// Print `{"items":[{"id","task_id","role","round"},…]}` on standard output.
     #[arg(long)]
@@ -132,8 +140,9 @@ pub struct WorkArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct RecordArgs {
-    /// Output folders written by `work`.
-    #[arg(required = true, value_name = "DIR")]
+    /// Output folders written by `work`. None: only finish the cycle (a round whose every
+    /// `work` failed still gets its gates, merges and state commits).
+    #[arg(value_name = "DIR")]
     pub dirs: Vec<PathBuf>,
     /// Print the cycle's report as JSON on standard output.
     #[arg(long)]

@@ -14,6 +14,25 @@ use crate::task::Status;
 /// For `--dry-run`, a missing agent program is a line in the plan rather than an error, so that
 /// the rest can still be looked at; the text to add to the plan is returned.
 pub fn preflight(target: &Target, dry_run: bool) -> Result<String> {
+    preflight_repository(target)?;
+    let config = &target.config;
+    let mut note = String::new();
+    match crate::preflight::check_agent(config, &target.config_file, &target.repo.root) {
+        Ok(()) => {}
+        Err(e) if dry_run => note.push_str(&format!("# preflight\nstep would stop here: {e}\n")),
+        Err(e) => return Err(e),
+    }
+    if let Some(gap) =
+        crate::preflight::claude_credential_gap(&config.runtime.agent_command, |k| std::env::var(k).ok())
+    {
+        emit!(WARN, "agent_credential_missing", detail = gap.as_str());
+    }
+    Ok(note)
+}
+
+/// The part of [`preflight`] that concerns the repository, not the agent: what `plan` checks,
+/// whose agents run elsewhere (on the `work` runners), so the agent program need not be here.
+pub fn preflight_repository(target: &Target) -> Result<()> {
     let config = &target.config;
     if config.target.repo.is_none() {
         // In GitHub mode the base branch comes from origin; the step fetches it and says so.
@@ -34,18 +53,7 @@ pub fn preflight(target: &Target, dry_run: bool) -> Result<String> {
             hint = "a step reads the configuration, the agents overlay and the specs from the base branch's last commit; commit these changes for it to see them"
         );
     }
-    let mut note = String::new();
-    match crate::preflight::check_agent(config, &target.config_file, &target.repo.root) {
-        Ok(()) => {}
-        Err(e) if dry_run => note.push_str(&format!("# preflight\nstep would stop here: {e}\n")),
-        Err(e) => return Err(e),
-    }
-    if let Some(gap) =
-        crate::preflight::claude_credential_gap(&config.runtime.agent_command, |k| std::env::var(k).ok())
-    {
-        emit!(WARN, "agent_credential_missing", detail = gap.as_str());
-    }
-    Ok(note)
+    Ok(())
 }
 
 /// A line for `status` when intake is failing or gave up; empty otherwise.

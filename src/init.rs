@@ -1,6 +1,7 @@
 //! `hyperloop init`: scaffolds a repository for hyperloop without overwriting anything. It writes
 //! a commented `.hyperloop.yaml`, an example spec (only into a specs folder that has none), an
-//! in-repo agents overlay, and a GitHub workflow that runs one step at a time; and it appends the
+//! in-repo agents overlay, and a GitHub workflow that runs one step at a time (or, with
+//! `--fan-out`, one that plans, runs each agent in a matrix job of its own, and records); and it appends the
 //! ignore rules for hyperloop's local state to `.gitignore`. Every file is created with
 //! `create_new`, so a file that appears between the check and the write is still never replaced.
 
@@ -103,9 +104,26 @@ pub fn detect_base_branch(repo: &Path) -> (String, String) {
     )
 }
 
-/// Scaffolds `repo`. Never replaces an existing file; an existing `.hyperloop.yaml` must be valid,
-/// since its `specs_dir` decides where the example spec goes.
+/// Where each workflow `init` can write goes.
+pub const WORKFLOW_PATH: &str = ".github/workflows/hyperloop.yml";
+pub const FANOUT_WORKFLOW_PATH: &str = ".github/workflows/hyperloop-fanout.yml";
+
+/// What `hyperloop init` was asked for beyond the defaults.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InitOptions {
+    /// The fan-out workflow instead of the single-job one.
+    pub fan_out: bool,
+}
+
+/// Scaffolds `repo` with the single-job workflow (see [`init_with`]).
 pub fn init(repo: &Path) -> Result<InitReport> {
+    init_with(repo, &InitOptions::default())
+}
+
+/// Scaffolds `repo`. Never replaces an existing file; an existing `.hyperloop.yaml` must be valid,
+/// since its `specs_dir` decides where the example spec goes, and, for the fan-out workflow, its
+/// `runtime.max_workers` how many `work` jobs run at once.
+pub fn init_with(repo: &Path, options: &InitOptions) -> Result<InitReport> {
     if !repo.is_dir() {
         return Err(Error::usage(format!(
             "{}: no such directory to initialise",
@@ -155,7 +173,20 @@ pub fn init(repo: &Path) -> Result<InitReport> {
         IMPLEMENTER_PATCH,
         &mut report,
     )?;
-    write_new(repo, ".github/workflows/hyperloop.yml", WORKFLOW, &mut report)?;
+    if options.fan_out {
+        let text = fanout_workflow(existing.runtime.max_workers);
+        write_new(repo, FANOUT_WORKFLOW_PATH, &text, &mut report)?;
+        if repo.join(WORKFLOW_PATH).exists() {
+            // Both would run rounds on the same schedule; the shared concurrency group keeps
+            // them from racing, but the single job would still run agents with the write token.
+            report.warnings.push(format!(
+                "{WORKFLOW_PATH} runs the single-job step beside the fan-out workflow; delete it \
+                 so that agents run only in the fan-out's work jobs"
+            ));
+        }
+    } else {
+        write_new(repo, WORKFLOW_PATH, WORKFLOW, &mut report)?;
+    }
     gitignore(repo, &mut report)?;
     Ok(report)
 }
@@ -383,3 +414,307 @@ jobs:
           # app-private-key: ${{ secrets.HYPERLOOP_APP_PRIVATE_KEY }}
           # max-workers: 2
 "#;
+
+/// The fan-out workflow, with `max_workers` as the number of `work` jobs that run at once.
+pub fn fanout_workflow(max_workers: usize) -> String {
+    FANOUT_WORKFLOW.replace("{max_parallel}", &max_workers.max(1).to_string())
+}
+
+const FANOUT_WORKFLOW: &str = r#"# Runs hyperloop in rounds of three jobs. `plan` claims the agent runs that are ready (a lease
+# for each, committed to the repository) and lists them; a `work` job per item runs that one
+# agent with a read-only token and uploads its output; `record` checks every output against its
+# lease, applies it, merges what passed and pushes. Agents never run where the write token is.
+# Triggers as the single-job workflow: on a schedule, on the `lgtm`, `hyperloop:retry` and
+# `hyperloop:cancel` labels, when a person edits the dashboard issue, and on demand; and when a
+# round leaves more work ready, `record` starts the next round at once instead of waiting for
+# the schedule. Intake (the pm agent turning specs into tasks) and the process improver are not
+# work items yet: run `hyperloop step` (or the single-job workflow) after changing specs.
+name: hyperloop fan-out
+
+on:
+  schedule:
+    - cron: "*/15 * * * *"
+  pull_request:
+    types: [labeled]
+  issues:
+    types: [labeled, edited]
+  workflow_dispatch:
+
+# One round at a time, queued, never cancelled (a cancelled round would leave its leases to
+# expire). Leases already keep two rounds from running the same item; the group also keeps
+# their plans and records from contending for the same pushes. It is the single-job workflow's
+# group, so a step of that one never overlaps a round either.
+concurrency:
+  group: hyperloop
+  cancel-in-progress: false
+
+# Nothing by default: each job names what it needs.
+permissions: {}
+
+jobs:
+  plan:
+    # Any other label, and an edit of any issue but the dashboard, is not a decision for
+    # hyperloop. Edits by bots (hyperloop's own rewrite of the dashboard) start nothing either.
+    if: >-
+      (github.event_name != 'pull_request' && github.event_name != 'issues')
+      || (github.event.action == 'labeled' && contains(fromJSON('["lgtm", "hyperloop:retry", "hyperloop:cancel"]'), github.event.label.name))
+      || (github.event.action == 'edited' && github.event.sender.type != 'Bot' && contains(github.event.issue.labels.*.name, 'hyperloop:dashboard'))
+    runs-on: ubuntu-latest
+    timeout-minutes: 30
+    # Leases and task state (contents), pull requests and their labels, the dashboard issue.
+    permissions:
+      contents: write
+      pull-requests: write
+      issues: write
+    outputs:
+      items: ${{ steps.plan.outputs.items }}
+      has-items: ${{ steps.plan.outputs.has-items }}
+    steps:
+      - uses: actions/checkout@11bd71901bbe5b1630ceea73d27597364c9af683 # v4.2.2
+        with:
+          ref: ${{ github.event.repository.default_branch }}
+          fetch-depth: 0
+          persist-credentials: false
+      - id: plan
+        uses: hyperloop-dev/hyperloop@v1
+        with:
+          command: plan
+          # No agent runs here.
+          install-claude: false
+          github-token: ${{ github.token }}
+          # A GitHub App instead of the workflow token (its pushes start other workflows):
+          # app-id: ${{ vars.HYPERLOOP_APP_ID }}
+          # app-private-key: ${{ secrets.HYPERLOOP_APP_PRIVATE_KEY }}
+
+  work:
+    needs: plan
+    if: needs.plan.outputs.has-items == 'true'
+    runs-on: ubuntu-latest
+    # Keep it above runtime.worker_timeout (3600 s by default) plus the clone and the upload.
+    timeout-minutes: 75
+    # Read only: an agent that turns hostile has no credential here that could push or merge.
+    permissions:
+      contents: read
+    strategy:
+      # One failed agent must not cancel the others: record takes what arrived.
+      fail-fast: false
+      # runtime.max_workers when this workflow was written.
+      max-parallel: {max_parallel}
+      matrix:
+        item: ${{ fromJSON(needs.plan.outputs.items) }}
+    steps:
+      - uses: actions/checkout@11bd71901bbe5b1630ceea73d27597364c9af683 # v4.2.2
+        with:
+          # After plan pushed: this checkout holds the leases and the commits each agent builds on.
+          ref: ${{ github.event.repository.default_branch }}
+          fetch-depth: 0
+          persist-credentials: false
+      - uses: hyperloop-dev/hyperloop@v1
+        with:
+          command: work
+          item: ${{ matrix.item }}
+          out: ${{ runner.temp }}/hyperloop-output
+          anthropic-api-key: ${{ secrets.ANTHROPIC_API_KEY }}
+      - uses: actions/upload-artifact@ea165f8d65b6e75b540449e92b4886f43607fa02 # v4.6.2
+        with:
+          name: hyperloop-output-${{ matrix.item }}
+          path: ${{ runner.temp }}/hyperloop-output
+          if-no-files-found: error
+          retention-days: 1
+
+  record:
+    needs: [plan, work]
+    # After every work job, however they ended (record refuses what does not match its lease
+    # and leaves an item with no output to expire); not when plan itself failed or claimed nothing.
+    if: always() && needs.plan.result == 'success' && needs.plan.outputs.has-items == 'true'
+    runs-on: ubuntu-latest
+    timeout-minutes: 30
+    # As plan, and `actions: write` to start the next round.
+    permissions:
+      contents: write
+      pull-requests: write
+      issues: write
+      actions: write
+    steps:
+      - uses: actions/checkout@11bd71901bbe5b1630ceea73d27597364c9af683 # v4.2.2
+        with:
+          ref: ${{ github.event.repository.default_branch }}
+          fetch-depth: 0
+          persist-credentials: false
+      # Each artifact into a folder of its own under the path.
+      - uses: actions/download-artifact@d3f86a106a0bac45b974a628896c90dbdf5c8093 # v4.3.0
+        with:
+          pattern: hyperloop-output-*
+          path: ${{ runner.temp }}/hyperloop-outputs
+      - id: record
+        uses: hyperloop-dev/hyperloop@v1
+        with:
+          command: record
+          dirs: ${{ runner.temp }}/hyperloop-outputs
+          install-claude: false
+          github-token: ${{ github.token }}
+          # app-id: ${{ vars.HYPERLOOP_APP_ID }}
+          # app-private-key: ${{ secrets.HYPERLOOP_APP_PRIVATE_KEY }}
+      # A run started through the API with the job token is the one kind GitHub allows
+      # (workflow_dispatch), so the next round need not wait for the schedule.
+      - name: Start the next round
+        if: steps.record.outputs.ready != '' && steps.record.outputs.ready != '0'
+        env:
+          GH_TOKEN: ${{ github.token }}
+          BRANCH: ${{ github.event.repository.default_branch || github.ref_name }}
+          READY: ${{ steps.record.outputs.ready }}
+        run: |
+          workflow="${GITHUB_WORKFLOW_REF%%@*}"
+          workflow="${workflow##*/}"
+          echo "$READY agent run(s) ready: dispatching ${workflow:=hyperloop-fanout.yml} on $BRANCH"
+          curl --fail-with-body --silent --show-error -X POST \
+            -H "Authorization: Bearer $GH_TOKEN" \
+            -H "Accept: application/vnd.github+json" \
+            -H "X-GitHub-Api-Version: 2022-11-28" \
+            "${GITHUB_API_URL:-https://api.github.com}/repos/$GITHUB_REPOSITORY/actions/workflows/$workflow/dispatches" \
+            -d "{\"ref\":\"$BRANCH\"}"
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    fn parse(text: &str) -> Value {
+        crate::yaml::parse(Path::new("hyperloop-fanout.yml"), text).expect("the workflow is YAML")
+    }
+
+    fn uses(job: &Value) -> Vec<String> {
+        job["steps"]
+            .as_array()
+            .expect("steps")
+            .iter()
+            .filter_map(|s| s["uses"].as_str().map(str::to_string))
+            .collect()
+    }
+
+    fn step<'a>(job: &'a Value, prefix: &str) -> &'a Value {
+        job["steps"]
+            .as_array()
+            .expect("steps")
+            .iter()
+            .find(|s| s["uses"].as_str().is_some_and(|u| u.starts_with(prefix)))
+            .unwrap_or_else(|| panic!("no step uses {prefix}"))
+    }
+
+    #[test]
+    fn the_fan_out_workflow_has_three_jobs_with_their_own_permissions() {
+        let w = parse(&fanout_workflow(4));
+        let jobs = &w["jobs"];
+        assert_eq!(
+            jobs.as_object().expect("jobs").keys().collect::<Vec<_>>(),
+            ["plan", "work", "record"]
+        );
+        assert_eq!(w["permissions"], json!({}), "nothing unless a job asks");
+        let write = json!({"contents": "write", "pull-requests": "write", "issues": "write"});
+        assert_eq!(jobs["plan"]["permissions"], write);
+        assert_eq!(jobs["work"]["permissions"], json!({"contents": "read"}));
+        let mut record = write;
+        record["actions"] = json!("write");
+        assert_eq!(jobs["record"]["permissions"], record);
+        assert_eq!(w["concurrency"]["group"], "hyperloop");
+        assert_eq!(w["concurrency"]["cancel-in-progress"], false);
+        let on = w["on"].as_object().expect("triggers");
+        for trigger in ["schedule", "workflow_dispatch", "pull_request", "issues"] {
+            assert!(on.contains_key(trigger), "{trigger}");
+        }
+    }
+
+    #[test]
+    fn work_is_a_matrix_over_the_planned_items_without_credentials() {
+        let w = parse(&fanout_workflow(4));
+        let plan = &w["jobs"]["plan"];
+        assert_eq!(plan["outputs"]["items"], "${{ steps.plan.outputs.items }}");
+        assert_eq!(step(plan, "hyperloop-dev/hyperloop@")["with"]["command"], "plan");
+        let work = &w["jobs"]["work"];
+        assert_eq!(work["needs"], "plan");
+        assert_eq!(work["if"], "needs.plan.outputs.has-items == 'true'");
+        let strategy = &work["strategy"];
+        assert_eq!(strategy["fail-fast"], false);
+        assert_eq!(strategy["max-parallel"], 4);
+        assert_eq!(
+            strategy["matrix"]["item"],
+            "${{ fromJSON(needs.plan.outputs.items) }}"
+        );
+        let checkout = step(work, "actions/checkout@");
+        assert_eq!(checkout["with"]["persist-credentials"], false);
+        assert_eq!(checkout["with"]["fetch-depth"], 0);
+        let action = &step(work, "hyperloop-dev/hyperloop@")["with"];
+        assert_eq!(action["command"], "work");
+        assert_eq!(action["item"], "${{ matrix.item }}");
+        assert!(
+            action.get("github-token").is_none() && action.get("app-private-key").is_none(),
+            "work is given no forge credential: {action}"
+        );
+        let upload = &step(work, "actions/upload-artifact@")["with"];
+        assert_eq!(upload["name"], "hyperloop-output-${{ matrix.item }}");
+        assert_eq!(upload["path"], action["out"]);
+        // Every checkout leaves no token in .git/config.
+        for job in ["plan", "work", "record"] {
+            let c = step(&w["jobs"][job], "actions/checkout@");
+            assert_eq!(c["with"]["persist-credentials"], false, "{job}");
+        }
+    }
+
+    #[test]
+    fn record_runs_after_every_work_job_and_starts_the_next_round() {
+        let w = parse(&fanout_workflow(4));
+        let record = &w["jobs"]["record"];
+        assert_eq!(record["needs"], json!(["plan", "work"]));
+        let cond = record["if"].as_str().expect("if");
+        assert!(cond.starts_with("always()"), "{cond}");
+        assert!(cond.contains("needs.plan.result == 'success'"), "{cond}");
+        let download = &step(record, "actions/download-artifact@")["with"];
+        assert_eq!(download["pattern"], "hyperloop-output-*");
+        let action = &step(record, "hyperloop-dev/hyperloop@")["with"];
+        assert_eq!(action["command"], "record");
+        assert_eq!(action["dirs"], download["path"]);
+        let steps = record["steps"].as_array().expect("steps");
+        let dispatch = steps.last().expect("a last step");
+        assert!(
+            dispatch["if"]
+                .as_str()
+                .is_some_and(|c| c.contains("steps.record.outputs.ready")),
+            "{dispatch}"
+        );
+        let run = dispatch["run"].as_str().expect("run");
+        assert!(run.contains("/actions/workflows/$workflow/dispatches"), "{run}");
+        assert!(
+            run.contains(FANOUT_WORKFLOW_PATH.rsplit('/').next().expect("file")),
+            "{run}"
+        );
+    }
+
+    #[test]
+    fn every_remote_action_is_pinned_to_a_full_commit() {
+        let w = parse(&fanout_workflow(4));
+        let mut seen = 0;
+        for (name, job) in w["jobs"].as_object().expect("jobs") {
+            for u in uses(job) {
+                if u.starts_with("hyperloop-dev/hyperloop@") {
+                    continue;
+                }
+                seen += 1;
+                let sha = u.split_once('@').map(|(_, r)| r).unwrap_or_default();
+                assert!(
+                    sha.len() == 40 && sha.bytes().all(|b| b.is_ascii_hexdigit()),
+                    "{name}: {u}"
+                );
+            }
+        }
+        assert_eq!(seen, 5, "three checkouts, an upload and a download");
+    }
+
+    #[test]
+    fn max_parallel_follows_the_configuration_and_is_never_zero() {
+        for (workers, want) in [(1, 1), (6, 6), (0, 1)] {
+            let w = parse(&fanout_workflow(workers));
+            assert_eq!(w["jobs"]["work"]["strategy"]["max-parallel"], want);
+        }
+    }
+}

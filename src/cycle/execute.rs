@@ -163,6 +163,10 @@ pub struct StepReport {
     /// Outputs `record` refused, with the reason.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub refused: Vec<OutputRefused>,
+    /// Agent runs on tasks that a `plan` started right after this cycle would claim: what the
+    /// fan-out workflow reads to start its next round at once instead of waiting for the
+    /// schedule. Intake and the process improver are left out, since `plan` leaves them to `step`.
+    pub ready: usize,
 }
 
 /// A push of a task's branch that the forge refused.
@@ -2908,6 +2912,16 @@ impl Stepper {
         };
         self.report.progress = progress.to_string();
         self.report.work_remaining = remaining;
+        self.report.ready = if self.budget_blocked {
+            0
+        } else {
+            plan.actions
+                .iter()
+                .filter(|a| {
+                    a.takes_worker() && !matches!(a, Action::RunIntake { .. } | Action::RunImprover { .. })
+                })
+                .count()
+        };
         self.report.duration_s = (self.started.elapsed().as_secs_f64() * 10.0).round() / 10.0;
         self.report.github_api = self.api_usage();
         if let Some(api) = &self.report.github_api {

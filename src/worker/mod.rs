@@ -23,7 +23,6 @@ pub mod worktree;
 use std::path::PathBuf;
 use std::time::Duration;
 
-
 pub use process::{WorkerSpec, run_worker};
 pub use worktree::{ensure_base_worktree, ensure_task_worktree, remove_worktree, remove_worktree_and_branch};
 

@@ -274,7 +274,7 @@ impl Install {
     }
 }
 
-fn set_executable(p: &Path) {
+pub(crate) fn set_executable(p: &Path) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
 }
@@ -443,7 +443,7 @@ jobs:
 /// `act EVENT` in `workdir` on this host (no Docker), offline, with `extra` arguments and the
 /// directory `bin_first` (if any) put first on PATH; returns its output and its log (standard
 /// output, where act prints the steps' lines).
-fn run_act(
+pub(crate) fn run_act(
     env: &TestEnv,
     act: &Path,
     workdir: &Path,
@@ -495,7 +495,7 @@ pub(crate) fn act_output<'a>(log: &'a str, key: &str) -> &'a str {
 }
 
 /// The job summary, which act prints after the step that wrote it.
-fn act_summary(log: &str) -> &str {
+pub(crate) fn act_summary(log: &str) -> &str {
     log.split_once("Summary - ")
         .map(|(_, rest)| rest)
         .unwrap_or_else(|| panic!("no job summary in:\n{log}"))
@@ -572,7 +572,7 @@ const GATED_OVERLAY: [(&str, &str); 2] = [
 ];
 
 /// The `KEY: value` line of a task file.
-fn task_field<'a>(task: &'a str, key: &str) -> Option<&'a str> {
+pub(crate) fn task_field<'a>(task: &'a str, key: &str) -> Option<&'a str> {
     task.lines().find_map(|l| l.strip_prefix(&format!("{key}: ")))
 }
 
@@ -714,7 +714,7 @@ fn the_action_walks_a_task_through_github_mode_under_act() {
 /// checks out the repository, and refuses what the real one would do differently from what
 /// hyperloop needs (no `ref`: a pull-request event would check out the PR's merge commit; a
 /// shallow clone: merges need history).
-const CHECKOUT_STAND_IN: &str = r#"name: checkout stand-in
+pub(crate) const CHECKOUT_STAND_IN: &str = r#"name: checkout stand-in
 inputs:
   ref:
     default: ""
@@ -954,4 +954,203 @@ fn every_action_in_our_workflows_is_pinned_to_a_commit() {
         }
     }
     assert!(seen > 5, "found only {seen} actions");
+}
+
+/// Every input the fan-out workflow passes to the action exists in `action.yml`, and every
+/// action it names besides this one is pinned to a full commit SHA.
+#[test]
+fn the_fan_out_workflow_uses_only_inputs_the_action_has_and_pinned_actions() {
+    let env = TestEnv::new();
+    let repo = env.repo("r");
+    hyperloop::init::init_with(&repo.path, &hyperloop::init::InitOptions { fan_out: true }).expect("init");
+    let yaml = |p: &Path| -> serde_json::Value {
+        let text = std::fs::read_to_string(p).expect("read");
+        hyperloop::yaml::parse(p, &text).expect("valid YAML")
+    };
+    let action = yaml(&source_root().join("action.yml"));
+    let inputs = action["inputs"].as_object().expect("inputs");
+    let outputs = action["outputs"].as_object().expect("outputs");
+    for name in ["items", "has-items", "ready"] {
+        assert!(outputs.contains_key(name), "action.yml lacks the output {name}");
+    }
+    let workflow = yaml(&repo.path.join(hyperloop::init::FANOUT_WORKFLOW_PATH));
+    let mut commands = Vec::new();
+    for (job, body) in workflow["jobs"].as_object().expect("jobs") {
+        for s in body["steps"].as_array().expect("steps") {
+            let uses = s["uses"].as_str().unwrap_or_default();
+            if uses.starts_with("hyperloop-dev/hyperloop@") {
+                let with = s["with"].as_object().expect("with");
+                for key in with.keys() {
+                    assert!(
+                        inputs.contains_key(key),
+                        "{job} passes `{key}`, which action.yml lacks"
+                    );
+                }
+                commands.push(with["command"].as_str().expect("command").to_string());
+            } else if !uses.is_empty() {
+                let sha = uses.split_once('@').map(|(_, r)| r).unwrap_or_default();
+                assert!(
+                    sha.len() == 40 && sha.chars().all(|c| c.is_ascii_hexdigit()),
+                    "{job}: `{uses}` is not pinned to a full commit SHA"
+                );
+            }
+        }
+    }
+    commands.sort();
+    assert_eq!(commands, ["plan", "record", "work"]);
+}
+
+/// `scripts/run-action.sh` with a stand-in `hyperloop` that prints its arguments and whether a
+/// credential reached it.
+fn run_action_script(env: &TestEnv, vars: &[(&str, &str)]) -> Output {
+    let fake = env.root().join("fake-hyperloop");
+    std::fs::create_dir_all(&fake).expect("dir");
+    std::fs::write(
+        fake.join("hyperloop"),
+        "#!/bin/sh
+for a in \"$@\"; do echo \"ARG $a\"; done
+for v in GITHUB_TOKEN GH_TOKEN HYPERLOOP_APP_ID HYPERLOOP_APP_PRIVATE_KEY; do eval \"x=\\${$v-unset}\"; echo \"ENV $v=$x\"; done
+",
+    )
+    .expect("fake hyperloop");
+    set_executable(&fake.join("hyperloop"));
+    let path = format!("{}:{}", fake.display(), std::env::var("PATH").unwrap_or_default());
+    let mut cmd = env.command("bash");
+    cmd.arg(source_root().join("scripts/run-action.sh"))
+        .current_dir(env.root())
+        .env("PATH", path)
+        .env("IN_AGENT_USER", "");
+    for (k, v) in vars {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("bash runs")
+}
+
+fn printed(out: &Output, prefix: &str) -> Vec<String> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix(prefix).map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn the_action_runs_work_without_a_forge_credential() {
+    let env = TestEnv::new();
+    let out = run_action_script(
+        &env,
+        &[
+            ("IN_COMMAND", "work"),
+            ("IN_REPO", "acme/widgets"),
+            ("IN_ITEM", "task-001-implementer-r0-1a2b3c4d"),
+            ("IN_OUT", "/tmp/out dir"),
+            ("GITHUB_TOKEN", "ghp_shouldNeverArrive"),
+            ("GH_TOKEN", "ghp_shouldNeverArriveEither"),
+            ("HYPERLOOP_APP_ID", "42"),
+            ("HYPERLOOP_APP_PRIVATE_KEY", "-----BEGIN KEY-----"),
+        ],
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(
+        printed(&out, "ARG "),
+        [
+            "--path",
+            ".",
+            "work",
+            "task-001-implementer-r0-1a2b3c4d",
+            "--out",
+            "/tmp/out dir"
+        ]
+    );
+    assert_eq!(
+        printed(&out, "ENV "),
+        [
+            "GITHUB_TOKEN=unset",
+            "GH_TOKEN=unset",
+            "HYPERLOOP_APP_ID=unset",
+            "HYPERLOOP_APP_PRIVATE_KEY=unset"
+        ]
+    );
+    // Without an item there is nothing to run.
+    let out = run_action_script(&env, &[("IN_COMMAND", "work"), ("IN_OUT", "o")]);
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("::error title=hyperloop action::command work needs the inputs item and out"),
+        "{}",
+        describe(&out)
+    );
+}
+
+#[test]
+fn the_action_finds_record_outputs_however_they_were_downloaded() {
+    let env = TestEnv::new();
+    let root = env.root();
+    let output = |rel: &str| {
+        let d = root.join(rel);
+        std::fs::create_dir_all(&d).expect("dir");
+        std::fs::write(d.join("item.json"), "{}").expect("item.json");
+        d.display().to_string()
+    };
+    // One folder per artifact under a parent, as download-artifact lays several out...
+    let a = output("downloads/hyperloop-output-a");
+    let b = output("downloads/hyperloop-output-b");
+    // ...one level deeper, when the parent holds the download path itself...
+    let c = output("nested/run/hyperloop-output-c");
+    // ...a single output given directly, with a space in its path...
+    let d = output("single dir/out");
+    // ...and a folder that holds nothing of work's.
+    std::fs::create_dir_all(root.join("downloads/stray")).expect("dir");
+    let dirs = format!(
+        "{}\n{} {}\n{d}\n",
+        root.join("downloads").display(),
+        root.join("nested").display(),
+        root.join("missing").display()
+    );
+    let out = run_action_script(
+        &env,
+        &[
+            ("IN_COMMAND", "record"),
+            ("IN_REPO", "acme/widgets"),
+            ("IN_DIRS", &dirs),
+            ("GITHUB_TOKEN", "ghp_x"),
+        ],
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(
+        printed(&out, "ARG "),
+        [
+            "--path",
+            ".",
+            "--repo",
+            "acme/widgets",
+            "record",
+            "--json",
+            &a,
+            &b,
+            &c,
+            &d
+        ]
+    );
+    assert!(printed(&out, "ENV ").contains(&"GITHUB_TOKEN=ghp_x".to_string()));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("which is not a folder"),
+        "{}",
+        describe(&out)
+    );
+
+    // Nothing downloaded (every work job failed): record still finishes the cycle.
+    let out = run_action_script(
+        &env,
+        &[
+            ("IN_COMMAND", "record"),
+            ("IN_DIRS", &root.join("downloads/stray").display().to_string()),
+        ],
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(printed(&out, "ARG "), ["--path", ".", "record", "--json"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("no output of work found"),
+        "{}",
+        describe(&out)
+    );
 }

@@ -191,6 +191,8 @@ struct State {
     required_checks: Vec<String>,
     /// How many GraphQL check queries were answered.
     rollup_queries: usize,
+    /// `workflow_dispatch` requests: the workflow file (or id) and the ref, oldest first.
+    dispatches: Vec<(String, String)>,
     /// Issues, events with actors, comments, collaborators, push activity (see `issues`).
     social: issues::Social,
 }
@@ -329,6 +331,7 @@ impl FakeGitHub {
             statuses: HashMap::new(),
             required_checks: Vec::new(),
             rollup_queries: 0,
+            dispatches: Vec::new(),
             social: issues::Social {
                 push_log: Some(issues::install_push_hook(bare)),
                 ..issues::Social::default()
@@ -569,6 +572,12 @@ impl FakeGitHub {
 
     pub fn rollup_queries(&self) -> usize {
         self.state().rollup_queries
+    }
+
+    /// The workflow runs requested through `POST …/actions/workflows/{id}/dispatches`, as
+    /// (workflow, ref), oldest first.
+    pub fn dispatches(&self) -> Vec<(String, String)> {
+        self.state().dispatches.clone()
     }
 }
 
@@ -980,6 +989,18 @@ impl State {
                 }
             }),
             ("PUT", ["pulls", n, "update-branch"]) => self.with_pr(n, |s, n| s.update_branch(n)),
+            ("POST", ["actions", "workflows", workflow, "dispatches"]) => {
+                // GitHub refuses a ref that does not exist, with 422.
+                match body.get("ref").and_then(Value::as_str) {
+                    Some(r) if self.branch_sha(r).is_some() => {
+                        self.dispatches.push(((*workflow).to_string(), r.to_string()));
+                        no_content()
+                    }
+                    _ => validation(
+                        json!([{ "resource": "WorkflowDispatch", "field": "ref", "code": "invalid" }]),
+                    ),
+                }
+            }
             ("GET", ["labels"]) => {
                 let labels: Vec<Value> = self.labels.iter().map(|l| self.label_json(l)).collect();
                 self.paged(labels, query, "labels")

@@ -627,4 +627,83 @@ fn github_requests_of_plan_and_record_do_not_grow_with_the_tasks() {
         }
     }
     assert_eq!(small, large, "requests per round with 100 tasks and with 1,000");
+
+/// The fan-out workflow's shape: `plan`, `work` and `record` each in a fresh clone of origin, on
+/// runners of their own. `record` finds no task branch for a new task (plan made it at the base
+/// in its own clone and pushed nothing on it) and must take the output all the same; in the next
+/// round it finds the branch the first `record` pushed.
+#[test]
+fn github_mode_record_in_a_fresh_clone_takes_outputs_for_new_branches() {
+    use crate::fake_github::FakeGitHub;
+    let p = project(1, 600, "");
+    p.git(&["push", "-q", "origin", "main"]);
+    let gh = FakeGitHub::start(&p.repo.origin, "acme", "widgets");
+    let fresh = |name: &str| -> PathBuf {
+        let dir = p.env.root().join("runners").join(name);
+        std::fs::create_dir_all(dir.parent().expect("parent")).expect("mkdir");
+        p.env.git(
+            p.env.root(),
+            &[
+                "clone",
+                "-q",
+                p.repo.origin.to_str().expect("utf8"),
+                dir.to_str().expect("utf8"),
+            ],
+        );
+        dir
+    };
+    let with_token = |dir: &Path, args: &[&str]| -> Output {
+        let mut cmd = p.env.command(hyperloop_bin());
+        cmd.args(["--path", dir.to_str().expect("utf8"), "--repo", "acme/widgets"]);
+        cmd.args(args);
+        cmd.env("GITHUB_API_URL", &gh.url);
+        cmd.env("GITHUB_TOKEN", &gh.token);
+        cmd.output().expect("hyperloop runs")
+    };
+    for (round, role) in [(0, "implementer"), (1, "verifier")] {
+        let planner = fresh(&format!("plan-{round}"));
+        let out = with_token(&planner, &["plan", "--json"]);
+        assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+        let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+        let items = v["items"].as_array().cloned().unwrap_or_default();
+        assert_eq!(items.len(), 1, "{v}");
+        assert_eq!(items[0]["role"], role);
+        let id = item_id(&items[0]);
+        let worker = fresh(&format!("work-{round}"));
+        let out = start_work(&p, &worker, &id)
+            .wait_with_output()
+            .expect("work ends");
+        assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+        let recorder = fresh(&format!("record-{round}"));
+        if round == 0 {
+            assert_eq!(
+                p.env.git(&recorder, &["branch", "-a", "--list", "*worker/*"]),
+                "",
+                "origin has no task branch yet"
+            );
+        }
+        let dir = outputs(&p).join(&id);
+        let out = with_token(&recorder, &["record", "--json", dir.to_str().expect("utf8")]);
+        assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+        let report: Value = serde_json::from_slice(&out.stdout).expect("json");
+        assert_eq!(strings(&report["recorded"]), vec![id.clone()], "{report}");
+        assert!(report["refused"].is_null(), "{report}");
+    }
+    let t = p
+        .env
+        .git(&p.repo.origin, &["show", "main:specs/tasks/task-001.md"]);
+    assert!(t.contains("\nstatus: complete\n"), "{t}");
+    let files = p
+        .env
+        .git(&p.repo.origin, &["ls-tree", "-r", "--name-only", "main"]);
+    assert!(files.contains("impl/task-001.md"), "{files}");
+    // A round whose every `work` failed has no output to record; `record` still ends the cycle.
+    let out = with_token(&fresh("record-none"), &["record", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let report: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert!(
+        report["recorded"].is_null() && report["refused"].is_null(),
+        "{report}"
+    );
+    assert_eq!(report["progress"], "all-complete", "{report}");
 }

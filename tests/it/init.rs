@@ -341,3 +341,51 @@ fn written_overlay_resolves_to_the_persona() {
         .expect("persona annotation");
     assert!(persona.contains("Describe it here"), "{persona}");
 }
+
+/// `hyperloop init --fan-out`, the command as a user types it: the fan-out workflow instead of the
+/// single-job one, its `max-parallel` taken from the configuration's `runtime.max_workers`; and in
+/// a repository that already has the single-job workflow, a warning to delete it.
+#[test]
+fn init_fan_out_writes_the_fan_out_workflow_instead() {
+    let env = TestEnv::new();
+    let repo = env.repo("r");
+    repo.write(".hyperloop.yaml", "runtime:\n  max_workers: 5\n");
+    let out = env
+        .command(crate::harness::hyperloop_bin())
+        .args(["--path", repo.path_str(), "init", "--fan-out"])
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(0), "{}", crate::harness::describe(&out));
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.contains("wrote .github/workflows/hyperloop-fanout.yml\n"),
+        "{shown}"
+    );
+    assert!(!repo.path.join(".github/workflows/hyperloop.yml").exists());
+    assert!(!shown.contains("warning:"), "{shown}");
+    let w = yaml(&repo.read(".github/workflows/hyperloop-fanout.yml"));
+    assert_eq!(w["jobs"]["work"]["strategy"]["max-parallel"], 5);
+
+    let other = env.repo("single-first");
+    init(&other.path).expect("init");
+    let out = env
+        .command(crate::harness::hyperloop_bin())
+        .args(["--path", other.path_str(), "init", "--fan-out"])
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(0), "{}", crate::harness::describe(&out));
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.contains("wrote .github/workflows/hyperloop-fanout.yml\n"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("warning: .github/workflows/hyperloop.yml runs the single-job step"),
+        "{shown}"
+    );
+    let w = yaml(&other.read(".github/workflows/hyperloop-fanout.yml"));
+    assert_eq!(
+        w["jobs"]["work"]["strategy"]["max-parallel"], 6,
+        "the default max_workers"
+    );
+}

@@ -9,6 +9,7 @@ mod definitions;
 mod events;
 mod fake_github;
 mod fanout;
+mod fanout_action;
 mod faults;
 pub mod github;
 mod github_budget;

@@ -334,7 +334,15 @@ impl Stepper {
         // Compare-and-swap from the lease's base. A branch already at the output's tip was moved
         // by a `record` that died before its commit: the same output, not a second one.
         let now = self.repo.branch_tip(&branch)?;
-        if now.as_deref() != Some(base.as_str()) && now.as_deref() != Some(tip.as_str()) {
+        // No such branch here: `plan` made it at the base in its own clone and published nothing
+        // on it (the task branches origin has were fetched at the start), so a `record` on
+        // another runner (the fan-out workflow's) finds it where the lease says, and creates it.
+        let absent_at_base = now.is_none()
+            && self
+                .repo
+                .git
+                .succeeds(["cat-file", "-e", &format!("{base}^{{commit}}")])?;
+        if !absent_at_base && now.as_deref() != Some(base.as_str()) && now.as_deref() != Some(tip.as_str()) {
             return refuse(
                 Some(id),
                 format!(
@@ -344,7 +352,7 @@ impl Stepper {
             );
         }
         if now.as_deref() != Some(tip.as_str()) {
-            worktree::set_task_ref(&self.repo.git, &branch, &tip, Some(&base))?;
+            worktree::set_task_ref(&self.repo.git, &branch, &tip, now.as_deref())?;
         }
         let mut suspicious = None;
         if result.verdict.is_pass() && claim.role == "implementer" {
@@ -458,13 +466,25 @@ pub async fn work(target: &Target, item: &str, out: &Path) -> Result<WorkReport>
         .output(["config", "--get", "remote.origin.url"])
         .is_ok_and(|o| o.status.success());
     if has_origin {
-        repo.git.run([
+        // `work` holds no credential, so a private repository's origin may refuse the fetch;
+        // a clone made after `plan` pushed (a matrix job's checkout) already has the lease, and
+        // one that does not is refused below like any unclaimed item.
+        let fetched = repo.git.output([
             "fetch",
             "--quiet",
             "--no-tags",
             "origin",
             "+refs/heads/*:refs/remotes/origin/*",
         ])?;
+        if !fetched.status.success() {
+            emit!(
+                WARN,
+                "fetch_failed",
+                remote = "origin",
+                detail = String::from_utf8_lossy(&fetched.stderr).trim(),
+                hint = "working from the refs this clone already has"
+            );
+        }
     }
     // The state as published: origin's, when this clone has one.
     let tip_of = |branch: &str| -> Result<Option<String>> {

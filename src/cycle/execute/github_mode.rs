@@ -89,6 +89,8 @@ pub(super) fn rate_limited(
     );
     report.progress = "rate-limited".to_string();
     report.work_remaining = true;
+    // Nothing can start before `retry_at`, so nothing is ready now.
+    report.ready = 0;
     report.rate_limited_until = Some(at);
     report
 }
