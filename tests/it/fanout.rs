@@ -627,6 +627,7 @@ fn github_requests_of_plan_and_record_do_not_grow_with_the_tasks() {
         }
     }
     assert_eq!(small, large, "requests per round with 100 tasks and with 1,000");
+}
 
 /// The fan-out workflow's shape: `plan`, `work` and `record` each in a fresh clone of origin, on
 /// runners of their own. `record` finds no task branch for a new task (plan made it at the base
