@@ -201,13 +201,23 @@ impl Redactor {
 pub fn env_secrets() -> Vec<String> {
     let mut all = crate::secrets::values();
     for (name, value) in crate::secrets::vars() {
-        let upper = name.to_ascii_uppercase();
-        if name == "ANTHROPIC_API_KEY" || SECRET_WORDS.iter().any(|w| upper.contains(w)) {
+        if names_a_secret(&name) {
             all.push(value);
         }
     }
     all.retain(|v| v.trim().len() >= MIN_SECRET);
     all
+}
+
+/// Whether a variable's name says its value is a secret.
+fn names_a_secret(name: &str) -> bool {
+    let upper = name.to_ascii_uppercase();
+    // git's `GIT_CONFIG_KEY_<n>` holds a configuration key's name, which hyperloop itself sets
+    // for agents; blanking it would blank ordinary git output.
+    if upper.starts_with("GIT_CONFIG_KEY_") {
+        return false;
+    }
+    name == "ANTHROPIC_API_KEY" || SECRET_WORDS.iter().any(|w| upper.contains(w))
 }
 
 /// `secret` as it may appear in a transcript: itself, JSON-escaped, base64-encoded.
@@ -339,6 +349,28 @@ mod tests {
         let out = red.redact(&text);
         assert_eq!(out, format!("a=*** b=\"***\" c:***. ghs_short my_***"), "{text}");
         assert_eq!(red.redact("the ghp_ prefix"), "the ghp_ prefix");
+    }
+
+    #[test]
+    fn secrets_are_known_by_their_variables_names() {
+        for name in [
+            "ANTHROPIC_API_KEY",
+            "NPM_TOKEN",
+            "deploy_password",
+            "AWS_SECRET_ACCESS_KEY",
+            "INPUT_APP-PRIVATE-KEY",
+        ] {
+            assert!(names_a_secret(name), "{name}");
+        }
+        for name in [
+            "PATH",
+            "HOME",
+            "GITHUB_RUN_ID",
+            "GIT_CONFIG_KEY_0",
+            "HYPERLOOP_APP_ID",
+        ] {
+            assert!(!names_a_secret(name), "{name}");
+        }
     }
 
     #[test]
