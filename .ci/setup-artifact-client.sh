@@ -2,8 +2,8 @@
 # Installs GitHub's artifact client (npm @actions/artifact) into the test cache
 # ($HYPERLOOP_TEST_CACHE/artifact-client) when it is missing, and reuses it otherwise.
 #
-# tests/it/action.rs runs the fan-out workflow under act, which cannot fetch
-# actions/upload-artifact and actions/download-artifact offline; the test's stand-ins for them
+# tests/it/action.rs and tests/it/fanout_action.rs run the action and the fan-out workflow under
+# act, which cannot fetch actions/upload-artifact and actions/download-artifact offline; the test's stand-ins for them
 # move the work outputs through act's own artifact server with this client, as the real actions
 # do. @actions/artifact 2.x is the line actions/upload-artifact v4 ships. Its Azure storage client
 # is held at 12.17.0: later ones drop the base64 padding of the upload URL's signature, which the

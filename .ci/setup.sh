@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs every optional test dependency into the test cache ($HYPERLOOP_TEST_CACHE, default
 # ~/.cache/hyperloop-test), reusing what is there: the Claude Code CLI, GitHub's API simulator,
-# the GitHub Actions tools (act, actionlint, shellcheck, check-jsonschema), the artifact client
-# the fan-out workflow test uses under act, and Synapse.
+# the GitHub Actions tools (act, actionlint, shellcheck, check-jsonschema), the artifact client the
+# act tests upload with, and Synapse.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash .ci/setup-test-deps.sh

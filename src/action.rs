@@ -31,6 +31,10 @@ pub struct ActionsEnv {
     pub summary_file: Option<PathBuf>,
     /// `$GITHUB_WORKSPACE`: annotations name files relative to it.
     pub workspace: Option<PathBuf>,
+    /// `$HYPERLOOP_TRANSCRIPTS_DIR`: the folder the action uploads as an artifact.
+    pub transcripts_dir: Option<PathBuf>,
+    /// The run's artifacts page, from `GITHUB_SERVER_URL`, `GITHUB_REPOSITORY`, `GITHUB_RUN_ID`.
+    pub artifacts_url: Option<String>,
 }
 
 impl ActionsEnv {
@@ -48,8 +52,57 @@ impl ActionsEnv {
             output_file: path("GITHUB_OUTPUT"),
             summary_file: path("GITHUB_STEP_SUMMARY"),
             workspace: path("GITHUB_WORKSPACE"),
+            transcripts_dir: path(crate::transcripts::DIR_ENV),
+            artifacts_url: artifacts_url(),
         })
     }
+}
+
+/// The run's artifacts: `$GITHUB_SERVER_URL/$GITHUB_REPOSITORY/actions/runs/$GITHUB_RUN_ID#artifacts`,
+/// when the runner set all three.
+fn artifacts_url() -> Option<String> {
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+    let (server, repo, run) = (
+        var("GITHUB_SERVER_URL")?,
+        var("GITHUB_REPOSITORY")?,
+        var("GITHUB_RUN_ID")?,
+    );
+    Some(format!(
+        "{}/{repo}/actions/runs/{run}#artifacts",
+        server.trim_end_matches('/')
+    ))
+}
+
+/// The job summary's section on the transcripts folder: which tasks' agent transcripts the
+/// run's artifact holds, linked to the run's artifacts when the address is known. Empty when
+/// the folder holds none.
+pub fn transcripts_markdown(listed: &[(String, usize)], artifacts_url: Option<&str>) -> String {
+    if listed.is_empty() {
+        return String::new();
+    }
+    let mut md = String::from("### Agent transcripts\n\n");
+    let runs: usize = listed.iter().map(|(_, n)| n).sum();
+    let whose = listed
+        .iter()
+        .map(|(id, n)| format!("{} ({n})", code(id)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let _ = write!(
+        md,
+        "Redacted transcripts of {runs} agent run{} — {whose} — ",
+        if runs == 1 { "" } else { "s" }
+    );
+    match artifacts_url {
+        Some(url) => {
+            let _ = writeln!(
+                md,
+                "are in [this run's artifacts]({}).\n",
+                url.replace(['(', ')', ' '], "")
+            );
+        }
+        None => md.push_str("are in this run's artifacts.\n\n"),
+    }
+    md
 }
 
 /// The log format the action asked for through [`LOG_FORMAT_ENV`], if any.
@@ -445,7 +498,14 @@ pub fn write_for_actions(report: &StepReport, tasks: &[Task], env: &ActionsEnv) 
         append(file, &output_file_text(&outputs(report), &seed))?;
     }
     if let Some(file) = &env.summary_file {
-        append(file, &summary_markdown(report, tasks))?;
+        let mut md = summary_markdown(report, tasks);
+        if let Some(dir) = &env.transcripts_dir {
+            md.push_str(&transcripts_markdown(
+                &crate::transcripts::listed(dir),
+                env.artifacts_url.as_deref(),
+            ));
+        }
+        append(file, &md)?;
     }
     Ok(())
 }
@@ -572,6 +632,22 @@ fn escape_property(s: &str) -> String {
 mod tests {
     use super::*;
     use crate::error::Location;
+
+    #[test]
+    fn the_transcripts_section_names_tasks_and_links_the_artifacts() {
+        assert_eq!(transcripts_markdown(&[], Some("https://x")), "");
+        let listed = vec![("intake".to_string(), 1), ("task-001".to_string(), 2)];
+        let md = transcripts_markdown(
+            &listed,
+            Some("https://github.com/acme/widgets/actions/runs/42#artifacts"),
+        );
+        assert_eq!(
+            md,
+            "### Agent transcripts\n\nRedacted transcripts of 3 agent runs — `intake` (1), \
+             `task-001` (2) — are in [this run's artifacts](https://github.com/acme/widgets/actions/runs/42#artifacts).\n\n"
+        );
+        assert!(transcripts_markdown(&listed, None).ends_with("are in this run's artifacts.\n\n"));
+    }
 
     fn run(task: &str, role: &str, round: u32, verdict: Option<&str>) -> WorkerRun {
         WorkerRun {

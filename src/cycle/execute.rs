@@ -1944,6 +1944,7 @@ impl Stepper {
             cost_usd: outcome.cost_usd,
         });
         self.report.cost_usd += outcome.cost_usd.unwrap_or(0.0);
+        crate::transcripts::publish(&outcome.log_file, &record.task_id, &record.role, record.round);
         let result = match record.kind {
             Kind::Task => self.record_task_result(record, outcome, duration),
             Kind::Intake => self.record_intake(record, outcome, duration),
@@ -2038,6 +2039,7 @@ impl Stepper {
             findings: outcome.findings,
             duration_s: round_duration(duration),
             cost_usd: outcome.cost_usd,
+            run_id: Attempt::current_run_id(),
         });
         let mut change = transition::apply_verdict(
             &mut task,
@@ -2148,6 +2150,7 @@ impl Stepper {
             findings: 0,
             duration_s: round_duration(duration),
             cost_usd: outcome.cost_usd,
+            run_id: Attempt::current_run_id(),
         });
         let subject = format!("hyperloop: {} {} stopped (task cancelled)", task.id, record.role);
         let mut changes = Changes::default();

@@ -561,6 +561,7 @@ mod tests {
             findings: 0,
             duration_s: 1.5,
             cost_usd: Some(0.1),
+            run_id: Some(12345),
         });
         t.deps = vec!["yes".into(), "123".into()];
         t.body = "text\n".into();

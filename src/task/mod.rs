@@ -103,6 +103,17 @@ pub struct Attempt {
     pub duration_s: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cost_usd: Option<f64>,
+    /// The GitHub Actions run that recorded it (`GITHUB_RUN_ID`), whose artifacts hold its
+    /// transcript; none outside Actions and in files written before runs were recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<u64>,
+}
+
+impl Attempt {
+    /// The current Actions run's id, for the attempt being recorded.
+    pub fn current_run_id() -> Option<u64> {
+        std::env::var("GITHUB_RUN_ID").ok()?.trim().parse().ok()
+    }
 }
 
 /// A task as read from (and written back to) its file. Known fields are typed; every other

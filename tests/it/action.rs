@@ -501,6 +501,212 @@ pub(crate) fn act_summary(log: &str) -> &str {
         .unwrap_or_else(|| panic!("no job summary in:\n{log}"))
 }
 
+/// `actions/upload-artifact@<sha>` as `action.yml` pins it: the stand-ins are served under this.
+pub(crate) fn upload_artifact_uses() -> String {
+    let action = std::fs::read_to_string(source_root().join("action.yml")).expect("action.yml");
+    action
+        .lines()
+        .filter_map(|l| l.trim().trim_start_matches("- ").strip_prefix("uses: "))
+        .filter_map(|u| u.split_whitespace().next())
+        .find(|u| u.starts_with("actions/upload-artifact@"))
+        .expect("action.yml uploads with actions/upload-artifact")
+        .to_string()
+}
+
+/// Stands in for actions/upload-artifact under act, which cannot fetch it offline: the same
+/// inputs and outputs, and the same upload, through GitHub's artifact client (the library the
+/// real action is built on, from `.ci/setup-artifact-client.sh`) to act's artifact server.
+const UPLOAD_STAND_IN: &str = r#"name: upload-artifact stand-in
+inputs:
+  name:
+    default: artifact
+  path:
+    required: true
+  if-no-files-found:
+    default: warn
+outputs:
+  artifact-id:
+    description: the artifact's id
+  artifact-url:
+    description: where the artifact can be downloaded
+runs:
+  using: node20
+  main: index.js
+"#;
+
+const UPLOAD_STAND_IN_JS: &str = r#"const fs = require('fs');
+const path = require('path');
+const artifact = require(path.join(process.env.HYPERLOOP_ARTIFACT_CLIENT, 'node_modules/@actions/artifact'));
+const input = (name) => (process.env[`INPUT_${name.toUpperCase()}`] || '').trim();
+const files = (dir) => !fs.existsSync(dir) ? [] : fs.readdirSync(dir, { withFileTypes: true }).flatMap((e) => {
+  const p = path.join(dir, e.name);
+  return e.isDirectory() ? files(p) : e.isFile() ? [p] : [];
+});
+async function main() {
+  const root = path.resolve(input('path'));
+  const found = files(root);
+  if (found.length === 0) {
+    const how = input('if-no-files-found') || 'warn';
+    if (how === 'error') throw new Error(`no files in ${root}`);
+    console.log(`${how === 'warn' ? '::warning::' : ''}no files in ${root}: nothing uploaded`);
+    return;
+  }
+  const { id, size } = await new artifact.DefaultArtifactClient().uploadArtifact(input('name'), found, root, {});
+  const env = process.env;
+  const url = `${env.GITHUB_SERVER_URL}/${env.GITHUB_REPOSITORY}/actions/runs/${env.GITHUB_RUN_ID}/artifacts/${id}`;
+  fs.appendFileSync(env.GITHUB_OUTPUT, `artifact-id=${id}\nartifact-url=${url}\n`);
+  console.log(`UPLOADED ${found.length} files, ${size} bytes, artifact ${id}`);
+}
+main().catch((e) => { console.log(`::error::${e.stack || e}`); process.exit(1); });
+"#;
+
+/// For tests about something else than artifacts where GitHub's artifact client cannot run (no
+/// install, or act running as a user who cannot read the test cache): keeps the folder in
+/// `$HYPERLOOP_TEST_UPLOADS/<name>` and says so. This is not an upload.
+const KEEP_STAND_IN: &str = r#"name: upload-artifact stand-in that keeps the folder
+inputs:
+  name:
+    default: artifact
+  path:
+    required: true
+  if-no-files-found:
+    default: warn
+outputs:
+  artifact-url:
+    description: none; nothing is uploaded
+    value: ""
+runs:
+  using: composite
+  steps:
+    - shell: bash
+      env:
+        NAME: ${{ inputs.name }}
+        FROM: ${{ inputs.path }}
+      run: |
+        mkdir -p "$HYPERLOOP_TEST_UPLOADS/$NAME"
+        if [ -d "$FROM" ]; then cp -a "$FROM/." "$HYPERLOOP_TEST_UPLOADS/$NAME/"; fi
+        echo "KEPT $NAME (not uploaded)"
+"#;
+
+/// Where the artifact client is installed, or `None`.
+fn artifact_client() -> Option<PathBuf> {
+    let cache = std::env::var_os("HYPERLOOP_TEST_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/hyperloop-test")))?;
+    let dir = cache.join("artifact-client");
+    dir.join("node_modules/@actions/artifact/package.json")
+        .is_file()
+        .then_some(dir)
+}
+
+/// act's artifact server, with the stand-in that uploads to it.
+pub(crate) struct ArtifactServer {
+    /// Where act's server stores what is uploaded: `<run>/<name>/<name>.zip`.
+    pub(crate) store: PathBuf,
+    /// act's arguments for the server and the stand-in.
+    pub(crate) args: Vec<String>,
+}
+
+/// act's artifact server on a free loopback port and [`UPLOAD_STAND_IN`]; `None` (and a loud
+/// message) when the artifact client is not installed.
+pub(crate) fn artifact_server(env: &TestEnv) -> Option<ArtifactServer> {
+    let Some(client) = artifact_client() else {
+        crate::harness::skip(
+            "GitHub's artifact client (npm @actions/artifact) is not installed",
+            ".ci/setup-artifact-client.sh",
+        );
+        return None;
+    };
+    let dir = env.root().join("upload-artifact-action");
+    std::fs::create_dir_all(&dir).expect("stand-in dir");
+    std::fs::write(dir.join("action.yml"), UPLOAD_STAND_IN).expect("action.yml");
+    std::fs::write(dir.join("index.js"), UPLOAD_STAND_IN_JS).expect("index.js");
+    let store = env.root().join("artifacts");
+    std::fs::create_dir_all(&store).expect("store");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let args = vec![
+        "--local-repository".into(),
+        format!("{}={}", upload_artifact_uses(), dir.display()),
+        "--artifact-server-path".into(),
+        store.display().to_string(),
+        "--artifact-server-addr".into(),
+        "127.0.0.1".into(),
+        "--artifact-server-port".into(),
+        port.to_string(),
+        "--env".into(),
+        format!("HYPERLOOP_ARTIFACT_CLIENT={}", client.display()),
+    ];
+    Some(ArtifactServer { store, args })
+}
+
+/// act's arguments that serve [`KEEP_STAND_IN`], keeping what would be uploaded in `into`.
+pub(crate) fn keeping_upload(env: &TestEnv, into: &Path) -> Vec<String> {
+    let dir = env.root().join("keep-artifact-action");
+    std::fs::create_dir_all(&dir).expect("stand-in dir");
+    std::fs::write(dir.join("action.yml"), KEEP_STAND_IN).expect("action.yml");
+    vec![
+        "--local-repository".into(),
+        format!("{}={}", upload_artifact_uses(), dir.display()),
+        "--env".into(),
+        format!("HYPERLOOP_TEST_UPLOADS={}", into.display()),
+    ]
+}
+
+/// The upload step's arguments for a test about something else: the real upload when the client
+/// is installed, else the folder kept.
+fn any_upload(env: &TestEnv) -> Vec<String> {
+    match artifact_client() {
+        Some(_) => artifact_server(env).map(|s| s.args).unwrap_or_default(),
+        None => keeping_upload(env, &env.root().join("kept")),
+    }
+}
+
+/// Every file act's artifact server stored, unzipped: (artifact name, path inside, contents).
+fn stored_artifacts(store: &Path) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    let mut stack = vec![store.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).expect("read store").flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "zip") {
+                let name = path
+                    .file_stem()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or_default()
+                    .to_string();
+                let unpacked = store.with_extension("unzipped").join(&name);
+                let ok = Command::new("python3")
+                    .args(["-m", "zipfile", "-e"])
+                    .arg(&path)
+                    .arg(&unpacked)
+                    .status()
+                    .expect("python3 runs");
+                assert!(ok.success(), "unzip {}", path.display());
+                let mut files = vec![unpacked.clone()];
+                while let Some(d) = files.pop() {
+                    for f in std::fs::read_dir(&d).expect("read").flatten() {
+                        let p = f.path();
+                        if p.is_dir() {
+                            files.push(p);
+                        } else {
+                            let inside = p.strip_prefix(&unpacked).expect("inside").display().to_string();
+                            let text =
+                                String::from_utf8_lossy(&std::fs::read(&p).expect("read")).into_owned();
+                            out.push((name.clone(), inside, text));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
 #[test]
 fn the_action_runs_a_step_under_act() {
     let Some(act) = act_bin() else {
@@ -534,7 +740,10 @@ fn the_action_runs_a_step_under_act() {
             format!("HYPERLOOP_TEST_SOURCE={}", repo.path.display()),
             "--env".into(),
             format!("HYPERLOOP_BIN_DIR={}", bin_dir.display()),
-        ],
+        ]
+        .into_iter()
+        .chain(any_upload(&env))
+        .collect::<Vec<_>>(),
         None,
     );
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
@@ -561,6 +770,118 @@ fn the_action_runs_a_step_under_act() {
     );
     assert!(summary.contains(":::complete"), "{log}");
     assert!(!log.contains(API_KEY), "the API key is masked:\n{log}");
+}
+
+/// The action uploads the agents' transcripts as an artifact of the run, through act's own
+/// artifact server (the upload step is [`UPLOAD_STAND_IN`], which speaks the artifact protocol
+/// with GitHub's client): the implementer prints the job's token, its own API key and a
+/// GitHub-token-shaped string into its transcript, and the artifact holds the transcript with
+/// none of them. The job summary names the tasks whose transcripts are there and links the run's
+/// artifacts and the artifact itself.
+#[test]
+fn the_action_uploads_redacted_transcripts_under_act() {
+    let Some(act) = act_bin() else {
+        return;
+    };
+    let env = TestEnv::new();
+    let Some(server) = artifact_server(&env) else {
+        return;
+    };
+    let token = "canary-job-token-0123456789abcdef";
+    let api_key = "sk-test-canary-api-key-9876543210";
+    let shaped = "ghp_AbCdEfGhIjKlMnOpQrStUvWxYz0123456789";
+    let script = AGENT_SCRIPT.replace(
+        "      - implement_task: true\n",
+        &format!(
+            "      - implement_task: true\n      - print: \"TRANSCRIPT-MARK token={token} key=${{ANTHROPIC_API_KEY}} found={shaped}\"\n      - print: '{{\"type\":\"assistant\",\"text\":\"the key is \\\"${{ANTHROPIC_API_KEY}}\\\"\\n\"}}'\n"
+        ),
+    );
+    let repo = demo_repo(&env, "workspace");
+    std::fs::write(env.root().join("agent-script.yaml"), script).expect("script");
+    copy_action(&repo.path);
+    repo.write(
+        ".github/workflows/test.yml",
+        &action_workflow(
+            r#"cp -a "$HYPERLOOP_TEST_SOURCE/." ."#,
+            api_key,
+            "          repo: \"\"",
+        ),
+    );
+    env.git(&repo.path, &["add", "-A"]);
+    env.git(&repo.path, &["commit", "-qm", "the action and a workflow"]);
+    let bin_dir = hyperloop_bin().parent().expect("bin dir").to_path_buf();
+    let mut args: Vec<String> = vec![
+        "-W".into(),
+        ".github/workflows/test.yml".into(),
+        "--env".into(),
+        format!("HYPERLOOP_TEST_SOURCE={}", repo.path.display()),
+        "--env".into(),
+        format!("HYPERLOOP_BIN_DIR={}", bin_dir.display()),
+        "--env".into(),
+        "GITHUB_REPOSITORY=acme/widgets".into(),
+        "--env".into(),
+        "GITHUB_RUN_ID=4242".into(),
+        "-s".into(),
+        format!("GITHUB_TOKEN={token}"),
+    ];
+    args.extend(server.args.clone());
+    let (out, log) = run_act(&env, &act, &repo.path, "workflow_dispatch", &args, None);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert_eq!(act_output(&log, "tasks-complete"), "2", "{log}");
+    assert!(log.contains("UPLOADED "), "the stand-in uploaded:\n{log}");
+
+    let stored = stored_artifacts(&server.store);
+    let names: Vec<&str> = stored.iter().map(|(n, _, _)| n.as_str()).collect();
+    assert!(
+        names
+            .iter()
+            .all(|n| n.starts_with("hyperloop-transcripts-step-4242-1-")),
+        "{names:?}"
+    );
+    let implementer: Vec<&(String, String, String)> = stored
+        .iter()
+        .filter(|(_, path, _)| path.starts_with("task-00") && path.contains("implementer-round-0"))
+        .collect();
+    assert_eq!(implementer.len(), 2, "one per task: {stored:?}");
+    for (_, path, text) in &implementer {
+        assert!(
+            text.contains("TRANSCRIPT-MARK token=*** key=*** found=***"),
+            "{path}: {text}"
+        );
+        assert!(
+            text.contains(r#""text":"the key is \"***\"\n""#),
+            "{path}: {text}"
+        );
+    }
+    for role in ["intake/pm-round-0", "verifier-round-0"] {
+        assert!(
+            stored.iter().any(|(_, path, _)| path.contains(role)),
+            "{role} in {stored:?}"
+        );
+    }
+    for (_, path, text) in &stored {
+        for secret in [token, api_key, shaped] {
+            assert!(!text.contains(secret), "{path} holds {secret}: {text}");
+        }
+    }
+
+    let summary = act_summary(&log);
+    assert!(
+        summary.contains("`task-001` (2)")
+            && summary.contains("`task-002` (2)")
+            && summary.contains("`intake` (1)"),
+        "the summary names whose transcripts are there: {log}"
+    );
+    assert!(
+        summary
+            .contains("[this run's artifacts](https://github.com/acme/widgets/actions/runs/4242#artifacts)"),
+        "{log}"
+    );
+    assert!(
+        log.contains("Agent transcripts: [hyperloop-transcripts-step-4242-1-")
+            && log.contains("](https://github.com/acme/widgets/actions/runs/4242/artifacts/"),
+        "the upload's own link is in the summary: {log}"
+    );
 }
 
 const GATED_OVERLAY: [(&str, &str); 2] = [
@@ -619,7 +940,7 @@ fn the_action_walks_a_task_through_github_mode_under_act() {
     let gh = FakeGitHub::start(&repo.origin, "acme", "widgets");
 
     let bin_dir = hyperloop_bin().parent().expect("bin dir").to_path_buf();
-    let args: Vec<String> = vec![
+    let mut args: Vec<String> = vec![
         "-W".into(),
         ".github/workflows/test.yml".into(),
         "--env".into(),
@@ -636,6 +957,7 @@ fn the_action_walks_a_task_through_github_mode_under_act() {
         "--env".into(),
         format!("HYPERLOOP_BIN_DIR={}", bin_dir.display()),
     ];
+    args.extend(any_upload(&env));
 
     let (out, log) = run_act(&env, &act, &repo.path, "workflow_dispatch", &args, None);
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
@@ -817,6 +1139,8 @@ fn the_init_workflow_runs_under_act() {
         "--env".into(),
         format!("HYPERLOOP_BIN_DIR={}", bin_dir.display()),
     ]);
+    // The hyperloop action's own upload step.
+    args.extend(any_upload(&env));
     let labelled = |label: &str| {
         let event = env.root().join(format!("event-{label}.json"));
         let payload = serde_json::json!({
@@ -930,8 +1254,11 @@ fn the_init_workflow_uses_only_inputs_the_action_has() {
 fn every_action_in_our_workflows_is_pinned_to_a_commit() {
     let dir = source_root().join(".github/workflows");
     let mut seen = 0;
-    for entry in std::fs::read_dir(&dir).expect("workflows") {
-        let path = entry.expect("entry").path();
+    let workflows = std::fs::read_dir(&dir)
+        .expect("workflows")
+        .map(|e| e.expect("entry").path());
+    let mut in_action = 0;
+    for path in workflows.chain([source_root().join("action.yml")]) {
         let text = std::fs::read_to_string(&path).expect("read");
         for line in text.lines() {
             let Some(uses) = line.trim().trim_start_matches("- ").strip_prefix("uses: ") else {
@@ -941,6 +1268,9 @@ fn every_action_in_our_workflows_is_pinned_to_a_commit() {
                 continue;
             }
             seen += 1;
+            if path.ends_with("action.yml") {
+                in_action += 1;
+            }
             let reference = uses
                 .split_whitespace()
                 .next()
@@ -954,6 +1284,7 @@ fn every_action_in_our_workflows_is_pinned_to_a_commit() {
         }
     }
     assert!(seen > 5, "found only {seen} actions");
+    assert!(in_action >= 1, "action.yml's own `uses:` were not checked");
 }
 
 /// Every input the fan-out workflow passes to the action exists in `action.yml`, and every

@@ -708,3 +708,46 @@ fn github_mode_record_in_a_fresh_clone_takes_outputs_for_new_branches() {
     );
     assert_eq!(report["progress"], "all-complete", "{report}");
 }
+
+/// `work --out` hands its folder to another job: the transcript in it is redacted, and with
+/// `HYPERLOOP_TRANSCRIPTS_DIR` set the run's transcript goes there too, redacted the same way.
+#[test]
+fn work_writes_its_transcript_redacted() {
+    let key = "sk-test-canary-work-key-0123456789";
+    let secret = "canary-deploy-secret-abcdef";
+    let p = project(
+        1,
+        600,
+        &format!(
+            "  - role: implementer\n    actions:\n      - implement_task: true\n      - print: \"WORK-MARK key=${{ANTHROPIC_API_KEY}} secret={secret}\"\n      - verdict: {{verdict: pass}}\n"
+        ),
+    );
+    let items = plan(&p);
+    let item = item_id(&items[0]);
+    let c = clone(&p, "redacted");
+    let out_dir = outputs(&p).join(&item);
+    let transcripts = p.env.root().join("transcripts");
+    let out = p
+        .env
+        .command(hyperloop_bin())
+        .args(["--path", c.to_str().expect("utf8"), "work", &item, "--out"])
+        .arg(&out_dir)
+        .env("ANTHROPIC_API_KEY", key)
+        .env("RELEASE_SECRET", secret)
+        .env("HYPERLOOP_TRANSCRIPTS_DIR", &transcripts)
+        .output()
+        .expect("work runs");
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    for file in [
+        out_dir.join("transcript.log"),
+        transcripts.join("task-001/implementer-round-0.log"),
+    ] {
+        let text = std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        assert!(
+            text.contains("WORK-MARK key=*** secret=***"),
+            "{}: {text}",
+            file.display()
+        );
+        assert!(!text.contains(key) && !text.contains(secret), "{text}");
+    }
+}

@@ -812,3 +812,111 @@ fn a_refused_state_push_says_which_rule_and_what_to_change() {
         "a refusal is not a race"
     );
 }
+
+/// What an agent printed leaves the machine only redacted, and the pull request tells the task's
+/// story. The implementer prints the job's token (which it never holds: the script has it), its
+/// own API key, a password from the environment, the token's basic-auth header and a
+/// GitHub-token-shaped string; the verifier fails once. With `HYPERLOOP_TRANSCRIPTS_DIR` set, every
+/// run's transcript is copied there with none of them, while the log under `.hyperloop/logs`
+/// keeps what was printed. The PR body shows each round's cost and a link to its run's
+/// artifacts, and the findings of the failing round.
+#[test]
+fn transcripts_leave_redacted_and_the_pull_request_tells_the_story() {
+    let g = GhProject::new("", "", true);
+    let api_key = "sk-test-canary-key-0123456789";
+    let password = "hunter2-canary-password";
+    let shaped = format!("github_pat_{}", "11AbCdEfGh_0123456789".repeat(3));
+    let header = crate::hostile::base64(format!("x-access-token:{}", g.gh.token).as_bytes());
+    std::fs::write(
+        &g.p.script,
+        format!(
+            "rules:\n  - role: implementer\n    actions:\n      - implement_task: true\n      - print: \"MARK token={token} key=${{ANTHROPIC_API_KEY}} password={password}\"\n      - print: \"MARK header=AUTHORIZATION: basic {header} pat={shaped}\"\n      - stream_json_result: {{cost_usd: 0.42}}\n      - verdict: {{verdict: pass, detail: implemented}}\n  - role: verifier\n    attempt: 0\n    actions:\n      - stream_json_result: {{cost_usd: 0.05}}\n      - verdict: {{verdict: fail, findings: 1, detail: \"FINDING-ALPHA tests/login.rs:4 fails with key ${{ANTHROPIC_API_KEY}}\"}}\n{}",
+            crate::harness::DEMO_RULES,
+            token = g.gh.token,
+        ),
+    )
+    .expect("script");
+    let transcripts = g.p.env.root().join("transcripts");
+    let vars = [
+        ("GITHUB_TOKEN", g.gh.token.as_str()),
+        ("ANTHROPIC_API_KEY", api_key),
+        ("DEPLOY_PASSWORD", password),
+        ("HYPERLOOP_TRANSCRIPTS_DIR", transcripts.to_str().expect("utf-8")),
+        ("GITHUB_RUN_ID", "777"),
+        ("GITHUB_SERVER_URL", "https://github.example"),
+        ("GITHUB_REPOSITORY", "acme/ops"),
+    ];
+    for _ in 0..4 {
+        let out = g.step_with(&vars, true);
+        assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+        if field(&g.origin_task("task-001"), "phase") == Some("human-review") {
+            break;
+        }
+    }
+    let task = g.origin_task("task-001");
+    assert_eq!(field(&task, "phase"), Some("human-review"), "{task}");
+    assert!(
+        task.contains("\"run_id\":777"),
+        "each round records its run: {task}"
+    );
+
+    // The transcripts folder: every run, redacted.
+    let implementer = transcripts.join("task-001/implementer-round-0.log");
+    let text = std::fs::read_to_string(&implementer).expect("the implementer's transcript");
+    assert!(
+        text.contains("MARK token=*** key=*** password=***")
+            && text.contains("MARK header=AUTHORIZATION: basic *** pat=***"),
+        "{text}"
+    );
+    for file in [
+        "task-001/verifier-round-0.log",
+        "task-001/implementer-round-1.log",
+        "intake/pm-round-0.log",
+    ] {
+        assert!(transcripts.join(file).is_file(), "{file}");
+    }
+    let mut all = String::new();
+    for dir in std::fs::read_dir(&transcripts).expect("dir").flatten() {
+        for f in std::fs::read_dir(dir.path()).expect("dir").flatten() {
+            all.push_str(&std::fs::read_to_string(f.path()).expect("read"));
+        }
+    }
+    for secret in [g.gh.token.as_str(), api_key, password, &header, &shaped] {
+        assert!(!all.contains(secret), "a transcript holds {secret}: {all}");
+    }
+    // The canaries really were printed: the local log keeps them.
+    let local = std::fs::read_dir(g.p.repo.path.join(".hyperloop/logs/task-001"))
+        .expect("logs")
+        .flatten()
+        .map(|f| std::fs::read_to_string(f.path()).unwrap_or_default())
+        .collect::<String>();
+    assert!(local.contains(&g.gh.token) && local.contains(api_key), "{local}");
+
+    // The pull request's body.
+    let pr = field(&task, "pr").expect("a PR");
+    let number: u64 = pr
+        .rsplit('/')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("number");
+    let body = g.gh.pr_json(number)["body"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        body.contains("| round | role | verdict | findings | duration | cost | transcript |"),
+        "{body}"
+    );
+    let link = "[run 777](https://github.example/acme/ops/actions/runs/777#artifacts)";
+    assert!(body.contains(&format!("| $0.42 | {link} |")), "{body}");
+    assert!(body.contains(&format!("| $0.05 | {link} |")), "{body}");
+    assert!(
+        body.contains("## Findings of the latest failing round\n\nRound 0 — verifier: fail\n"),
+        "{body}"
+    );
+    assert!(
+        body.contains("FINDING-ALPHA tests/login.rs:4 fails with key ***"),
+        "{body}"
+    );
+    assert!(!body.contains(api_key), "{body}");
+}

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::action::{act_bin, act_command, act_output, action_workflow, copy_action};
+use crate::action::{act_bin, act_command, act_output, action_workflow, copy_action, keeping_upload};
 use crate::fake_github::FakeGitHub;
 use crate::harness::{DEMO_RULES, GATED_PROCESS, describe, hyperloop_bin, scripted_agent_bin};
 use crate::local::{Project, events, named};
@@ -46,7 +46,7 @@ fn random_hex() -> String {
     format!("{a:016x}{:016x}", h.finish())
 }
 
-fn base64(bytes: &[u8]) -> String {
+pub(crate) fn base64(bytes: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for chunk in bytes.chunks(3) {
@@ -560,6 +560,11 @@ fn agents_started_by_the_action_under_act_find_no_credential() {
     h.p.commit_all("a spec, the action, a workflow");
     h.git(&["push", "-q", "origin", "main"]);
     std::fs::create_dir_all(&loot).expect("loot");
+    // The upload step keeps the transcripts folder here (act, run as the scenario's user, cannot
+    // read the artifact client in the test cache): what an artifact would hold.
+    let kept = h.root().join("uploads");
+    std::fs::create_dir_all(&kept).expect("uploads");
+    let upload = keeping_upload(&h.p.env, &kept);
     h.hand_over();
     // After the hand-over, which would give act's copy to the scenario's user.
     let runner = ActRunner::new(h.root(), &act);
@@ -578,7 +583,10 @@ fn agents_started_by_the_action_under_act_find_no_credential() {
         format!("HYPERLOOP_TEST_ORIGIN={}", h.p.repo.origin.display()),
         "--env".into(),
         format!("HYPERLOOP_BIN_DIR={}", bin_dir.display()),
-    ];
+    ]
+    .into_iter()
+    .chain(upload)
+    .collect();
     let ctl = h.control_process(&control);
 
     let cmd = act_command(
@@ -640,6 +648,17 @@ fn agents_started_by_the_action_under_act_find_no_credential() {
     assert!(
         found.is_empty(),
         "the agents obtained the job's token:\n{}",
+        found.join("\n")
+    );
+    // What the upload step was given: the agents' transcripts, and in them neither the token nor
+    // the Anthropic key the agents held and printed.
+    assert!(log.contains("KEPT hyperloop-transcripts-"), "{log}");
+    let mut secrets = needles;
+    secrets.push(api_key);
+    let found = sightings(&kept, &secrets);
+    assert!(
+        found.is_empty(),
+        "a transcript for the artifact holds a secret:\n{}",
         found.join("\n")
     );
 }

@@ -616,6 +616,7 @@ pub async fn work(target: &Target, item: &str, out: &Path) -> Result<WorkReport>
     }
     let end = repo.branch_tip(&branch)?.unwrap_or_else(|| base.clone());
     write_output(out, &repo.git, (item, &task.id, &claim), (&base, &end), &outcome)?;
+    crate::transcripts::publish(&outcome.log_file, &task.id, &claim.role, task.round);
     let commits = if end == base {
         0
     } else {
@@ -695,7 +696,8 @@ fn write_output(
     crate::task::store::write_atomic(&out.join(ITEM_FILE), &to_json(&item_file)?)?;
     let transcript = out.join(TRANSCRIPT_FILE);
     if outcome.log_file.is_file() {
-        std::fs::copy(&outcome.log_file, &transcript).map_err(|e| Error::io(&transcript, e))?;
+        // The folder is uploaded or handed to another job: it gets the redacted transcript.
+        crate::transcripts::copy_redacted(&outcome.log_file, &transcript)?;
     }
     Ok(())
 }
