@@ -117,6 +117,10 @@ fn idle(root: &Path, n: usize, packed: bool) -> Duration {
         let id = format!("task-{i:05}");
         std::fs::write(tasks.join(format!("{id}.md")), task_file(&id, "complete", "[]")).expect("task");
     }
+    // A step checks that the agent program exists before anything else.
+    let script = root.join("idle.yaml");
+    std::fs::write(&script, "rules: []\n").expect("script");
+    write_config(&repo, &script, 4);
     git(&repo, &["add", "-A"]);
     git(&repo, &["commit", "-qm", "tasks"]);
     if packed {
