@@ -426,7 +426,11 @@ pub fn dry_run(target: &Target) -> Result<String> {
                 intake_record: tree.intake_record.clone(),
                 running: BTreeSet::new(),
                 pending_failures: Vec::new(),
-                intake_running: false,
+                // A `work` holding the intake lease is running it.
+                intake_running: tree
+                    .intake_claim
+                    .as_ref()
+                    .is_some_and(|c| c.claim.live_lease(now_unix())),
                 github_mode: target.config.target.repo.is_some(),
             };
             let mut plan = decide::decide(&snapshot, &target.config, &defs.process, now_unix())?;

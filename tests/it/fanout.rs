@@ -792,7 +792,14 @@ fn intake_commits(p: &Project) -> usize {
 #[test]
 fn specs_become_tasks_and_run_to_completion_with_plan_work_and_record_only() {
     let p = spec_project(600, "");
+    let dry_run = |p: &Project| -> String {
+        let out = p.hyperloop(&["step", "--dry-run"]);
+        assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(dry_run(&p).contains("run intake (pm)"), "{}", dry_run(&p));
     let id = plan_intake(&p);
+    assert!(!dry_run(&p).contains("run intake (pm)"), "the lease holds intake");
     // The lease is a committed file of its own: item, nonce, role, base, expiry and the specs.
     let lease: Value = serde_json::from_str(&p.repo.read(INTAKE_LEASE)).expect("lease json");
     assert_eq!(lease["item"], id.as_str(), "{lease}");

@@ -1076,6 +1076,9 @@ mod tests {
         assert!(a.starts_with("task-001-implementer-r0-"), "{a}");
         assert_ne!(a, b);
         assert!(valid_item_id(&a));
+        let intake = item_id(INTAKE_ID, "pm", 0, "abc1");
+        assert!(intake.starts_with("intake-pm-r0-"), "{intake}");
+        assert!(valid_item_id(&intake));
         for bad in ["", "../x", "-x", ".x", "a/b", "a b", "a..b"] {
             assert!(!valid_item_id(bad), "{bad:?}");
         }
