@@ -427,8 +427,8 @@ const FANOUT_WORKFLOW: &str = r#"# Runs hyperloop in rounds of three jobs. `plan
 # Triggers as the single-job workflow: on a schedule, on the `lgtm`, `hyperloop:retry` and
 # `hyperloop:cancel` labels, when a person edits the dashboard issue, and on demand; and when a
 # round leaves more work ready, `record` starts the next round at once instead of waiting for
-# the schedule. Intake (the pm agent turning specs into tasks) and the process improver are not
-# work items yet: run `hyperloop step` (or the single-job workflow) after changing specs.
+# the schedule. Intake (the pm agent turning specs into tasks) is a work item like the others;
+# the process improver is not: it runs only in `hyperloop step` (or the single-job workflow).
 name: hyperloop fan-out
 
 on:

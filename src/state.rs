@@ -56,6 +56,8 @@ pub struct TreeState {
     pub task_blobs: BTreeMap<String, String>,
     /// Failed intakes of the current specs, if any.
     pub intake_failures: Option<crate::task::store::IntakeFailures>,
+    /// The lease of an intake `plan` claimed, if one is out.
+    pub intake_claim: Option<crate::task::store::IntakeClaim>,
 }
 
 /// One path's new state in a [`Changes`].
@@ -183,6 +185,7 @@ impl Repo {
                 if (rest.ends_with(".md") && !rest.contains('/'))
                     || rest == crate::task::store::INTAKE_RECORD
                     || rest == crate::task::store::INTAKE_FAILURES
+                    || rest == crate::task::store::INTAKE_CLAIM
                 {
                     wanted.push((path.to_string(), oid.to_string()));
                 }
@@ -202,6 +205,11 @@ impl Repo {
             if path.ends_with(crate::task::store::INTAKE_FAILURES) {
                 // Only a counter: a damaged one is treated as no failures rather than blocking.
                 state.intake_failures = serde_json::from_str(&text).ok();
+            } else if path.ends_with(crate::task::store::INTAKE_CLAIM) {
+                state.intake_claim = Some(serde_json::from_str(&text).map_err(|e| {
+                    Error::invalid(path, "document", e.to_string())
+                        .with_hint("delete the file to let the next `hyperloop plan` claim intake again")
+                })?);
             } else if path.ends_with(crate::task::store::INTAKE_RECORD) {
                 state.intake_record = serde_json::from_str(&text).map_err(|e| {
                     Error::invalid(path, "document", e.to_string())

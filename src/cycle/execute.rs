@@ -31,7 +31,7 @@ use crate::git::{Git, trailers};
 use crate::lock::StepLock;
 use crate::pipeline::{self, MARK_PR_READY, MERGE_PR, Step, Verdict};
 use crate::state::{Changes, MergeTree, Publish, Repo};
-use crate::task::store::{INTAKE_FAILURES, INTAKE_RECORD, IntakeFailures};
+use crate::task::store::{INTAKE_CLAIM, INTAKE_FAILURES, INTAKE_RECORD, IntakeClaim, IntakeFailures};
 use crate::task::{Attempt, Status, Task};
 use crate::worker::{self, WorkerOutcome, WorkerSpec, result::ResultFile, worktree};
 
@@ -165,7 +165,7 @@ pub struct StepReport {
     pub refused: Vec<OutputRefused>,
     /// Agent runs on tasks that a `plan` started right after this cycle would claim: what the
     /// fan-out workflow reads to start its next round at once instead of waiting for the
-    /// schedule. Intake and the process improver are left out, since `plan` leaves them to `step`.
+    /// schedule. The process improver is left out, since `plan` leaves it to `step`.
     pub ready: usize,
 }
 
@@ -205,6 +205,10 @@ struct RunRecord {
     /// For the improver: the failures it was shown.
     #[serde(default)]
     failures: Vec<String>,
+    /// For intake recorded from a `work` output: the pm's last commit (a step reads it from
+    /// the checkout instead).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    end_head: Option<String>,
     /// For a task: where it stood when the worker started, so that a result is recorded only
     /// while the task still stands there.
     #[serde(default)]
@@ -422,7 +426,11 @@ pub fn dry_run(target: &Target) -> Result<String> {
                 intake_record: tree.intake_record.clone(),
                 running: BTreeSet::new(),
                 pending_failures: Vec::new(),
-                intake_running: false,
+                // A `work` holding the intake lease is running it.
+                intake_running: tree
+                    .intake_claim
+                    .as_ref()
+                    .is_some_and(|c| c.claim.live_lease(now_unix())),
                 github_mode: target.config.target.repo.is_some(),
             };
             let mut plan = decide::decide(&snapshot, &target.config, &defs.process, now_unix())?;
@@ -480,6 +488,11 @@ struct Stepper {
     intake_failures: Option<IntakeFailures>,
     /// Intake was wanted but has failed too often on these specs.
     intake_blocked: bool,
+    /// The lease of an intake `plan` claimed, as committed.
+    intake_claim: Option<IntakeClaim>,
+    /// The intake being recorded came from a `work` output: its lease goes in the commit that
+    /// records it.
+    intake_release: bool,
     running: HashMap<String, Running>,
     workers: JoinSet<(String, WorkerOutcome)>,
     pending_failures: Vec<FailureNote>,
@@ -562,6 +575,8 @@ impl Stepper {
             intake_record: BTreeMap::new(),
             intake_failures: None,
             intake_blocked: false,
+            intake_claim: None,
+            intake_release: false,
             running: HashMap::new(),
             workers: JoinSet::new(),
             pending_failures: Vec::new(),
@@ -627,6 +642,7 @@ impl Stepper {
         self.tasks = tree.tasks.into_iter().map(|t| (t.id.clone(), t)).collect();
         self.intake_record = tree.intake_record;
         self.intake_failures = tree.intake_failures;
+        self.intake_claim = tree.intake_claim;
         self.set_specs(tree.specs)
     }
 
@@ -760,7 +776,7 @@ impl Stepper {
 
     /// Decides and performs everything that can happen now. Returns whether anything did.
     fn act(&mut self) -> Result<bool> {
-        let mut any = false;
+        let mut any = self.expire_intake_lease()?;
         loop {
             let plan = self.plan()?;
             let mut progressed = self.start_batch(&plan)?;
@@ -851,7 +867,11 @@ impl Stepper {
             } else {
                 self.pending_failures.clone()
             },
-            intake_running: self.running.contains_key(INTAKE_ID),
+            intake_running: self.running.contains_key(INTAKE_ID)
+                || self
+                    .intake_claim
+                    .as_ref()
+                    .is_some_and(|c| c.claim.live_lease(now_unix())),
             github_mode: self.gh.is_some(),
         };
         let mut plan = decide::decide(&snapshot, &self.config, &self.defs.process, now_unix())?;
@@ -1011,9 +1031,11 @@ impl Stepper {
             )?;
             return Ok(true);
         }
-        if self.mode != Mode::Step && matches!(action, Action::RunIntake { .. } | Action::RunImprover { .. })
+        if self.mode != Mode::Step && matches!(action, Action::RunImprover { .. })
+            || self.mode == Mode::Record && matches!(action, Action::RunIntake { .. })
         {
-            // Intake and the process improver are not work items yet: `step` runs them.
+            // The process improver is not a work item: `step` runs it. Intake is claimed by
+            // `plan`, never started by `record`.
             return Ok(false);
         }
         match action {
@@ -1038,6 +1060,9 @@ impl Stepper {
                     return Ok(false);
                 }
                 self.intake_attempted = true;
+                if self.mode == Mode::Plan {
+                    return self.claim_intake(specs);
+                }
                 self.spawn_intake(specs)?;
                 Ok(true)
             }
@@ -1718,6 +1743,7 @@ impl Stepper {
             start_head,
             specs: BTreeMap::new(),
             failures: Vec::new(),
+            end_head: None,
             position: Some(task.position.clone().unwrap_or_default()),
             status: Some(task.status.as_str().to_string()),
         };
@@ -1731,46 +1757,9 @@ impl Stepper {
 
     fn spawn_intake(&mut self, specs: &[String]) -> Result<()> {
         let agent_name = intake_role(&self.defs.process);
-        let agent = self
-            .defs
-            .agent(&agent_name)
-            .cloned()
-            .ok_or_else(|| Error::other(format!("no agent named `{agent_name}` for intake")))?;
+        let overlay = self.role_overlay(&agent_name)?;
+        let text = intake_prompt(&self.config, &self.defs, self.tasks.values(), specs, overlay)?;
         let wt = worktree::ensure_base_worktree(&self.repo.git, &self.repo.root, INTAKE_ID, &self.tip)?;
-        let mut existing = String::new();
-        for t in self.tasks.values() {
-            existing.push_str(&format!(
-                "- {} ({}) {} — {}\n",
-                t.id, t.status, t.spec_ref, t.title
-            ));
-        }
-        if existing.is_empty() {
-            existing.push_str("(none yet: start at task-001)\n");
-        }
-        let spec_list: String = specs.iter().map(|s| format!("- {s}\n")).collect();
-        let input = PromptInput {
-            task_id: INTAKE_ID.to_string(),
-            spec_ref: self.specs_dir().to_string(),
-            round: 0,
-            branch: None,
-            base_branch: self.config.target.base_branch.clone(),
-            task_title: None,
-            task_spec: None,
-            findings: None,
-            role_overlay: self.role_overlay(&agent_name)?,
-            extra_sections: vec![
-                ("Specs to process".to_string(), spec_list),
-                ("Existing tasks".to_string(), existing),
-                (
-                    "Where task files go".to_string(),
-                    format!(
-                        "Write each task to `{}/<id>.md`; the file name must equal the id. Commit them.",
-                        self.tasks_rel()
-                    ),
-                ),
-            ],
-        };
-        let text = prompt::compose(&agent, &input);
         let record = RunRecord {
             key: INTAKE_ID.to_string(),
             kind: Kind::Intake,
@@ -1787,6 +1776,7 @@ impl Stepper {
                 .map(|s| (s.path.clone(), s.hash.clone()))
                 .collect(),
             failures: Vec::new(),
+            end_head: None,
             position: None,
             status: None,
         };
@@ -1844,6 +1834,7 @@ impl Stepper {
             worktree: wt,
             specs: BTreeMap::new(),
             failures: failures.iter().map(|f| f.task_id.clone()).collect(),
+            end_head: None,
             position: None,
             status: None,
         };
@@ -2232,6 +2223,7 @@ impl Stepper {
             failures.attempts += 1;
             failures.last_error = preview(&why);
             let mut changes = Changes::default();
+            this.release_intake_lease(&mut changes);
             let mut text = serde_json::to_string_pretty(&failures).unwrap_or_default();
             text.push('\n');
             changes.put(format!("{}/{INTAKE_FAILURES}", this.tasks_rel()), text);
@@ -2270,6 +2262,16 @@ impl Stepper {
                 detail = preview(&outcome.detail).as_str()
             );
             self.report.intake_ran = true;
+            let mut changes = Changes::default();
+            if self.release_intake_lease(&mut changes) {
+                let spec_refs: Vec<&str> = record.specs.keys().map(String::as_str).collect();
+                self.commit(
+                    &changes,
+                    "hyperloop: intake lease released (not counted)",
+                    &spec_refs,
+                    INTAKE_ID,
+                )?;
+            }
             return Ok(());
         }
         if outcome.verdict != worker::Verdict::Pass {
@@ -2278,8 +2280,10 @@ impl Stepper {
                 format!("the pm reported {}: {}", outcome.verdict.as_str(), outcome.detail),
             );
         }
-        let wt = worker::agent_user::checkout_git(&record.worktree);
-        let head = wt.run_trim(["rev-parse", "HEAD"])?;
+        let head = match &record.end_head {
+            Some(head) => head.clone(),
+            None => worker::agent_user::checkout_git(&record.worktree).run_trim(["rev-parse", "HEAD"])?,
+        };
         let tasks_rel = self.tasks_rel();
         let entries = self.repo.diff_entries(&record.start_head, &head, &tasks_rel)?;
         let mut changes = Changes::default();
@@ -2350,6 +2354,7 @@ impl Stepper {
             changes.delete(format!("{tasks_rel}/{INTAKE_FAILURES}"));
             self.intake_failures = None;
         }
+        self.release_intake_lease(&mut changes);
         let created = new_tasks.len();
         let spec_refs: Vec<&str> = specs.iter().map(String::as_str).collect();
         let subject = format!(
@@ -2915,13 +2920,21 @@ impl Stepper {
         };
         self.report.progress = progress.to_string();
         self.report.work_remaining = remaining;
+        // Intake that gave up on these specs waits for a change, not for the next round.
+        let intake_ready = !self.intake_blocked
+            && match self.intake_failures.clone() {
+                Some(f) => !gave_up(&f, &self.current_specs(), self.inputs_fingerprint()?),
+                None => true,
+            };
         self.report.ready = if self.budget_blocked {
             0
         } else {
             plan.actions
                 .iter()
-                .filter(|a| {
-                    a.takes_worker() && !matches!(a, Action::RunIntake { .. } | Action::RunImprover { .. })
+                .filter(|a| match a {
+                    Action::RunImprover { .. } => false,
+                    Action::RunIntake { .. } => intake_ready,
+                    _ => a.takes_worker(),
                 })
                 .count()
         };
@@ -2958,6 +2971,55 @@ impl Stepper {
 }
 
 /// `<specs>/prompts/<role>-overlay.yaml` as committed at `tip`.
+/// The pm's prompt: the specs to turn into tasks and the tasks there are, as `step` and `work`
+/// give it.
+fn intake_prompt<'a>(
+    config: &Config,
+    defs: &Definitions,
+    tasks: impl Iterator<Item = &'a Task>,
+    specs: &[String],
+    role_overlay: Option<String>,
+) -> Result<String> {
+    let agent_name = intake_role(&defs.process);
+    let agent = defs
+        .agent(&agent_name)
+        .ok_or_else(|| Error::other(format!("no agent named `{agent_name}` for intake")))?;
+    let tasks_rel = format!("{}/tasks", config.target.specs_dir.trim_end_matches('/'));
+    let mut existing = String::new();
+    for t in tasks {
+        existing.push_str(&format!(
+            "- {} ({}) {} — {}\n",
+            t.id, t.status, t.spec_ref, t.title
+        ));
+    }
+    if existing.is_empty() {
+        existing.push_str("(none yet: start at task-001)\n");
+    }
+    let spec_list: String = specs.iter().map(|s| format!("- {s}\n")).collect();
+    let input = PromptInput {
+        task_id: INTAKE_ID.to_string(),
+        spec_ref: config.target.specs_dir.clone(),
+        round: 0,
+        branch: None,
+        base_branch: config.target.base_branch.clone(),
+        task_title: None,
+        task_spec: None,
+        findings: None,
+        role_overlay,
+        extra_sections: vec![
+            ("Specs to process".to_string(), spec_list),
+            ("Existing tasks".to_string(), existing),
+            (
+                "Where task files go".to_string(),
+                format!(
+                    "Write each task to `{tasks_rel}/<id>.md`; the file name must equal the id. Commit them."
+                ),
+            ),
+        ],
+    };
+    Ok(prompt::compose(agent, &input))
+}
+
 fn read_role_overlay(repo: &Repo, specs_dir: &str, tip: &str, role: &str) -> Result<Option<String>> {
     let rel = format!("{}/prompts/{role}-overlay.yaml", specs_dir.trim_end_matches('/'));
     let spec = format!("{tip}:{rel}");

@@ -23,6 +23,21 @@ pub const INTAKE_RECORD: &str = ".intake.json";
 /// a pm that keeps failing on the same specs is not paid again and again.
 pub const INTAKE_FAILURES: &str = ".intake-failures.json";
 
+/// Name of the file (inside the tasks folder) that holds the lease of a claimed intake: intake
+/// has no task file to hold its claim. Not a `.md` file, so no loader takes it for a task.
+pub const INTAKE_CLAIM: &str = ".intake-claim.json";
+
+/// The lease of an intake claimed by `plan`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct IntakeClaim {
+    #[serde(flatten)]
+    pub claim: crate::task::Claim,
+    /// Every spec (path → content hash) as it was when claimed: what the intake takes in.
+    pub specs: BTreeMap<String, String>,
+    /// The specs the pm is asked to turn into tasks (new or changed ones).
+    pub process: Vec<String>,
+}
+
 /// Failed intakes of one set of specs.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct IntakeFailures {

@@ -760,3 +760,216 @@ fn work_writes_its_transcript_redacted() {
         assert!(!text.contains(key) && !text.contains(secret), "{text}");
     }
 }
+
+/// A project with specs and no task file yet: intake comes first. Leases of `lease` seconds.
+fn spec_project(lease: u64, rules: &str) -> Project {
+    let p = Project::new(rules, "");
+    let cfg = p.repo.read(".hyperloop.yaml");
+    p.repo.write(
+        ".hyperloop.yaml",
+        &cfg.replace("max_workers: 2", "max_workers: 4").replace(
+            "stall_timeout: 30",
+            &format!("stall_timeout: 30\n  lease_timeout: {lease}"),
+        ),
+    );
+    p.repo.write("specs/a.md", "# A\n\nThe first feature.\n");
+    p.repo.write("specs/b.md", "# B\n\nThe second feature.\n");
+    p.commit_all("specs");
+    p
+}
+
+const INTAKE_LEASE: &str = "specs/tasks/.intake-claim.json";
+
+/// The single intake item a plan of `p` claims.
+fn plan_intake(p: &Project) -> String {
+    let items = plan(p);
+    assert_eq!(items.len(), 1, "{items:?}");
+    assert_eq!(items[0]["task_id"], "intake", "{items:?}");
+    assert_eq!(items[0]["role"], "pm", "{items:?}");
+    let id = item_id(&items[0]);
+    assert!(id.starts_with("intake-pm-r0-"), "{id}");
+    id
+}
+
+fn intake_commits(p: &Project) -> usize {
+    p.git(&["log", "--format=%s", "main"])
+        .lines()
+        .filter(|s| s.starts_with("hyperloop: intake of "))
+        .count()
+}
+
+#[test]
+fn specs_become_tasks_and_run_to_completion_with_plan_work_and_record_only() {
+    let p = spec_project(600, "");
+    let dry_run = |p: &Project| -> String {
+        let out = p.hyperloop(&["step", "--dry-run"]);
+        assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(dry_run(&p).contains("run intake (pm)"), "{}", dry_run(&p));
+    let id = plan_intake(&p);
+    assert!(!dry_run(&p).contains("run intake (pm)"), "the lease holds intake");
+    // The lease is a committed file of its own: item, nonce, role, base, expiry and the specs.
+    let lease: Value = serde_json::from_str(&p.repo.read(INTAKE_LEASE)).expect("lease json");
+    assert_eq!(lease["item"], id.as_str(), "{lease}");
+    assert_eq!(lease["role"], "pm", "{lease}");
+    for field in ["nonce", "base", "expires_at"] {
+        assert!(!lease[field].is_null(), "{field} missing in {lease}");
+    }
+    let specs = lease["specs"].as_object().cloned().unwrap_or_default();
+    assert!(
+        specs.contains_key("specs/a.md") && specs.contains_key("specs/b.md"),
+        "{lease}"
+    );
+    assert!(p.status().is_empty(), "the lease is no task");
+
+    // While it holds, neither `plan` nor `step` starts another intake.
+    assert!(plan(&p).is_empty(), "intake is leased");
+    let out = p.hyperloop(&["step"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert!(
+        named(&events(&out), "intake_ran").is_empty(),
+        "{}",
+        describe(&out)
+    );
+
+    let out = work(&p, &id);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let dir = outputs(&p).join(&id);
+    assert!(
+        dir.join("commits.bundle").is_file(),
+        "the pm's commits come as a bundle"
+    );
+    let item: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("item.json")).expect("item.json")).expect("json");
+    assert_eq!(item["task_id"], "intake", "{item}");
+    let (out, report) = record(&p, std::slice::from_ref(&dir));
+    assert_eq!(strings(&report["recorded"]), vec![id], "{report}");
+    let evs = events(&out);
+    let ran = named(&evs, "intake_ran");
+    assert_eq!(ran.len(), 1, "{}", describe(&out));
+    assert_eq!(ran[0]["success"], true, "{}", describe(&out));
+    assert!(
+        !p.repo.path.join(INTAKE_LEASE).exists(),
+        "the lease is released with the intake"
+    );
+    assert_eq!(intake_commits(&p), 1);
+    let tasks = p.status();
+    assert!(!tasks.is_empty(), "the specs became tasks");
+    assert!(p.repo.read("specs/tasks/.intake.json").contains("specs/a.md"));
+
+    // The tasks run to completion through more rounds; intake does not run again.
+    let ran = fan_out_until_done(&p);
+    assert_eq!(ran, 2 * tasks.len(), "implementer and verifier per task");
+    for t in p.status() {
+        assert_eq!(t["status"], "complete", "{t}");
+        assert_eq!(merges_of(&p, t["id"].as_str().expect("id")), 1);
+    }
+    assert_eq!(intake_commits(&p), 1);
+}
+
+#[test]
+fn forged_and_replayed_intake_outputs_are_refused() {
+    let p = spec_project(600, "");
+    let id = plan_intake(&p);
+    let out = work(&p, &id);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let real = outputs(&p).join(&id);
+    let forged = p.env.root().join("forged");
+    let wrong_nonce = forged.join("wrong-nonce");
+    copy_output(&real, &wrong_nonce);
+    edit_item(&wrong_nonce, "nonce", "0123456789abcdef");
+    let wrong_role = forged.join("wrong-role");
+    copy_output(&real, &wrong_role);
+    edit_item(&wrong_role, "role", "implementer");
+
+    let (out, report) = record(
+        &p,
+        &[
+            wrong_nonce.clone(),
+            wrong_role.clone(),
+            real.clone(),
+            real.clone(),
+        ],
+    );
+    assert_eq!(strings(&report["recorded"]), vec![id.clone()], "{report}");
+    let refused = report["refused"].as_array().cloned().unwrap_or_default();
+    let reason_of = |dir: &Path| -> Vec<String> {
+        refused
+            .iter()
+            .filter(|r| r["dir"] == dir.display().to_string().as_str())
+            .map(|r| r["reason"].as_str().unwrap_or("").to_string())
+            .collect()
+    };
+    assert_eq!(refused.len(), 3, "{report}");
+    assert!(
+        reason_of(&wrong_nonce)[0].contains("does not match its lease"),
+        "{report}"
+    );
+    assert!(
+        reason_of(&wrong_role)[0].contains("does not match its lease"),
+        "{report}"
+    );
+    assert!(reason_of(&real)[0].contains("no lease holds"), "{report}");
+    assert_eq!(named(&events(&out), "output_refused").len(), 3);
+    assert_eq!(intake_commits(&p), 1);
+    let tasks = p.status().len();
+    assert!(tasks > 0);
+
+    // Replayed in a later `record`: refused, the tasks are not written again.
+    let (out, report) = record(&p, std::slice::from_ref(&real));
+    assert!(report["recorded"].is_null(), "{report}");
+    assert_eq!(named(&events(&out), "output_refused").len(), 1);
+    assert_eq!(intake_commits(&p), 1);
+    assert_eq!(p.status().len(), tasks);
+    // `work` refuses the item, recorded already.
+    let again = work(&p, &id);
+    assert_eq!(again.status.code(), Some(2), "{}", describe(&again));
+}
+
+#[test]
+fn a_killed_intake_is_reissued_after_its_lease() {
+    let p = spec_project(
+        3,
+        "  - role: pm\n    attempt: 0\n    actions:\n      - sleep: 60\n",
+    );
+    let first = plan_intake(&p);
+    let c = clone(&p, "killed-intake");
+    let mut child = start_work(&p, &c, &first);
+    let log_dir = c.join(".hyperloop/logs");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_dir(&log_dir).is_ok_and(|mut d| d.next().is_some()) {
+        assert!(Instant::now() < deadline, "the pm never started");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    child.kill().expect("kill -9");
+    let _ = child.wait();
+
+    assert!(plan(&p).is_empty(), "intake is still leased");
+    std::thread::sleep(Duration::from_secs(4));
+    let out = p.hyperloop(&["plan", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let evs = events(&out);
+    let expired = named(&evs, "lease_expired");
+    assert_eq!(expired.len(), 1, "{}", describe(&out));
+    assert_eq!(expired[0]["item"], first.as_str());
+    let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let items = v["items"].as_array().cloned().unwrap_or_default();
+    assert_eq!(items.len(), 1, "{v}");
+    let second = item_id(&items[0]);
+    assert_ne!(second, first, "a re-issued item has a new id");
+    assert_eq!(items[0]["task_id"], "intake");
+
+    let stale = work(&p, &first);
+    assert_eq!(stale.status.code(), Some(2), "{}", describe(&stale));
+    let out = work(&p, &second);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let (_, report) = record(&p, &[outputs(&p).join(&second)]);
+    assert_eq!(strings(&report["recorded"]), vec![second], "{report}");
+    assert!(!p.status().is_empty(), "the specs became tasks");
+    fan_out_until_done(&p);
+    for t in p.status() {
+        assert_eq!(t["status"], "complete", "{t}");
+    }
+}

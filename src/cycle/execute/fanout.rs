@@ -13,6 +13,7 @@ use std::os::unix::fs::OpenOptionsExt;
 
 use super::*;
 use crate::task::Claim;
+use crate::task::store::IntakeClaim;
 
 /// Who holds a lease, as its claim's `owner` says.
 pub const LEASE_OWNER: &str = "hyperloop plan";
@@ -29,6 +30,10 @@ const ITEM_FILE: &str = "item.json";
 const RESULT_FILE: &str = "result.json";
 const BUNDLE_FILE: &str = "commits.bundle";
 const TRANSCRIPT_FILE: &str = "transcript.log";
+
+/// The branch an intake output's bundle holds the pm's commits on: the pm works detached, and
+/// a bundle needs a ref.
+const INTAKE_OUTPUT_BRANCH: &str = "hyperloop-intake-output";
 
 /// One claimed agent run, as `plan --json` prints it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -212,6 +217,108 @@ impl Stepper {
         Ok(true)
     }
 
+    /// Claims intake as a work item: there is no task file to hold its lease, so it has a file
+    /// of its own in the tasks folder, committed like a task's claim.
+    pub(super) fn claim_intake(&mut self, process: &[String]) -> Result<bool> {
+        let now = now_unix();
+        if self
+            .intake_claim
+            .as_ref()
+            .is_some_and(|c| c.claim.live_lease(now))
+        {
+            return Ok(false);
+        }
+        let role = intake_role(&self.defs.process);
+        if self.defs.agent(&role).is_none() {
+            return Err(Error::other(format!("no agent named `{role}` for intake")));
+        }
+        // The pm is given the state as it is now, as a step gives it; the lease's own commit
+        // comes after, so the pm's checkout does not hold it.
+        let base = self.tip.clone();
+        let nonce = self.new_nonce();
+        let id = item_id(INTAKE_ID, &role, 0, &nonce);
+        let lease = IntakeClaim {
+            claim: Claim {
+                role: role.clone(),
+                owner: format!("{LEASE_OWNER} {}", std::process::id()),
+                pgid: None,
+                started_at: now,
+                expires_at: now.saturating_add(self.config.runtime.lease_timeout()),
+                nonce,
+                item: Some(id.clone()),
+                round: Some(0),
+                base: Some(base.clone()),
+            },
+            specs: self.current_specs(),
+            process: process.to_vec(),
+        };
+        let mut changes = Changes::default();
+        let mut text = to_json(&lease)?;
+        text.push(b'\n');
+        changes.put(format!("{}/{INTAKE_CLAIM}", self.tasks_rel()), text);
+        let spec_refs: Vec<&str> = process.iter().map(String::as_str).collect();
+        self.commit(
+            &changes,
+            &format!("hyperloop: intake claimed as {id}"),
+            &spec_refs,
+            INTAKE_ID,
+        )?;
+        self.intake_claim = Some(lease);
+        emit!(
+            INFO,
+            "item_claimed",
+            item = id.as_str(),
+            task_id = INTAKE_ID,
+            role = role.as_str(),
+            round = 0u32,
+            base = base.as_str(),
+            lease_timeout_s = self.config.runtime.lease_timeout()
+        );
+        self.report.items.push(WorkItem {
+            id,
+            task_id: INTAKE_ID.to_string(),
+            role,
+            round: 0,
+        });
+        Ok(true)
+    }
+
+    /// Clears an intake lease whose `work` died, was cancelled or is too late, so that intake
+    /// can be claimed (or run by a step) again, under another item id. Returns whether it did.
+    pub(super) fn expire_intake_lease(&mut self) -> Result<bool> {
+        let Some(lease) = &self.intake_claim else {
+            return Ok(false);
+        };
+        let claim = &lease.claim;
+        if claim.expires_at > now_unix() {
+            return Ok(false);
+        }
+        emit!(
+            WARN,
+            "lease_expired",
+            task_id = INTAKE_ID,
+            item = claim.item.as_deref().unwrap_or("-"),
+            role = claim.role.as_str(),
+            expires_at = claim.expires_at
+        );
+        let mut changes = Changes::default();
+        changes.delete(format!("{}/{INTAKE_CLAIM}", self.tasks_rel()));
+        self.commit(&changes, "hyperloop: intake lease expired", &[], INTAKE_ID)?;
+        self.intake_claim = None;
+        Ok(true)
+    }
+
+    /// Adds the removal of the intake lease to `changes` when the intake being recorded holds
+    /// it. Returns whether it did.
+    pub(super) fn release_intake_lease(&mut self, changes: &mut Changes) -> bool {
+        if !std::mem::take(&mut self.intake_release) {
+            return false;
+        }
+        changes.delete(format!("{}/{INTAKE_CLAIM}", self.tasks_rel()));
+        self.intake_claim = None;
+        true
+    }
+
     /// Verifies one output folder against its lease and records it, or refuses it (an event and
     /// an entry in the report; nothing of it is applied).
     pub(super) fn record_output(&mut self, dir: &Path) -> Result<()> {
@@ -266,6 +373,13 @@ impl Stepper {
             return refuse(None, format!("{ITEM_FILE} names no valid item id"));
         }
         // The committed lease decides; the folder only says which lease it answers.
+        if let Some(lease) = self
+            .intake_claim
+            .clone()
+            .filter(|l| l.claim.item.as_deref() == Some(id))
+        {
+            return self.verify_intake_output(dir, &item, lease);
+        }
         let Some(task) = self
             .tasks
             .values()
@@ -300,36 +414,14 @@ impl Stepper {
                 format!("{} has moved on since the item was claimed", task.id),
             );
         }
-        let result: ResultOut = match read_capped(&dir.join(RESULT_FILE), MAX_META_BYTES)
-            .and_then(|b| serde_json::from_slice(&b).map_err(|e| format!("{RESULT_FILE}: {e}")))
-        {
+        let result = match read_result(dir) {
             Ok(r) => r,
             Err(why) => return refuse(Some(id), why),
         };
-        if result.cost_usd.is_some_and(|c| !c.is_finite() || c < 0.0) || !result.duration_s.is_finite() {
-            return refuse(
-                Some(id),
-                format!("{RESULT_FILE}: cost_usd and duration_s must be finite, cost not negative"),
-            );
-        }
         let branch = crate::task::file::task_branch(&task.id);
-        let bundle = dir.join(BUNDLE_FILE);
-        let tip = match std::fs::symlink_metadata(&bundle) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => base.clone(),
-            Err(e) => return refuse(Some(id), format!("{BUNDLE_FILE}: {e}")),
-            Ok(m) if !m.file_type().is_file() => {
-                return refuse(Some(id), format!("{BUNDLE_FILE} is not a regular file"));
-            }
-            Ok(m) if m.len() > MAX_BUNDLE_BYTES => {
-                return refuse(
-                    Some(id),
-                    format!("{BUNDLE_FILE} is {} bytes, more than {MAX_BUNDLE_BYTES}", m.len()),
-                );
-            }
-            Ok(_) => match worktree::import_bundle(&self.repo.git, &bundle, &branch, id, &base) {
-                Ok(tip) => tip,
-                Err(e) => return refuse(Some(id), e.to_string()),
-            },
+        let tip = match self.import_output(dir, &branch, id, &base) {
+            Ok(tip) => tip,
+            Err(why) => return refuse(Some(id), why),
         };
         // Compare-and-swap from the lease's base. A branch already at the output's tip was moved
         // by a `record` that died before its commit: the same output, not a second one.
@@ -366,15 +458,7 @@ impl Stepper {
                 suspicious = Some("implementer reported pass but its commits change nothing".to_string());
             }
         }
-        let mut detail = result.detail;
-        if detail.len() > MAX_DETAIL_BYTES {
-            let mut cut = MAX_DETAIL_BYTES;
-            while !detail.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            detail.truncate(cut);
-            detail.push_str("\n(cut)");
-        }
+        let detail = cut_detail(result.detail);
         // The lease ends with its output: the commit that records the result clears it.
         let mut released = task.clone();
         released.claim = None;
@@ -391,6 +475,7 @@ impl Stepper {
             start_head: base,
             specs: BTreeMap::new(),
             failures: Vec::new(),
+            end_head: None,
             position: Some(task.position.clone().unwrap_or_default()),
             status: Some(task.status.as_str().to_string()),
         };
@@ -411,6 +496,127 @@ impl Stepper {
         };
         Ok(Ok((record, outcome)))
     }
+}
+
+impl Stepper {
+    /// [`Stepper::verify_output`] for an intake output: checked against the intake lease, the
+    /// pm's commits taken in, and recorded as a step records the pm it ran; the lease goes in
+    /// the commit that records it.
+    #[allow(clippy::type_complexity)]
+    fn verify_intake_output(
+        &mut self,
+        dir: &Path,
+        item: &ItemFile,
+        lease: IntakeClaim,
+    ) -> Result<std::result::Result<(RunRecord, WorkerOutcome), (Option<String>, String)>> {
+        let id = item.id.as_str();
+        let refuse = |why: String| Ok(Err((Some(id.to_string()), why)));
+        let claim = lease.claim;
+        let Some(base) = claim.base.clone() else {
+            return refuse("the lease names no base commit".to_string());
+        };
+        if item.nonce != claim.nonce
+            || item.task_id != INTAKE_ID
+            || item.role != claim.role
+            || Some(item.round) != claim.round
+            || item.base != base
+        {
+            return refuse(
+                "the output does not match its lease (task, role, round, base or nonce)".to_string(),
+            );
+        }
+        let result = match read_result(dir) {
+            Ok(r) => r,
+            Err(why) => return refuse(why),
+        };
+        let tip = match self.import_output(dir, INTAKE_OUTPUT_BRANCH, id, &base) {
+            Ok(tip) => tip,
+            Err(why) => return refuse(why),
+        };
+        self.intake_release = true;
+        let record = RunRecord {
+            key: id.to_string(),
+            kind: Kind::Intake,
+            task_id: INTAKE_ID.to_string(),
+            role: claim.role.clone(),
+            round: 0,
+            nonce: claim.nonce.clone(),
+            started_at: claim.started_at,
+            worktree: PathBuf::new(),
+            start_head: base,
+            specs: lease.specs,
+            failures: Vec::new(),
+            end_head: Some(tip),
+            position: None,
+            status: None,
+        };
+        let outcome = WorkerOutcome {
+            verdict: result.verdict,
+            findings: result.findings,
+            detail: cut_detail(result.detail),
+            exit_code: result.exit_code,
+            duration: Duration::from_secs_f64(result.duration_s.clamp(0.0, 1e9)),
+            log_file: dir.join(TRANSCRIPT_FILE),
+            cost_usd: result.cost_usd,
+            num_turns: None,
+            session_id: None,
+            is_error: None,
+            suspicious: None,
+            commits: Vec::new(),
+            pgid: None,
+        };
+        Ok(Ok((record, outcome)))
+    }
+
+    /// Takes in an output's bundle, which must hold exactly `refs/heads/<branch>` building on
+    /// `base`: its tip, or `base` when the output has no bundle (no commits). `Err`: why it
+    /// is refused.
+    fn import_output(
+        &self,
+        dir: &Path,
+        branch: &str,
+        id: &str,
+        base: &str,
+    ) -> std::result::Result<String, String> {
+        let bundle = dir.join(BUNDLE_FILE);
+        match std::fs::symlink_metadata(&bundle) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(base.to_string()),
+            Err(e) => Err(format!("{BUNDLE_FILE}: {e}")),
+            Ok(m) if !m.file_type().is_file() => Err(format!("{BUNDLE_FILE} is not a regular file")),
+            Ok(m) if m.len() > MAX_BUNDLE_BYTES => Err(format!(
+                "{BUNDLE_FILE} is {} bytes, more than {MAX_BUNDLE_BYTES}",
+                m.len()
+            )),
+            Ok(_) => {
+                worktree::import_bundle(&self.repo.git, &bundle, branch, id, base).map_err(|e| e.to_string())
+            }
+        }
+    }
+}
+
+/// Reads and checks an output's `result.json`. `Err`: why it is refused.
+fn read_result(dir: &Path) -> std::result::Result<ResultOut, String> {
+    let result: ResultOut = read_capped(&dir.join(RESULT_FILE), MAX_META_BYTES)
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| format!("{RESULT_FILE}: {e}")))?;
+    if result.cost_usd.is_some_and(|c| !c.is_finite() || c < 0.0) || !result.duration_s.is_finite() {
+        return Err(format!(
+            "{RESULT_FILE}: cost_usd and duration_s must be finite, cost not negative"
+        ));
+    }
+    Ok(result)
+}
+
+/// An output's detail, cut to what is recorded.
+fn cut_detail(mut detail: String) -> String {
+    if detail.len() > MAX_DETAIL_BYTES {
+        let mut cut = MAX_DETAIL_BYTES;
+        while !detail.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        detail.truncate(cut);
+        detail.push_str("\n(cut)");
+    }
+    detail
 }
 
 /// Reads a regular file of at most `cap` bytes, never following a symlink nor blocking on a
@@ -500,10 +706,18 @@ pub async fn work(target: &Target, item: &str, out: &Path) -> Result<WorkReport>
         )));
     };
     let tree = repo.read_tree_state(&tip, &config.target.specs_dir)?;
-    let Some((task, claim)) = tree.tasks.into_iter().find_map(|t| {
+    let intake = tree
+        .intake_claim
+        .filter(|l| l.claim.item.as_deref() == Some(item));
+    let found = tree.tasks.into_iter().find_map(|t| {
         let c = t.claim.clone()?;
         (c.item.as_deref() == Some(item)).then_some((t, c))
-    }) else {
+    });
+    let Some(claim) = found
+        .as_ref()
+        .map(|(_, c)| c.clone())
+        .or_else(|| intake.as_ref().map(|l| l.claim.clone()))
+    else {
         return Err(Error::usage(format!(
             "{item} is not a claimed work item (never claimed, recorded already, or re-issued \
              after its lease expired); `hyperloop plan` prints the items to run"
@@ -528,6 +742,12 @@ pub async fn work(target: &Target, item: &str, out: &Path) -> Result<WorkReport>
              from the repository that ran `hyperloop plan`)"
         )));
     }
+    let Some((task, _)) = found else {
+        let Some(lease) = intake else {
+            return Err(Error::other(format!("{item} names no lease")));
+        };
+        return work_intake(target, item, out, &lease, &base).await;
+    };
     let base_branch = config.target.base_branch.clone();
     let base_tip = tip_of(&base_branch)?.unwrap_or_else(|| tip.clone());
     prepare_agents(target)?;
@@ -615,7 +835,14 @@ pub async fn work(target: &Target, item: &str, out: &Path) -> Result<WorkReport>
         );
     }
     let end = repo.branch_tip(&branch)?.unwrap_or_else(|| base.clone());
-    write_output(out, &repo.git, (item, &task.id, &claim), (&base, &end), &outcome)?;
+    let bundle_ref = format!("refs/heads/{branch}");
+    write_output(
+        out,
+        &repo.git,
+        (item, &task.id, &claim),
+        (&base, &end, &bundle_ref),
+        &outcome,
+    )?;
     crate::transcripts::publish(&outcome.log_file, &task.id, &claim.role, task.round);
     let commits = if end == base {
         0
@@ -647,27 +874,159 @@ pub async fn work(target: &Target, item: &str, out: &Path) -> Result<WorkReport>
     })
 }
 
+/// `work` for an intake item: the pm runs in a checkout of the lease's base with the prompt a
+/// step would give it, and its commits go into the output's bundle.
+async fn work_intake(
+    target: &Target,
+    item: &str,
+    out: &Path,
+    lease: &IntakeClaim,
+    base: &str,
+) -> Result<WorkReport> {
+    let repo = &target.repo;
+    let config = &target.config;
+    let claim = &lease.claim;
+    let specs_dir = config.target.specs_dir.clone();
+    prepare_agents(target)?;
+    let defs = definitions::load(config, &repo.root)?;
+    let at_base = repo.read_tree_state(base, &specs_dir)?;
+    let overlay = read_role_overlay(repo, &specs_dir, base, &claim.role)?;
+    let prompt_text = intake_prompt(config, &defs, at_base.tasks.iter(), &lease.process, overlay)?;
+    worktree::ensure_local_excludes_in(&repo.common_dir)?;
+    let wt = worktree::ensure_base_worktree(&repo.git, &repo.root, INTAKE_ID, base)?;
+    worktree::watch_task_refs(&repo.git)?;
+    let spec = WorkerSpec {
+        task_id: INTAKE_ID.to_string(),
+        role: claim.role.clone(),
+        spec_ref: specs_dir.clone(),
+        round: 0,
+        branch: config.target.base_branch.clone(),
+        base_branch: config.target.base_branch.clone(),
+        worktree: wt.clone(),
+        prompt: prompt_text,
+        command: config.runtime.agent_command.clone(),
+        agent_env: config.runtime.agent_env.clone(),
+        worker_timeout: Duration::from_secs(config.runtime.worker_timeout),
+        stall_timeout: Duration::from_secs(config.runtime.stall_timeout),
+        log_file: worktree::worker_log_path(&repo.root, INTAKE_ID, &claim.role, 0),
+        nonce: claim.nonce.clone(),
+        base_commit: Some(base.to_string()),
+        secret_env: config
+            .observability
+            .matrix
+            .iter()
+            .flat_map(|m| m.token_env.iter().chain(m.registration_token_env.iter()).cloned())
+            .collect(),
+        parent_env: None,
+        known_head: None,
+        import_into: Some(repo.git.clone()),
+        detached: true,
+        supervisor: worker::supervisor::program(),
+    };
+    emit!(
+        INFO,
+        "worker_spawned",
+        task_id = INTAKE_ID,
+        role = claim.role.as_str(),
+        round = 0u32,
+        spec_ref = specs_dir.as_str(),
+        item = item
+    );
+    let cancel = interrupt_on_signals()?;
+    let mut outcome = worker::run_worker(&spec, cancel).await;
+    let moved = worktree::restore_task_refs(&repo.git)?;
+    let head = worker::agent_user::checkout_git(&wt).rev_parse("HEAD")?;
+    // Only commits the worker took into this clone, building on the base, are handed on.
+    let end = match head {
+        Some(h)
+            if moved.is_empty()
+                && h != base
+                && repo
+                    .git
+                    .succeeds(["cat-file", "-e", &format!("{h}^{{commit}}")])?
+                && repo
+                    .git
+                    .succeeds(["merge-base", "--is-ancestor", base, h.as_str()])? =>
+        {
+            h
+        }
+        _ => base.to_string(),
+    };
+    if !moved.is_empty() {
+        let names: Vec<String> = moved.iter().map(|m| format!("refs/heads/{}", m.branch)).collect();
+        outcome.verdict = worker::Verdict::Error;
+        outcome.findings = outcome.findings.max(1);
+        outcome.detail = format!(
+            "{} moved while the agent ran, by something other than hyperloop; nothing of this run is taken",
+            names.join(", ")
+        );
+    }
+    let bundle_ref = format!("refs/heads/{INTAKE_OUTPUT_BRANCH}");
+    if end != base {
+        repo.git.run(["update-ref", bundle_ref.as_str(), end.as_str()])?;
+    }
+    let written = write_output(
+        out,
+        &repo.git,
+        (item, INTAKE_ID, claim),
+        (base, &end, &bundle_ref),
+        &outcome,
+    );
+    if end != base {
+        let _ = repo.git.output(["update-ref", "-d", bundle_ref.as_str()]);
+    }
+    written?;
+    crate::transcripts::publish(&outcome.log_file, INTAKE_ID, &claim.role, 0);
+    let commits = if end == base {
+        0
+    } else {
+        repo.git
+            .run_trim(["rev-list", "--count", &format!("{base}..{end}")])?
+            .parse()
+            .unwrap_or(0)
+    };
+    emit!(
+        INFO,
+        "worker_reaped",
+        task_id = INTAKE_ID,
+        role = claim.role.as_str(),
+        verdict = outcome.verdict.as_str(),
+        round = 0u32,
+        duration_s = outcome.duration.as_secs_f64(),
+        findings_count = outcome.findings,
+        cost_usd = outcome.cost_usd.unwrap_or(0.0),
+        item = item
+    );
+    Ok(WorkReport {
+        item: item.to_string(),
+        task_id: INTAKE_ID.to_string(),
+        role: claim.role.clone(),
+        verdict: outcome.verdict.as_str().to_string(),
+        commits,
+        out: out.display().to_string(),
+    })
+}
+
 /// Writes an output folder: the item, the result, the transcript and (when the agent made
-/// commits) a bundle of the task branch against the lease's base.
+/// commits) a bundle of `bundle_ref` against the lease's base.
 fn write_output(
     out: &Path,
     git: &crate::git::Git,
     (item, task_id, claim): (&str, &str, &Claim),
-    (base, end): (&str, &str),
+    (base, end, bundle_ref): (&str, &str, &str),
     outcome: &WorkerOutcome,
 ) -> Result<()> {
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let bundle = out.join(BUNDLE_FILE);
     let _ = std::fs::remove_file(&bundle);
     if end != base {
-        let branch = crate::task::file::task_branch(task_id);
         let shown = bundle.to_string_lossy().into_owned();
         git.run([
             "bundle",
             "create",
             "-q",
             shown.as_str(),
-            &format!("refs/heads/{branch}"),
+            bundle_ref,
             &format!("^{base}"),
         ])?;
     }
@@ -717,6 +1076,9 @@ mod tests {
         assert!(a.starts_with("task-001-implementer-r0-"), "{a}");
         assert_ne!(a, b);
         assert!(valid_item_id(&a));
+        let intake = item_id(INTAKE_ID, "pm", 0, "abc1");
+        assert!(intake.starts_with("intake-pm-r0-"), "{intake}");
+        assert!(valid_item_id(&intake));
         for bad in ["", "../x", "-x", ".x", "a/b", "a b", "a..b"] {
             assert!(!valid_item_id(bad), "{bad:?}");
         }
