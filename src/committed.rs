@@ -122,7 +122,16 @@ pub fn committed_overlay(repo: &Repo, config: &Config) -> Result<Option<PathBuf>
 /// Paths under `paths` (relative to the repository) with uncommitted changes, untracked files
 /// included, as `git status` names them.
 pub fn changed_paths(repo: &Repo, paths: &[&str]) -> Result<Vec<String>> {
-    let mut args = vec!["status", "--porcelain", "-z", "--untracked-files=all", "--"];
+    // Without optional locks: this `status` only reads, and must not hold the index lock a
+    // concurrent publish to the same checkout needs.
+    let mut args = vec![
+        "--no-optional-locks",
+        "status",
+        "--porcelain",
+        "-z",
+        "--untracked-files=all",
+        "--",
+    ];
     args.extend_from_slice(paths);
     let out = repo.git.output(args)?;
     if !out.status.success() {

@@ -516,7 +516,7 @@ impl Repo {
             let marker = self.publish_marker();
             let note = format!("{branch}\n{old}\n{new}\n{}\n", wt.display());
             crate::task::store::write_atomic(&marker, note.as_bytes())?;
-            let out = g.output(["read-tree", "-m", "-u", old, new])?;
+            let out = read_tree_waiting_for_lock(&g, old, new)?;
             if !out.status.success() {
                 let _ = std::fs::remove_file(&marker);
                 return Err(Error::Other {
@@ -539,7 +539,7 @@ impl Repo {
         // Someone moved the branch between our check and the update: put the checkout back
         // where it was, so it does not hold our files as if they were the user's changes.
         if let Some(wt) = checkout {
-            let back = self.git.at(wt).output(["read-tree", "-m", "-u", new, old])?;
+            let back = read_tree_waiting_for_lock(&self.git.at(wt), new, old)?;
             if back.status.success() {
                 let _ = std::fs::remove_file(self.publish_marker());
             }
@@ -566,10 +566,7 @@ impl Repo {
             && self.git.rev_parse(&format!("refs/heads/{branch}"))?.as_deref() == Some(*old)
             && Path::new(wt).exists()
         {
-            let out = self
-                .git
-                .at(Path::new(wt))
-                .output(["read-tree", "-m", "-u", new, old])?;
+            let out = read_tree_waiting_for_lock(&self.git.at(Path::new(wt)), new, old)?;
             if !out.status.success() {
                 return Err(Error::Other {
                     message: format!(
@@ -702,6 +699,21 @@ pub fn is_spec_path(path: &str, specs_dir: &str) -> bool {
     }
     let first = rest.split('/').next().unwrap_or_default();
     !(rest.contains('/') && matches!(first, "tasks" | "reviews" | "prompts"))
+}
+
+/// `read-tree -m -u from to` in a checkout, waiting a little for its index lock: the user's own
+/// `git status` (or an editor's) takes that lock for a moment to refresh the index, and a step
+/// that publishes at that moment must not fail for it.
+fn read_tree_waiting_for_lock(git: &Git, from: &str, to: &str) -> Result<std::process::Output> {
+    let mut out = git.output(["read-tree", "-m", "-u", from, to])?;
+    for _ in 0..40 {
+        if out.status.success() || !String::from_utf8_lossy(&out.stderr).contains("index.lock") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        out = git.output(["read-tree", "-m", "-u", from, to])?;
+    }
+    Ok(out)
 }
 
 const TASK_CACHE_HEADER: &[u8] = b"hyperloop task cache 1\n";

@@ -541,6 +541,33 @@ fn users_uncommitted_files_survive_a_whole_run() {
     assert_eq!(committed, "# test repo");
 }
 
+/// The user's `git status` takes the checkout's index lock for a moment to refresh the index; a
+/// step that moves the checked-out branch at that moment waits for it instead of failing.
+#[test]
+fn a_git_status_running_in_the_checkout_does_not_fail_the_step() {
+    let p = Project::new("", "");
+    p.repo.write("specs/a.md", "# A\n");
+    p.write_task("task-001", "specs/a.md", &[]);
+    p.commit_all("tasks");
+    let lock = p.repo.path.join(".git/index.lock");
+    std::fs::write(&lock, "").expect("index.lock");
+    let release = {
+        let lock = lock.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(1200));
+            std::fs::remove_file(&lock).expect("release the lock");
+        })
+    };
+    let out = p.hyperloop(&["step"]);
+    release.join().expect("released");
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert_eq!(
+        p.git(&["status", "--porcelain"]),
+        "",
+        "the checkout follows its branch"
+    );
+}
+
 #[test]
 fn work_goes_to_the_base_branch_whatever_is_checked_out() {
     let p = Project::new("", "");
