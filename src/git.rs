@@ -298,7 +298,8 @@ impl Git {
             return None;
         }
         let is_oid = rev.len() == 40 && rev.bytes().all(|b| b.is_ascii_hexdigit());
-        if !is_oid && !(rev.starts_with("refs/") && git2::Reference::is_valid_name(rev)) {
+        let is_ref = rev.starts_with("refs/") && git2::Reference::is_valid_name(rev);
+        if !is_oid && !is_ref {
             return None;
         }
         let mut repos = IN_PROCESS.lock().ok()?;
@@ -513,8 +514,8 @@ mod tests {
             (missing, true),
             // What a step never asks may be left to git, but is never answered otherwise.
             ("refs/tags/tree-tag".to_string(), false),
-            (tree.clone(), false),
-            (blob.clone(), false),
+            (tree, false),
+            (blob, false),
         ] {
             let by_git = git.rev_parse(&rev).expect("git rev-parse");
             let here = plain.rev_parse_in_process(&rev);

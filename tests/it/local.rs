@@ -551,13 +551,10 @@ fn a_git_status_running_in_the_checkout_does_not_fail_the_step() {
     p.commit_all("tasks");
     let lock = p.repo.path.join(".git/index.lock");
     std::fs::write(&lock, "").expect("index.lock");
-    let release = {
-        let lock = lock.clone();
-        std::thread::spawn(move || {
-            std::thread::sleep(std::time::Duration::from_millis(1200));
-            std::fs::remove_file(&lock).expect("release the lock");
-        })
-    };
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(1200));
+        std::fs::remove_file(&lock).expect("release the lock");
+    });
     let out = p.hyperloop(&["step"]);
     release.join().expect("released");
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
