@@ -277,57 +277,11 @@ impl Git {
 
     /// The commit a ref points at, or `None` when it does not exist.
     pub fn rev_parse(&self, rev: &str) -> Result<Option<String>> {
-        if let Some(found) = self.rev_parse_in_process(rev) {
-            return Ok(found);
-        }
         let out = self.output(["rev-parse", "--verify", "--quiet", &format!("{rev}^{{commit}}")])?;
         if out.status.success() {
             Ok(Some(String::from_utf8_lossy(&out.stdout).trim().to_string()))
         } else {
             Ok(None)
-        }
-    }
-
-    /// [`Git::rev_parse`] without a git process, for the two forms a step asks most (a full
-    /// ref name, an object id) in the repository itself: a process costs milliseconds, a lookup
-    /// microseconds, and an idle step asks several times. `None` leaves the question to git
-    /// (another form, a checkout's pinned repository, another user, anything libgit2 cannot
-    /// read); only an answer both agree on is given here.
-    fn rev_parse_in_process(&self, rev: &str) -> Option<Option<String>> {
-        if !self.env.is_empty() || self.user.is_some() {
-            return None;
-        }
-        let is_oid = rev.len() == 40 && rev.bytes().all(|b| b.is_ascii_hexdigit());
-        let is_ref = rev.starts_with("refs/") && git2::Reference::is_valid_name(rev);
-        if !is_oid && !is_ref {
-            return None;
-        }
-        let mut repos = IN_PROCESS.lock().ok()?;
-        if !repos.contains_key(&self.dir) {
-            let opened = git2::Repository::open(&self.dir).ok()?;
-            repos.insert(self.dir.clone(), opened);
-        }
-        let repo = repos.get(&self.dir)?;
-        let not_found = |e: &git2::Error| e.code() == git2::ErrorCode::NotFound;
-        let commit = if is_oid {
-            let oid = git2::Oid::from_str(rev).ok()?;
-            match repo.find_object(oid, None) {
-                Ok(obj) => obj.peel_to_commit(),
-                Err(e) if not_found(&e) => return Some(None),
-                Err(_) => return None,
-            }
-        } else {
-            match repo.find_reference(rev) {
-                Ok(r) => r.peel_to_commit(),
-                Err(e) if not_found(&e) => return Some(None),
-                Err(_) => return None,
-            }
-        };
-        match commit {
-            Ok(c) => Some(Some(c.id().to_string())),
-            // Not a commit (a tree, a blob): what `^{commit}` makes git refuse too.
-            Err(e) if e.code() == git2::ErrorCode::Peel => Some(None),
-            Err(_) => None,
         }
     }
 
@@ -352,12 +306,6 @@ impl Git {
         Ok(PathBuf::from(self.run_trim(["rev-parse", "--show-toplevel"])?))
     }
 }
-
-/// Repositories opened for [`Git::rev_parse_in_process`], by directory: opening one reads its
-/// configuration, which a step would otherwise pay for at every lookup.
-static IN_PROCESS: std::sync::LazyLock<
-    std::sync::Mutex<std::collections::HashMap<PathBuf, git2::Repository>>,
-> = std::sync::LazyLock::new(Default::default);
 
 /// A command for a helper program (git, kustomize, sudo, useradd) with only the environment
 /// [`git_may_see`] allows: whatever else hyperloop was started with (a notification token under
@@ -475,60 +423,5 @@ impl Drop for BlobWriter {
         if !matches!(self.child.try_wait(), Ok(Some(_))) {
             let _ = self.child.wait();
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Git;
-
-    /// The lookup without a process answers as git does, or leaves the question to git.
-    #[test]
-    fn in_process_lookups_agree_with_git() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let git = Git::new(dir.path()).with_env("GIT_CONFIG_GLOBAL", "/dev/null");
-        let run = |args: &[&str]| git.run_trim(args.iter().copied()).expect("git");
-        run(&["init", "-q", "-b", "main"]);
-        std::fs::write(dir.path().join("f"), "x\n").expect("file");
-        run(&["add", "f"]);
-        run(&[
-            "-c",
-            "user.name=t",
-            "-c",
-            "user.email=t@e",
-            "commit",
-            "-qm",
-            "one",
-        ]);
-        let commit = run(&["rev-parse", "HEAD"]);
-        let tree = run(&["rev-parse", "HEAD^{tree}"]);
-        let blob = run(&["rev-parse", "HEAD:f"]);
-        run(&["tag", "tree-tag", &tree]);
-        // Without an environment of its own, a Git may answer in process.
-        let plain = Git::new(dir.path());
-        let missing = "0123456789012345678901234567890123456789".to_string();
-        for (rev, common) in [
-            ("refs/heads/main".to_string(), true),
-            ("refs/heads/missing".to_string(), true),
-            (commit.clone(), true),
-            (missing, true),
-            // What a step never asks may be left to git, but is never answered otherwise.
-            ("refs/tags/tree-tag".to_string(), false),
-            (tree, false),
-            (blob, false),
-        ] {
-            let by_git = git.rev_parse(&rev).expect("git rev-parse");
-            let here = plain.rev_parse_in_process(&rev);
-            if common {
-                assert!(here.is_some(), "{rev} is answered in process");
-            }
-            if let Some(answer) = here {
-                assert_eq!(answer, by_git, "{rev}");
-            }
-        }
-        assert_eq!(plain.rev_parse("refs/heads/main").expect("lookup"), Some(commit));
-        // Other forms go to git.
-        assert_eq!(plain.rev_parse_in_process("main"), None);
-        assert_eq!(plain.rev_parse_in_process("HEAD~1"), None);
     }
 }
