@@ -238,7 +238,9 @@ fn two_racing_steps_leave_one_dashboard() {
             "step",
         ])
         .env("GITHUB_API_URL", &g.gh.url)
-        .env("GITHUB_TOKEN", &g.gh.token);
+        .env("GITHUB_TOKEN", &g.gh.token)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
         cmd.spawn().expect("hyperloop runs")
     };
     let a = spawn(&g.p.repo.path);
