@@ -1298,7 +1298,11 @@ impl Stepper {
                     let mut replayed = Vec::with_capacity(chain.len());
                     let (mut parent, mut onto) = (self.tip.clone(), current.clone());
                     for commit in &chain {
-                        let Some(again) = self.repo.replay(commit, &parent, &onto)? else {
+                        let replayed_commit = match self.repo.replay(commit, &parent, &onto)? {
+                            Some(c) => Some(c),
+                            None => self.replay_with_their_pace(commit, &parent, &onto)?,
+                        };
+                        let Some(again) = replayed_commit else {
                             return Err(Error::other(format!(
                                 "branch `{}` changed during the step in a way that conflicts with hyperloop's state commit",
                                 self.branch
@@ -1329,6 +1333,31 @@ impl Stepper {
             "branch `{}` kept moving; giving up this step",
             self.branch
         )))
+    }
+
+    /// A replay that conflicted only because both writers recorded the GitHub API pace (two
+    /// steps at once, each having made requests): `commit` again with the other writer's pace,
+    /// replayed. The pace is a guide, kept below GitHub's limits with a margin; one step's share
+    /// missing from it until the next pace commit is worth less than a failed step.
+    fn replay_with_their_pace(&self, commit: &str, parent: &str, onto: &str) -> Result<Option<String>> {
+        if self.gh.is_none() {
+            return Ok(None);
+        }
+        let pace = self.pace_path();
+        let Some(theirs) = self.repo.git.rev_parse_object(&format!("{onto}:{pace}"))? else {
+            return Ok(None);
+        };
+        let mut changes = Changes::default();
+        changes.put_blob(pace, "100644", theirs);
+        let tree = self.repo.write_tree(commit, &changes)?;
+        let raw = self.repo.git.run(["cat-file", "commit", commit])?;
+        let (header, message) = raw.split_once("\n\n").unwrap_or((raw.as_str(), ""));
+        let mut parents: Vec<&str> = header.lines().filter_map(|l| l.strip_prefix("parent ")).collect();
+        if parents.is_empty() {
+            parents.push(parent);
+        }
+        let rewritten = self.repo.commit_tree(&tree, &parents, message)?;
+        self.repo.replay(&rewritten, parent, onto)
     }
 
     /// Moves the state branch from the current tip to `new` by compare-and-swap (pushing, in

@@ -33,7 +33,7 @@ fn same_body(a: &str, b: &str) -> bool {
 }
 
 impl Stepper {
-    fn pace_path(&self) -> String {
+    pub(super) fn pace_path(&self) -> String {
         format!("{}/{PACE_FILE}", self.tasks_rel())
     }
 
