@@ -56,24 +56,7 @@ fn new_repo(root: &Path, name: &str) -> PathBuf {
 }
 
 fn hyperloop(repo: &Path, args: &[&str]) -> Duration {
-    let start = Instant::now();
-    let out = Command::new(hyperloop_bin())
-        .arg("--path")
-        .arg(repo)
-        .args(args)
-        .env("GIT_CONFIG_GLOBAL", repo.join("../.gitconfig"))
-        .env("HOME", repo.join(".."))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()
-        .expect("hyperloop runs");
-    let took = start.elapsed();
-    assert!(
-        out.status.success(),
-        "hyperloop {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    took
+    hyperloop_out(repo, args).1
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {

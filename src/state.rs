@@ -718,6 +718,19 @@ fn read_tree_waiting_for_lock(git: &Git, from: &str, to: &str) -> Result<std::pr
 
 const TASK_CACHE_HEADER: &[u8] = b"hyperloop task cache 1\n";
 
+/// The id git gives a blob of `content` (SHA-1, or SHA-256 in a repository of that format).
+fn blob_id(content: &[u8], sha256: bool) -> String {
+    let algorithm = if sha256 {
+        &ring::digest::SHA256
+    } else {
+        &ring::digest::SHA1_FOR_LEGACY_USE_ONLY
+    };
+    let mut ctx = ring::digest::Context::new(algorithm);
+    ctx.update(format!("blob {}\0", content.len()).as_bytes());
+    ctx.update(content);
+    ctx.finish().as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// The task cache's entries (`<oid> <length>\n<bytes>\n` after the header), or `None` for a file
 /// that is not a whole cache of this format.
 fn parse_task_cache(bytes: &[u8]) -> Option<HashMap<String, Vec<u8>>> {
@@ -735,6 +748,11 @@ fn parse_task_cache(bytes: &[u8]) -> Option<HashMap<String, Vec<u8>>> {
         if rest.get(eol + 1 + len) != Some(&b'\n') {
             return None;
         }
+        // The git directory is writable by whoever runs as this user, an agent included: an
+        // entry counts only if its content is what its id names.
+        if blob_id(body, oid.len() == 64) != oid {
+            return None;
+        }
         entries.insert(oid.to_string(), body.to_vec());
         rest = &rest[eol + 2 + len..];
     }
@@ -747,7 +765,8 @@ mod tests {
 
     #[test]
     fn a_task_cache_is_read_whole_or_not_at_all() {
-        let oid = "a".repeat(40);
+        // `git hash-object` of "hello".
+        let oid = "b6fc4c620b67d95f953a5c1c1230aaab5db5a1b0".to_string();
         let mut file = TASK_CACHE_HEADER.to_vec();
         file.extend_from_slice(format!("{oid} 5\nhello\n").as_bytes());
         let read = parse_task_cache(&file).expect("a whole cache");
@@ -763,6 +782,10 @@ mod tests {
         let mut bad = TASK_CACHE_HEADER.to_vec();
         bad.extend_from_slice(b"not-an-oid 1\nx\n");
         assert!(parse_task_cache(&bad).is_none());
+        // Content that is not what its id names (planted, or damaged): not used.
+        let mut forged = TASK_CACHE_HEADER.to_vec();
+        forged.extend_from_slice(format!("{oid} 5\nhellO\n").as_bytes());
+        assert!(parse_task_cache(&forged).is_none());
     }
 
     #[test]

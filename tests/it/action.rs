@@ -589,7 +589,7 @@ runs:
 "#;
 
 /// Where the artifact client is installed, or `None`.
-fn artifact_client() -> Option<PathBuf> {
+pub(crate) fn artifact_client() -> Option<PathBuf> {
     let cache = std::env::var_os("HYPERLOOP_TEST_CACHE")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/hyperloop-test")))?;

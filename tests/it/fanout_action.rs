@@ -114,12 +114,9 @@ const path = require('path');
 
 /// The artifact client's `node_modules`, or `None` (and a loud message) when it is missing.
 fn artifact_client() -> Option<PathBuf> {
-    let cache = std::env::var_os("HYPERLOOP_TEST_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/hyperloop-test")))?;
-    let modules = cache.join("artifact-client/node_modules");
+    let modules = crate::action::artifact_client().map(|dir| dir.join("node_modules"));
     let node = std::process::Command::new("node").arg("--version").output();
-    if modules.join("@actions/artifact/package.json").is_file() && node.is_ok_and(|o| o.status.success()) {
+    if let Some(modules) = modules.filter(|_| node.is_ok_and(|o| o.status.success())) {
         Some(modules)
     } else {
         crate::harness::skip(

@@ -565,6 +565,26 @@ fn a_git_status_running_in_the_checkout_does_not_fail_the_step() {
     );
 }
 
+/// The task cache sits in the git directory, which anything running as the user (an agent
+/// included) can write: a planted entry whose content is not what its id names is not believed.
+#[test]
+fn a_forged_task_cache_entry_is_not_believed() {
+    let p = Project::new("", "");
+    p.repo.write("specs/a.md", "# A\n");
+    p.write_task("task-001", "specs/a.md", &[]);
+    p.commit_all("tasks");
+    let out = p.hyperloop(&["status", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let cache = p.repo.path.join(".git/hyperloop-task-cache");
+    let text = std::fs::read_to_string(&cache).expect("a status reads through the cache");
+    // Same length, so the entry still parses; only its content lies.
+    let forged = text.replace("status: not-started", "status: complete   ");
+    assert_ne!(forged, text);
+    std::fs::write(&cache, forged).expect("plant");
+    let t = p.status();
+    assert_eq!(t[0]["status"], "not-started", "{t:?}");
+}
+
 #[test]
 fn work_goes_to_the_base_branch_whatever_is_checked_out() {
     let p = Project::new("", "");

@@ -844,34 +844,14 @@ pub async fn work(target: &Target, item: &str, out: &Path) -> Result<WorkReport>
         &outcome,
     )?;
     crate::transcripts::publish(&outcome.log_file, &task.id, &claim.role, task.round);
-    let commits = if end == base {
-        0
-    } else {
-        repo.git
-            .run_trim(["rev-list", "--count", &format!("{base}..{end}")])?
-            .parse()
-            .unwrap_or(0)
-    };
-    emit!(
-        INFO,
-        "worker_reaped",
-        task_id = task.id.as_str(),
-        role = claim.role.as_str(),
-        verdict = outcome.verdict.as_str(),
-        round = task.round,
-        duration_s = outcome.duration.as_secs_f64(),
-        findings_count = outcome.findings,
-        cost_usd = outcome.cost_usd.unwrap_or(0.0),
-        item = item
-    );
-    Ok(WorkReport {
-        item: item.to_string(),
-        task_id: task.id.clone(),
-        role: claim.role.clone(),
-        verdict: outcome.verdict.as_str().to_string(),
-        commits,
-        out: out.display().to_string(),
-    })
+    work_report(
+        &repo.git,
+        item,
+        (&task.id, &claim.role, task.round),
+        (&base, &end),
+        &outcome,
+        out,
+    )
 }
 
 /// `work` for an intake item: the pm runs in a checkout of the lease's base with the prompt a
@@ -977,21 +957,39 @@ async fn work_intake(
     }
     written?;
     crate::transcripts::publish(&outcome.log_file, INTAKE_ID, &claim.role, 0);
+    work_report(
+        &repo.git,
+        item,
+        (INTAKE_ID, &claim.role, 0),
+        (base, &end),
+        &outcome,
+        out,
+    )
+}
+
+/// Reports a finished `work` item: its `worker_reaped` event and what `work --json` prints.
+fn work_report(
+    git: &crate::git::Git,
+    item: &str,
+    (task_id, role, round): (&str, &str, u32),
+    (base, end): (&str, &str),
+    outcome: &WorkerOutcome,
+    out: &Path,
+) -> Result<WorkReport> {
     let commits = if end == base {
         0
     } else {
-        repo.git
-            .run_trim(["rev-list", "--count", &format!("{base}..{end}")])?
+        git.run_trim(["rev-list", "--count", &format!("{base}..{end}")])?
             .parse()
             .unwrap_or(0)
     };
     emit!(
         INFO,
         "worker_reaped",
-        task_id = INTAKE_ID,
-        role = claim.role.as_str(),
+        task_id = task_id,
+        role = role,
         verdict = outcome.verdict.as_str(),
-        round = 0u32,
+        round = round,
         duration_s = outcome.duration.as_secs_f64(),
         findings_count = outcome.findings,
         cost_usd = outcome.cost_usd.unwrap_or(0.0),
@@ -999,8 +997,8 @@ async fn work_intake(
     );
     Ok(WorkReport {
         item: item.to_string(),
-        task_id: INTAKE_ID.to_string(),
-        role: claim.role.clone(),
+        task_id: task_id.to_string(),
+        role: role.to_string(),
         verdict: outcome.verdict.as_str().to_string(),
         commits,
         out: out.display().to_string(),
