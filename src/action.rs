@@ -10,12 +10,12 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
-use crate::app::Target;
 use crate::config::LogFormat;
 use crate::cycle::execute::{StepReport, WorkerRun};
 use crate::emit;
 use crate::error::{Error, Result};
 use crate::forge::budget::{ApiUsage, PACE_PER_HOUR, PACE_PER_MINUTE};
+use crate::target::Target;
 use crate::task::{Status, Task};
 
 /// Environment variable through which the action asks for a log format without editing the

@@ -3,11 +3,11 @@
 
 use std::time::Duration;
 
-use crate::app::{Outcome, Target};
 use crate::cycle::execute::{self, Op};
 use crate::emit;
 use crate::error::{Error, Result};
 use crate::lock::StepLock;
+use crate::target::{Outcome, Target};
 use crate::task::Status;
 
 /// Checks what a step is about to need before it changes anything (see [`crate::preflight`]).

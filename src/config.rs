@@ -325,7 +325,7 @@ impl Config {
     /// The overlay as a local folder, resolved against the target repo, when it is not a URL.
     pub fn overlay_dir(&self, repo: &Path) -> Option<PathBuf> {
         let o = self.overlay.as_deref()?;
-        if crate::definitions::is_remote(o) {
+        if is_remote(o) {
             return None;
         }
         // `join` keeps an absolute overlay as it is and puts a relative one under the repo, which
@@ -1475,6 +1475,14 @@ fn edit_distance(a: &str, b: &str) -> usize {
         prev = cur;
     }
     prev[b.len()]
+}
+
+/// True when an overlay or resource names a remote location rather than a local folder.
+pub fn is_remote(s: &str) -> bool {
+    s.contains("://")
+        || s.starts_with("git@")
+        || s.starts_with("github.com/")
+        || s.contains("//") && s.contains("?ref=")
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ pub struct Git {
     dir: PathBuf,
     env: Vec<(String, String)>,
     /// Run as this user (an agent's checkout, see [`crate::worker::agent_user`]).
-    user: Option<crate::worker::agent_user::AgentUser>,
+    user: Option<AgentUser>,
 }
 
 impl std::fmt::Debug for Git {
@@ -52,7 +52,7 @@ impl Git {
     }
 
     /// The same, run as `user` (with that user's home).
-    pub fn as_user(mut self, user: crate::worker::agent_user::AgentUser) -> Self {
+    pub fn as_user(mut self, user: AgentUser) -> Self {
         self.user = Some(user);
         self
     }
@@ -424,4 +424,16 @@ impl Drop for BlobWriter {
             let _ = self.child.wait();
         }
     }
+}
+
+/// The user agents run as, and how hyperloop becomes it (see [`crate::worker::agent_user`]):
+/// defined here because every git command in an agent's checkout runs as that user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentUser {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub home: PathBuf,
+    /// Through `sudo -n -u NAME` (hyperloop is not root).
+    pub via_sudo: bool,
 }

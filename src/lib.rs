@@ -23,6 +23,7 @@ pub mod preflight;
 pub mod redact;
 pub mod secrets;
 pub mod state;
+pub mod target;
 pub mod task;
 pub mod transcripts;
 pub mod transport;

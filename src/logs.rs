@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::app::{Outcome, Target};
 use crate::cli::LogsArgs;
 use crate::error::{Error, Result};
+use crate::target::{Outcome, Target};
 use crate::worker::worktree;
 
 /// One worker run's log.
@@ -64,8 +64,8 @@ pub fn show(target: &Target, args: &LogsArgs) -> Result<Outcome> {
     let root = &target.repo.root;
     let all = runs(root, &args.task);
     if all.is_empty() {
-        let known = args.task == crate::cycle::execute::INTAKE_ID
-            || args.task == crate::cycle::execute::IMPROVER_ID
+        let known = args.task == crate::task::INTAKE_ID
+            || args.task == crate::task::IMPROVER_ID
             || target.committed_tasks()?.iter().any(|t| t.id == args.task);
         return Err(Error::usage(if known {
             format!(

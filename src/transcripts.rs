@@ -62,7 +62,7 @@ pub fn publish(log_file: &Path, task_id: &str, role: &str, round: u32) {
 
 /// The ids of runs that are not tasks' (intake, the process improver).
 fn is_own_id(id: &str) -> bool {
-    id == crate::cycle::execute::INTAKE_ID || id == crate::cycle::execute::IMPROVER_ID
+    id == crate::task::INTAKE_ID || id == crate::task::IMPROVER_ID
 }
 
 /// `<stem>.log` in `folder`, or `<stem>-2.log`, … when a run of the same round is there already

@@ -17,7 +17,6 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::app::Target;
 use crate::config::{Config, MergeStrategy};
 use crate::cycle::decide::{self, Snapshot, SpecInfo};
 use crate::cycle::plan::{Action, FailureNote, Plan, Progress};
@@ -31,6 +30,7 @@ use crate::git::{Git, trailers};
 use crate::lock::StepLock;
 use crate::pipeline::{self, MARK_PR_READY, MERGE_PR, Step, Verdict};
 use crate::state::{Changes, MergeTree, Publish, Repo};
+use crate::target::Target;
 use crate::task::store::{INTAKE_CLAIM, INTAKE_FAILURES, INTAKE_RECORD, IntakeClaim, IntakeFailures};
 use crate::task::{Attempt, Status, Task};
 use crate::worker::{self, WorkerOutcome, WorkerSpec, result::ResultFile, worktree};
@@ -48,13 +48,9 @@ pub use fanout::{LEASE_OWNER, OutputRefused, WorkItem, plan, record, work};
 
 pub use requests::{CANCEL_LABEL, Op, RETRY_LABEL, operate, request_cancel};
 
-/// Task id used for the intake worker (CONTRACT §4).
-pub const INTAKE_ID: &str = "intake";
+pub use crate::task::{IMPROVER_ID, INTAKE_ID};
 /// Failed intakes of the same specs after which intake stops until the specs change.
 pub const MAX_INTAKE_ATTEMPTS: u32 = 3;
-
-/// Task id used for the process improver (CONTRACT §4).
-pub const IMPROVER_ID: &str = "process-improvement";
 
 /// Options of one step.
 #[derive(Debug, Clone, Default)]

@@ -163,13 +163,7 @@ pub fn load(config: &Config, repo: &Path) -> Result<Definitions> {
     from_documents(&resolve_documents(config, repo)?)
 }
 
-/// True when an overlay or resource names a remote location rather than a local folder.
-pub fn is_remote(s: &str) -> bool {
-    s.contains("://")
-        || s.starts_with("git@")
-        || s.starts_with("github.com/")
-        || s.contains("//") && s.contains("?ref=")
-}
+pub use crate::config::is_remote;
 
 impl Definitions {
     pub fn agent(&self, name: &str) -> Option<&Agent> {

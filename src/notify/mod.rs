@@ -98,7 +98,7 @@ pub fn wanted(name: &str, fields: &Map<String, Value>, verbose: bool) -> bool {
 fn is_housekeeping(fields: &Map<String, Value>) -> bool {
     matches!(
         fields.get("task_id").and_then(Value::as_str),
-        Some(crate::cycle::execute::INTAKE_ID | crate::cycle::execute::IMPROVER_ID)
+        Some(crate::task::INTAKE_ID | crate::task::IMPROVER_ID)
     )
 }
 

@@ -192,6 +192,12 @@ impl Task {
     }
 }
 
+/// Task id used for the intake worker (CONTRACT §4).
+pub const INTAKE_ID: &str = "intake";
+
+/// Task id used for the process improver (CONTRACT §4).
+pub const IMPROVER_ID: &str = "process-improvement";
+
 /// The heading that starts the findings section of a task body (0.9.2 compatible).
 pub const FINDINGS_HEADING: &str = "## Findings";
 

@@ -17,16 +17,7 @@ use std::sync::RwLock;
 use crate::error::{Error, Result};
 use crate::git::Git;
 
-/// The user agents run as, and how hyperloop becomes it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AgentUser {
-    pub name: String,
-    pub uid: u32,
-    pub gid: u32,
-    pub home: PathBuf,
-    /// Through `sudo -n -u NAME` (hyperloop is not root).
-    pub via_sudo: bool,
-}
+pub use crate::git::AgentUser;
 
 static CURRENT: RwLock<Option<AgentUser>> = RwLock::new(None);
 

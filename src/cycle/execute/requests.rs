@@ -12,12 +12,12 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::app::Target;
 use crate::cycle::transition;
 use crate::definitions;
 use crate::emit;
 use crate::error::{Error, Result};
 use crate::state::{Changes, Repo};
+use crate::target::Target;
 use crate::task::Status;
 use crate::task::store::INTAKE_FAILURES;
 
