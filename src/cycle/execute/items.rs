@@ -1,0 +1,114 @@
+//! Work items of the fan-out (`plan` → `work` → `record`): an item's id, and the files of a
+//! `work` output folder with the limits `record` reads them under.
+
+use super::*;
+
+/// Who holds a lease, as its claim's `owner` says.
+pub const LEASE_OWNER: &str = "hyperloop plan";
+
+/// The largest bundle `record` takes in from one output.
+pub(super) const MAX_BUNDLE_BYTES: u64 = 512 << 20;
+
+/// The largest `item.json` or `result.json` `record` reads.
+pub(super) const MAX_META_BYTES: u64 = 1 << 20;
+
+/// The longest detail recorded from an output (the rest is cut).
+pub(super) const MAX_DETAIL_BYTES: usize = 64 << 10;
+
+/// The files of an output folder.
+pub(super) const ITEM_FILE: &str = "item.json";
+
+pub(super) const RESULT_FILE: &str = "result.json";
+
+pub(super) const BUNDLE_FILE: &str = "commits.bundle";
+
+pub(super) const TRANSCRIPT_FILE: &str = "transcript.log";
+
+/// The branch an intake output's bundle holds the pm's commits on: the pm works detached, and
+/// a bundle needs a ref.
+pub(super) const INTAKE_OUTPUT_BRANCH: &str = "hyperloop-intake-output";
+
+/// One claimed agent run, as `plan --json` prints it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WorkItem {
+    /// Safe as a file name and as a matrix value.
+    pub id: String,
+    pub task_id: String,
+    pub role: String,
+    pub round: u32,
+}
+
+/// `item.json`: which lease an output answers.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct ItemFile {
+    pub(super) id: String,
+    pub(super) task_id: String,
+    pub(super) role: String,
+    pub(super) round: u32,
+    pub(super) nonce: String,
+    pub(super) base: String,
+}
+
+/// `result.json`: what the agent's run amounted to.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct ResultOut {
+    pub(super) verdict: worker::Verdict,
+    pub(super) findings: u32,
+    pub(super) detail: String,
+    #[serde(default)]
+    pub(super) cost_usd: Option<f64>,
+    #[serde(default)]
+    pub(super) exit_code: Option<i32>,
+    #[serde(default)]
+    pub(super) duration_s: f64,
+}
+
+/// A work item's id: task, role and round for people, then a hash of the lease's nonce, so that
+/// an item re-issued after its lease expired never has the id of the one it replaces.
+pub(super) fn item_id(task_id: &str, role: &str, round: u32, nonce: &str) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    nonce.hash(&mut h);
+    let role: String = role
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    format!("{task_id}-{role}-r{round}-{:08x}", h.finish() & 0xffff_ffff)
+}
+
+/// Whether `id` could be an item id: it names a folder and a matrix entry, and goes into refs.
+pub(super) fn valid_item_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 200
+        && !id.starts_with(['-', '.'])
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && !id.contains("..")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn item_ids_are_safe_and_differ_by_nonce() {
+        let a = item_id("task-001", "implementer", 0, "abc1");
+        let b = item_id("task-001", "implementer", 0, "abc2");
+        assert!(a.starts_with("task-001-implementer-r0-"), "{a}");
+        assert_ne!(a, b);
+        assert!(valid_item_id(&a));
+        let intake = item_id(INTAKE_ID, "pm", 0, "abc1");
+        assert!(intake.starts_with("intake-pm-r0-"), "{intake}");
+        assert!(valid_item_id(&intake));
+        for bad in ["", "../x", "-x", ".x", "a/b", "a b", "a..b"] {
+            assert!(!valid_item_id(bad), "{bad:?}");
+        }
+    }
+}
