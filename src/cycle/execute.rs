@@ -10,8 +10,8 @@
 //! decides and claims the next agent runs, [`work`] runs one, [`record`] takes its result in.
 //! `hyperloop step` is the three in one process, with the agents running while the plan goes on;
 //! `hyperloop plan` / `work` / `record` are the same code run apart (on a GitHub Actions matrix,
-//! say). Around them: [`recover`] (what a killed step left), [`commits`] (every change of state as a
-//! compare-and-swap commit), [`merge`], and the forge the step works against — local git or
+//! say). Around them: `recover` (what a killed step left), `commits` (every change of state as a
+//! compare-and-swap commit), `merge`, and the forge the step works against — local git or
 //! GitHub (`forge`, `github_mode` and the GitHub behaviours beside it); a state branch apart from
 //! the base branch is `state_branch`.
 
@@ -45,6 +45,7 @@ mod api_budget;
 mod ci_checks;
 mod commits;
 mod dashboard;
+mod forge;
 mod github_mode;
 mod items;
 mod merge;
@@ -523,7 +524,10 @@ struct Stepper {
     deadline: Option<Instant>,
     started: Instant,
     nonce_counter: u64,
+    /// GitHub's client and what this step learned from it, in GitHub mode (see `github_mode`).
     gh: Option<github_mode::GitHubMode>,
+    /// The forge the step works against: [`forge::GITHUB`] exactly when `gh` is set.
+    forge: &'static dyn forge::Forge,
     /// Print a progress line for people watching a terminal.
     live: bool,
     /// Tasks whose worker crashed or timed out in this step: they wait for the next step
@@ -610,6 +614,11 @@ impl Stepper {
             nonce_counter: 0,
             config,
             defs,
+            forge: if gh.is_some() {
+                &forge::GITHUB
+            } else {
+                &forge::LOCAL
+            },
             gh,
             tip: String::new(),
             base_tip: None,
@@ -697,15 +706,8 @@ impl Stepper {
             max_workers = self.config.runtime.max_workers
         );
         self.recover()?;
-        if self.gh.is_some() {
-            self.load_pace();
-            self.fetch_task_branches()?;
-            self.sync_pull_requests()?;
-            self.take_label_requests()?;
-            // Hook: the dashboard issue's ticked boxes (see `dashboard`).
-            self.read_dashboard()?;
-            self.run_pending_writes();
-        }
+        let forge = self.forge;
+        forge.sync(self)?;
         // From here on, a task branch is only where hyperloop puts it.
         worktree::watch_task_refs(&self.repo.git)?;
         self.cleanup_merged_branches();
@@ -865,14 +867,8 @@ impl Stepper {
 
     fn finish(&mut self) -> Result<StepReport> {
         self.flush_staged()?;
-        if self.gh.is_some() {
-            // Descriptions last, so that a task that moved several times in this step is
-            // described once; then the pace, so the next step counts these writes too.
-            self.flush_pr_bodies();
-            // Hook: the dashboard shows the step's outcome (see `dashboard`).
-            self.publish_dashboard();
-            self.commit_pace()?;
-        }
+        let forge = self.forge;
+        forge.finish(self)?;
         for (id, branch) in std::mem::take(&mut self.cleanup_retry) {
             self.delete_task_branch(&id, &branch);
         }

@@ -87,7 +87,10 @@ impl Stepper {
                     for commit in &chain {
                         let replayed_commit = match self.repo.replay(commit, &parent, &onto)? {
                             Some(c) => Some(c),
-                            None => self.replay_with_their_pace(commit, &parent, &onto)?,
+                            None => {
+                                let forge = self.forge;
+                                forge.settle_replay(self, commit, &parent, &onto)?
+                            }
                         };
                         let Some(again) = replayed_commit else {
                             return Err(Error::other(format!(
@@ -132,9 +135,6 @@ impl Stepper {
         parent: &str,
         onto: &str,
     ) -> Result<Option<String>> {
-        if self.gh.is_none() {
-            return Ok(None);
-        }
         let pace = self.pace_path();
         let Some(theirs) = self.repo.git.rev_parse_object(&format!("{onto}:{pace}"))? else {
             return Ok(None);
@@ -155,15 +155,8 @@ impl Stepper {
     /// Moves the state branch from the current tip to `new` by compare-and-swap (pushing, in
     /// GitHub mode).
     pub(super) fn move_state(&mut self, new: &str) -> Result<Publish> {
-        if self.gh.is_some() {
-            return self.push_state(new);
-        }
-        if self.checkout.is_none() {
-            self.checkout = Some(self.repo.worktree_on(&format!("refs/heads/{}", self.branch))?);
-        }
-        let checkout = self.checkout.clone().flatten();
-        self.repo
-            .publish_with(&self.branch, &self.tip, new, checkout.as_deref())
+        let forge = self.forge;
+        forge.move_state(self, new)
     }
 
     /// After the branch moved under us: take what the other writer changed, except for the

@@ -7,7 +7,7 @@ impl Stepper {
     /// Whether the task now stands at a `merge-pr` this step performs at once (local mode,
     /// automatic merges) and its branch merges without conflict.
     pub(super) fn merges_cleanly_next(&self, task: &Task) -> Result<bool> {
-        if self.gh.is_some()
+        if self.forge.remote()
             || self.split_state()
             || !self.config.merge.auto_merge
             // The checks run first, through `merge`.
@@ -169,7 +169,7 @@ impl Stepper {
                 let parent_refs: Vec<&str> = parents.iter().map(String::as_str).collect();
                 let commit = self.repo.commit_tree(&merged_tree, &parent_refs, &message)?;
                 crate::fault::point("merge-before-publish");
-                if self.gh.is_none() {
+                if self.forge.merges_wait() {
                     self.stage_merge(commit);
                 } else {
                     self.publish(commit)?;

@@ -153,7 +153,7 @@ impl Stepper {
                     .intake_claim
                     .as_ref()
                     .is_some_and(|c| c.claim.live_lease(now_unix())),
-            github_mode: self.gh.is_some(),
+            github_mode: self.forge.remote(),
         };
         let mut plan = decide::decide(&snapshot, &self.config, &self.defs.process, now_unix())?;
         plan.actions.retain(|a| match a {
@@ -189,23 +189,8 @@ impl Stepper {
 
     pub(super) fn note_plan(&mut self, plan: &Plan) {
         self.report.blocked = plan.blocked.iter().map(|b| b.task_id.clone()).collect();
-        if self.gh.is_none() {
-            // GitHub mode says this when it polls; locally the plan is the check. The key is the
-            // one a poll uses, so each parked task is reported once per step.
-            for p in &plan.parked {
-                if let Some(t) = self.tasks.get(&p.task_id).cloned()
-                    && self.first_attempt(&p.task_id, &t, "poll")
-                {
-                    emit!(
-                        DEBUG,
-                        "gate_checked",
-                        task_id = p.task_id.as_str(),
-                        gate = p.step.as_str(),
-                        cleared = false
-                    );
-                }
-            }
-        }
+        let forge = self.forge;
+        forge.note_closed_gates(self, plan);
     }
 
     /// Whether starting another worker would break the total spending cap (reported once).
@@ -362,39 +347,23 @@ impl Stepper {
                     return Ok(false);
                 }
                 match action.as_str() {
-                    MERGE_PR if self.gh.is_some() => self.merge_github(t),
-                    MERGE_PR => self.merge(t),
-                    MARK_PR_READY if self.gh.is_some() => {
-                        let mut t = t;
-                        match self.mark_ready_github(&t) {
-                            Ok(()) => {}
-                            // Deferred for the pace; a later step readies it.
-                            Err(e) if api_budget::is_held(&e) => return Ok(false),
-                            Err(e) => return Err(e),
-                        }
-                        let change = transition::action_done(&mut t, self.pipeline());
-                        self.save_task(
-                            t,
-                            &change,
-                            &format!("hyperloop: {task_id} pull request ready for review"),
-                        )?;
-                        Ok(!change.is_noop())
+                    MERGE_PR => {
+                        let forge = self.forge;
+                        forge.merge(self, t)
                     }
                     MARK_PR_READY => {
+                        let forge = self.forge;
+                        if !forge.mark_ready(self, &t)? {
+                            return Ok(false);
+                        }
                         let mut t = t;
-                        emit!(
-                            INFO,
-                            "pr_marked_ready",
-                            task_id = task_id.as_str(),
-                            mode = "local",
-                            note = "no pull request in local mode"
-                        );
                         let change = transition::action_done(&mut t, self.pipeline());
-                        self.save_task(
-                            t,
-                            &change,
-                            &format!("hyperloop: {task_id} mark-pr-ready (local: nothing to do)"),
-                        )?;
+                        let subject = if forge.remote() {
+                            format!("hyperloop: {task_id} pull request ready for review")
+                        } else {
+                            format!("hyperloop: {task_id} mark-pr-ready (local: nothing to do)")
+                        };
+                        self.save_task(t, &change, &subject)?;
                         Ok(!change.is_noop())
                     }
                     other => Err(Error::other(format!("unknown action `{other}` for {task_id}"))),

@@ -315,22 +315,9 @@ impl Stepper {
                 detail: detail.clone(),
             });
         }
-        if self.gh.is_some() && !task.status.is_terminal() {
-            // The branch goes to GitHub as soon as it has work, with its draft PR.
-            match self.ensure_pull_request(&task) {
-                Ok(url) if url.is_some() => task.pr = url,
-                Ok(_) => {}
-                Err(Error::PushRefused { branch, message }) => {
-                    change = self.push_refused(&mut task, &branch, &message);
-                }
-                Err(e) if api_budget::is_held(&e) => {}
-                Err(e) => emit!(
-                    WARN,
-                    "pr_not_created",
-                    task_id = task.id.as_str(),
-                    error = e.to_string().as_str()
-                ),
-            }
+        if !task.status.is_terminal() {
+            let forge = self.forge;
+            change = forge.show_work(self, &mut task, change);
         }
         let mut changes = Changes::default();
         changes.put_task(&self.tasks_rel(), &task);

@@ -50,53 +50,21 @@ impl Stepper {
     /// Finds the branches' tips at the start of a step (creating the state branch when needed);
     /// returns the state branch's.
     pub(super) fn open_branches(&mut self) -> Result<String> {
+        let forge = self.forge;
         let base = self.config.target.base_branch.clone();
+        let base_tip = forge
+            .tip(self, &base)?
+            .ok_or_else(|| forge.no_branch(self, &base))?;
         if !self.split_state() {
-            return if self.gh.is_some() {
-                self.fetch_state()
-            } else {
-                self.local_tip(&base)
-            };
+            return Ok(base_tip);
         }
-        let state = self.branch.clone();
-        let base_tip = if self.gh.is_some() {
-            let tip = self
-                .fetch_branch(&base)?
-                .ok_or_else(|| Error::other(format!("the base branch `{base}` does not exist on origin")))?;
-            self.follow_local(&base, &tip)?;
-            tip
-        } else {
-            self.local_tip(&base)?
-        };
+        forge.follow(self, &base, &base_tip)?;
         self.base_tip = Some(base_tip.clone());
-        let existing = if self.gh.is_some() {
-            self.fetch_branch(&state)?
-        } else {
-            self.repo.branch_tip(&state)?
-        };
-        if let Some(tip) = existing {
+        let state = self.branch.clone();
+        if let Some(tip) = forge.tip(self, &state)? {
             return Ok(tip);
         }
-        let tip = if self.gh.is_some() {
-            self.create_remote_branch(&state, &base_tip)?
-        } else {
-            // Compare-and-swap against "no such ref", so a branch made meanwhile is not replaced.
-            let refname = format!("refs/heads/{state}");
-            let zero = "0".repeat(40);
-            let out = self.repo.git.output([
-                "update-ref",
-                "-m",
-                "hyperloop: state branch",
-                refname.as_str(),
-                base_tip.as_str(),
-                zero.as_str(),
-            ])?;
-            if out.status.success() {
-                base_tip
-            } else {
-                self.local_tip(&state)?
-            }
-        };
+        let tip = forge.create_branch(self, &state, &base_tip)?;
         emit!(
             INFO,
             "state_branch_created",
@@ -105,15 +73,6 @@ impl Stepper {
             commit = tip.as_str()
         );
         Ok(tip)
-    }
-
-    fn local_tip(&self, branch: &str) -> Result<String> {
-        self.repo.branch_tip(branch)?.ok_or_else(|| Error::Other {
-            message: format!(
-                "branch `{branch}` does not exist in {}; commit something to it first (hyperloop works on target.base_branch)",
-                self.repo.root.display()
-            ),
-        })
     }
 
     /// Specs as people committed them to the base branch.
@@ -207,27 +166,32 @@ impl Stepper {
     /// After the base branch moved (a merge, ours or a person's): read where it is now, bring it
     /// into the state branch, and re-read the specs.
     pub(super) fn refresh_after_base_moved(&mut self) -> Result<()> {
-        if self.gh.is_some() {
-            if self.split_state() {
-                let base = self.config.target.base_branch.clone();
-                if let Some(tip) = self.fetch_branch(&base)? {
-                    self.follow_local(&base, &tip)?;
-                    self.base_tip = Some(tip);
-                }
-                let remote = self.fetch_state()?;
-                if remote != self.tip {
-                    self.tip = remote;
-                }
-            } else {
-                let remote = self.fetch_state()?;
-                if remote == self.tip {
-                    return Ok(());
-                }
-                self.tip = remote;
-            }
+        let forge = self.forge;
+        if !forge.refetch_branches(self)? {
+            return Ok(());
         }
         self.sync_state_with_base()?;
         self.reload_keep_tasks()
+    }
+
+    /// [`forge::Forge::refetch_branches`] for GitHub: the base and state branches as origin has
+    /// them now. False when the state branch is where it was and is the base branch as well.
+    pub(super) fn refetch_from_origin(&mut self) -> Result<bool> {
+        if self.split_state() {
+            let base = self.config.target.base_branch.clone();
+            if let Some(tip) = self.fetch_branch(&base)? {
+                self.follow_local(&base, &tip)?;
+                self.base_tip = Some(tip);
+            }
+            self.tip = self.fetch_state()?;
+            return Ok(true);
+        }
+        let remote = self.fetch_state()?;
+        if remote == self.tip {
+            return Ok(false);
+        }
+        self.tip = remote;
+        Ok(true)
     }
 
     /// The local merge of a task branch when the state lives elsewhere: a commit on the base
