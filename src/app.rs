@@ -618,7 +618,7 @@ pub fn waiting_gate(task: &Task, pipeline: &[Step], auto_merge: bool) -> Option<
     let located = crate::cycle::transition::locate(task, pipeline)?;
     match crate::pipeline::step_at(pipeline, &located.position)? {
         Step::Gate { name } => Some(name.clone()),
-        Step::Action { name } if name == crate::pipeline::MERGE_PR && !auto_merge => Some(name.clone()),
+        step if step.is_merge() && !auto_merge => Some(crate::pipeline::MERGE_PR.to_string()),
         _ => None,
     }
 }

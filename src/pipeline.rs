@@ -18,11 +18,57 @@ pub enum Step {
     /// Steps retried from the top when one of them fails.
     Loop { steps: Vec<Step> },
     /// An operation hyperloop performs itself (`merge-pr`, `mark-pr-ready`).
-    Action { name: String },
+    Action { action: PipelineAction },
 }
 
-/// The actions hyperloop knows how to perform.
-pub const KNOWN_ACTIONS: &[&str] = &["merge-pr", "mark-pr-ready"];
+impl Step {
+    /// Whether this is the step that merges a task's work (`action: merge-pr`).
+    pub fn is_merge(&self) -> bool {
+        matches!(
+            self,
+            Step::Action {
+                action: PipelineAction::MergePr
+            }
+        )
+    }
+}
+
+/// The actions hyperloop knows how to perform, as a pipeline names them.
+pub const KNOWN_ACTIONS: &[&str] = &[MERGE_PR, MARK_PR_READY];
+
+/// An operation hyperloop performs itself. A pipeline naming any other is refused when the
+/// process is loaded, so the step never meets an action it cannot perform.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PipelineAction {
+    /// Merge the task's work into the base branch (GitHub: merge its pull request).
+    MergePr,
+    /// Take the task's pull request out of draft (nothing to do locally).
+    MarkPrReady,
+}
+
+impl PipelineAction {
+    pub const ALL: [PipelineAction; 2] = [PipelineAction::MergePr, PipelineAction::MarkPrReady];
+
+    /// The name a pipeline uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PipelineAction::MergePr => MERGE_PR,
+            PipelineAction::MarkPrReady => MARK_PR_READY,
+        }
+    }
+
+    /// The action a pipeline names; `None` for a name hyperloop does not know.
+    pub fn parse(name: &str) -> Option<PipelineAction> {
+        PipelineAction::ALL.into_iter().find(|a| a.as_str() == name)
+    }
+}
+
+impl std::fmt::Display for PipelineAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// A path of indices from the pipeline's top level down to a leaf (a role, gate or action).
 /// `[1]` is the second top-level step; `[0, 2]` the third step inside the first (loop) step.
@@ -125,7 +171,8 @@ pub enum Transition {
 /// The human-readable name of a step: what 0.9.2 stored as `phase`.
 pub fn phase_name(step: &Step) -> String {
     match step {
-        Step::Role { name, .. } | Step::Gate { name } | Step::Action { name } => name.clone(),
+        Step::Role { name, .. } | Step::Gate { name } => name.clone(),
+        Step::Action { action } => action.as_str().to_string(),
         Step::Loop { .. } => "loop".to_string(),
     }
 }
@@ -327,7 +374,7 @@ pub fn retry_start(steps: &[Step], position: &Position) -> Option<Position> {
 /// Step builders shared by the unit tests of the pipeline and the cycle.
 #[cfg(test)]
 pub(crate) mod build {
-    use super::Step;
+    use super::{PipelineAction, Step};
     use proptest::prelude::*;
 
     pub fn role(name: &str) -> Step {
@@ -351,7 +398,9 @@ pub(crate) mod build {
     }
 
     pub fn action(name: &str) -> Step {
-        Step::Action { name: name.into() }
+        Step::Action {
+            action: PipelineAction::parse(name).expect("a known action"),
+        }
     }
 
     pub fn lp(steps: Vec<Step>) -> Step {
@@ -398,6 +447,18 @@ mod tests {
 
     fn back(p: &[usize]) -> Transition {
         Transition::LoopedBack(pos(p))
+    }
+
+    #[test]
+    fn known_actions_are_the_typed_ones() {
+        let names: Vec<&str> = PipelineAction::ALL.iter().map(|a| a.as_str()).collect();
+        assert_eq!(names, KNOWN_ACTIONS);
+        for a in PipelineAction::ALL {
+            assert_eq!(PipelineAction::parse(a.as_str()), Some(a));
+        }
+        assert_eq!(PipelineAction::parse("deploy"), None);
+        assert!(build::action(MERGE_PR).is_merge());
+        assert!(!build::action(MARK_PR_READY).is_merge());
     }
 
     #[test]

@@ -11,7 +11,7 @@ use crate::cycle::plan::{Action, Blocked, FailureNote, Parked, Plan, Progress, S
 use crate::cycle::transition::{self, Placement};
 use crate::definitions::Process;
 use crate::error::{Error, Result};
-use crate::pipeline::{self, KNOWN_ACTIONS, MARK_PR_READY, MERGE_PR, REBASE_RESOLVER, Step};
+use crate::pipeline::{self, MERGE_PR, PipelineAction, REBASE_RESOLVER, Step};
 use crate::task::{Status, Task};
 
 /// A spec file and the hash of its content.
@@ -287,29 +287,26 @@ pub fn decide(snapshot: &Snapshot, config: &Config, process: &Process, now: u64)
                     park(&mut parked, &mut gates, task, name, snapshot.github_mode);
                 }
             }
-            Some(Step::Action { name }) if name == MERGE_PR => {
+            Some(Step::Action {
+                action: action @ PipelineAction::MergePr,
+            }) => {
                 if config.merge.auto_merge || gate_cleared {
                     performs.push(Action::Perform {
                         task_id: task.id.clone(),
-                        action: name.clone(),
+                        action: *action,
                         approved: !config.merge.auto_merge,
                     });
                 } else {
-                    park(&mut parked, &mut gates, task, name, snapshot.github_mode);
+                    park(&mut parked, &mut gates, task, MERGE_PR, snapshot.github_mode);
                 }
             }
-            Some(Step::Action { name }) if name == MARK_PR_READY => {
+            Some(Step::Action {
+                action: action @ PipelineAction::MarkPrReady,
+            }) => {
                 performs.push(Action::Perform {
                     task_id: task.id.clone(),
-                    action: name.clone(),
+                    action: *action,
                     approved: false,
-                });
-            }
-            Some(Step::Action { name }) => {
-                failed.insert(&task.id);
-                load_failures.push(Action::FailTask {
-                    task_id: task.id.clone(),
-                    reason: format!("unknown action {name} (known: {})", KNOWN_ACTIONS.join(", ")),
                 });
             }
             Some(Step::Loop { .. }) | None => {
@@ -907,26 +904,20 @@ mod tests {
         let mut stale = task("task-004", InProgress, &[]);
         stale.position = Some(vec![3, 3]);
         stale.phase = Some("reviewer".into());
-        let odd = at(
-            task("task-005", InProgress, &[]),
-            &[lp(vec![role("implementer")]), action("deploy")],
-            &[1],
-        );
-        let s = snap(vec![spent, dependent, legacy, stale, odd]);
-        let mut pipeline = p;
-        pipeline.push(action("deploy"));
-        let plan = decide(&s, &config(6), &process(pipeline), NOW).expect("plan");
+        // A task at an action hyperloop does not know cannot be: such a process is refused
+        // when it is loaded (`definitions::parse`), and a step holds only typed actions.
+        let s = snap(vec![spent, dependent, legacy, stale]);
+        let plan = decide(&s, &config(6), &process(p), NOW).expect("plan");
         assert_eq!(
             summary(&plan),
             vec![
                 "fail task-001",
-                "fail task-005",
                 "spawn verifier task-003",
                 "spawn implementer task-004"
             ]
         );
         assert!(matches!(
-            &plan.actions[3],
+            &plan.actions[2],
             Action::Spawn {
                 reason: SpawnReason::Restart { .. },
                 ..

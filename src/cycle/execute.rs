@@ -34,7 +34,7 @@ use crate::error::{Error, Result};
 use crate::events::now_unix;
 use crate::git::{Git, trailers};
 use crate::lock::StepLock;
-use crate::pipeline::{self, MARK_PR_READY, MERGE_PR, Step, Verdict};
+use crate::pipeline::{self, MERGE_PR, PipelineAction, Step, Verdict};
 use crate::state::{Changes, MergeTree, Publish, Repo};
 use crate::target::Target;
 use crate::task::store::{INTAKE_CLAIM, INTAKE_FAILURES, INTAKE_RECORD, IntakeClaim, IntakeFailures};
@@ -496,78 +496,116 @@ struct Stepper {
     repo: Repo,
     config: Config,
     defs: Definitions,
+    /// The state branch, and its tip as this step last saw or made it.
     branch: String,
     tip: String,
+    /// The base branch's tip, when task state lives on another branch (`target.state_branch`).
+    base_tip: Option<String>,
     tasks: BTreeMap<String, Task>,
     specs: Vec<SpecInfo>,
-    intake_record: BTreeMap<String, String>,
-    intake_failures: Option<IntakeFailures>,
-    /// Intake was wanted but has failed too often on these specs.
-    intake_blocked: bool,
-    /// The lease of an intake `plan` claimed, as committed.
-    intake_claim: Option<IntakeClaim>,
-    /// The intake being recorded came from a `work` output: its lease goes in the commit that
-    /// records it.
-    intake_release: bool,
-    running: HashMap<String, Running>,
-    workers: JoinSet<(String, WorkerOutcome)>,
-    pending_failures: Vec<FailureNote>,
-    improver_ran: bool,
-    intake_attempted: bool,
+    intake: IntakeState,
+    pool: Workers,
+    improver: ImproverState,
     /// Actions already tried in this step at a given position, so a failed one is not retried
     /// in a tight loop.
     attempted: HashSet<(String, Vec<usize>, String)>,
     report: StepReport,
-    cancel_tx: watch::Sender<bool>,
-    cancel_rx: watch::Receiver<bool>,
     interrupt: Option<watch::Receiver<bool>>,
     deadline: Option<Instant>,
     started: Instant,
-    nonce_counter: u64,
     /// GitHub's client and what this step learned from it, in GitHub mode (see `github_mode`).
     gh: Option<github_mode::GitHubMode>,
     /// The forge the step works against: [`forge::GITHUB`] exactly when `gh` is set.
     forge: &'static dyn forge::Forge,
     /// Print a progress line for people watching a terminal.
     live: bool,
+    /// The total spending cap was reached: no worker starts in this step.
+    budget_blocked: bool,
+    staging: Staging,
+    cleanup: Cleanup,
+    memo: Memo,
+    /// Tasks whose pull request description may no longer show their state (GitHub mode).
+    redescribe: HashSet<String>,
+}
+
+/// Intake (specs → tasks) as this step knows it.
+#[derive(Default)]
+struct IntakeState {
+    /// The specs intake last turned into tasks: path → blob.
+    record: BTreeMap<String, String>,
+    failures: Option<IntakeFailures>,
+    /// Intake was wanted but has failed too often on these specs.
+    blocked: bool,
+    /// The lease of an intake `plan` claimed, as committed.
+    claim: Option<IntakeClaim>,
+    /// The intake being recorded came from a `work` output: its lease goes in the commit that
+    /// records it.
+    release: bool,
+    attempted: bool,
+}
+
+/// The agents this process runs (`hyperloop step`).
+struct Workers {
+    running: HashMap<String, Running>,
+    joins: JoinSet<(String, WorkerOutcome)>,
     /// Tasks whose worker crashed or timed out in this step: they wait for the next step
     /// instead of burning their rounds back to back.
     cooling: HashSet<String>,
-    /// The total spending cap was reached: no worker starts in this step.
-    budget_blocked: bool,
-    /// The base branch's tip, when task state lives on another branch (`target.state_branch`).
-    base_tip: Option<String>,
-    /// Task worktrees made ready earlier in this step.
-    worktrees_ready: HashSet<String>,
+    nonce_counter: u64,
+    /// Stops every worker (the step was interrupted).
+    cancel_tx: watch::Sender<bool>,
+    cancel_rx: watch::Receiver<bool>,
+}
+
+/// The process improver: failures of this step it may learn from, and whether it ran.
+#[derive(Default)]
+struct ImproverState {
+    failures: Vec<FailureNote>,
+    ran: bool,
+}
+
+/// Commits on the state branch that are not published yet.
+#[derive(Default)]
+struct Staging {
+    /// Local commits on top of the published branch, oldest first (`tip` is the last): a merge
+    /// is published together with the commit that follows it (usually the next task's start),
+    /// and always before a worker starts, a branch is deleted, or the step waits or ends.
+    commits: Vec<String>,
+    /// Where the branch is while `commits` is not empty.
+    published: Option<String>,
+    /// How many of the staged commits are merges.
+    merges: usize,
     /// The worktree that has the state branch checked out (looked up once per step).
     checkout: Option<Option<PathBuf>>,
-    /// The last merge computed, by (ours, theirs): checking that a task merges cleanly and then
-    /// merging it asks the same question twice.
-    last_merge: std::cell::RefCell<Option<(String, String, MergeTree)>>,
-    /// Merged tasks whose worktree and branch are to be removed once the workers that can start
-    /// have started: cleanup is never on the way of the next agent.
-    pending_cleanup: Vec<(String, String)>,
+    /// The commit being published leaves the prompts folder as it was.
+    prompts_unchanged: bool,
+}
+
+/// Merged tasks whose worktree and branch are to be removed.
+#[derive(Default)]
+struct Cleanup {
+    /// To remove once the workers that can start have started: cleanup is never on the way of
+    /// the next agent.
+    pending: Vec<(String, String)>,
     /// Cleanups that failed in this step, tried again at its end.
-    cleanup_retry: Vec<(String, String)>,
+    retry: Vec<(String, String)>,
+}
+
+/// Answers a step looks up once and reuses.
+#[derive(Default)]
+struct Memo {
+    /// Task worktrees made ready earlier in this step.
+    worktrees_ready: HashSet<String>,
     /// `.git/info/exclude` was checked in this step.
     excludes_ok: bool,
     /// Role overlays read at a state commit, by role; carried over to commits that do not
     /// touch the prompts folder.
     overlays: std::cell::RefCell<(String, HashMap<String, Option<String>>)>,
-    /// The commit being published leaves the prompts folder as it was.
-    prompts_unchanged: bool,
-    /// Local commits on top of the published branch, oldest first (`tip` is the last): a merge
-    /// is published together with the commit that follows it (usually the next task's start),
-    /// and always before a worker starts, a branch is deleted, or the step waits or ends.
-    staged: Vec<String>,
-    /// Where the branch is while `staged` is not empty.
-    published: Option<String>,
-    /// How many of the staged commits are merges.
-    staged_merges: usize,
+    /// The last merge computed, by (ours, theirs): checking that a task merges cleanly and then
+    /// merging it asks the same question twice.
+    last_merge: std::cell::RefCell<Option<(String, String, MergeTree)>>,
     /// The fingerprint of the configuration and agents (see [`IntakeFailures::inputs`]).
     inputs: std::cell::OnceCell<String>,
-    /// Tasks whose pull request description may no longer show their state (GitHub mode).
-    redescribe: HashSet<String>,
 }
 
 impl Stepper {
@@ -588,56 +626,43 @@ impl Stepper {
         let mut stepper = Stepper {
             mode: Mode::Step,
             repo,
+            config,
+            defs,
             branch,
+            tip: String::new(),
+            base_tip: None,
             tasks: BTreeMap::new(),
             specs: Vec::new(),
-            intake_record: BTreeMap::new(),
-            intake_failures: None,
-            intake_blocked: false,
-            intake_claim: None,
-            intake_release: false,
-            running: HashMap::new(),
-            workers: JoinSet::new(),
-            pending_failures: Vec::new(),
-            improver_ran: false,
-            intake_attempted: false,
+            intake: IntakeState::default(),
+            pool: Workers {
+                running: HashMap::new(),
+                joins: JoinSet::new(),
+                cooling: HashSet::new(),
+                nonce_counter: 0,
+                cancel_tx,
+                cancel_rx,
+            },
+            improver: ImproverState::default(),
             attempted: HashSet::new(),
             report: StepReport {
                 cycle: opts.cycle,
                 ..StepReport::default()
             },
-            cancel_tx,
-            cancel_rx,
             interrupt: opts.interrupt.clone(),
             deadline: opts.max_duration.map(|d| started + d),
             started,
-            nonce_counter: 0,
-            config,
-            defs,
             forge: if gh.is_some() {
                 &forge::GITHUB
             } else {
                 &forge::LOCAL
             },
             gh,
-            tip: String::new(),
-            base_tip: None,
-            worktrees_ready: HashSet::new(),
-            checkout: None,
-            last_merge: std::cell::RefCell::new(None),
-            pending_cleanup: Vec::new(),
-            cleanup_retry: Vec::new(),
-            excludes_ok: false,
-            overlays: std::cell::RefCell::new((String::new(), HashMap::new())),
-            prompts_unchanged: false,
-            staged: Vec::new(),
-            published: None,
-            staged_merges: 0,
-            inputs: std::cell::OnceCell::new(),
-            redescribe: HashSet::new(),
-            budget_blocked: false,
             live,
-            cooling: HashSet::new(),
+            budget_blocked: false,
+            staging: Staging::default(),
+            cleanup: Cleanup::default(),
+            memo: Memo::default(),
+            redescribe: HashSet::new(),
         };
         stepper.tip = stepper.open_branches()?;
         Ok(stepper)
@@ -664,9 +689,9 @@ impl Stepper {
             .repo
             .read_tree_state(&self.tip, &self.config.target.specs_dir)?;
         self.tasks = tree.tasks.into_iter().map(|t| (t.id.clone(), t)).collect();
-        self.intake_record = tree.intake_record;
-        self.intake_failures = tree.intake_failures;
-        self.intake_claim = tree.intake_claim;
+        self.intake.record = tree.intake_record;
+        self.intake.failures = tree.intake_failures;
+        self.intake.claim = tree.intake_claim;
         self.set_specs(tree.specs)
     }
 
@@ -719,7 +744,7 @@ impl Stepper {
         let mut interrupt = self.interrupt.clone();
         let mut cancelled = interrupt.as_ref().is_some_and(|rx| *rx.borrow());
         if cancelled {
-            let _ = self.cancel_tx.send(true);
+            let _ = self.pool.cancel_tx.send(true);
         }
         // After a quiet look for requests there is nothing new to decide.
         let mut decide_again = true;
@@ -735,7 +760,7 @@ impl Stepper {
                 }
             }
             decide_again = true;
-            if self.workers.is_empty() {
+            if self.pool.joins.is_empty() {
                 if cancelled {
                     break Err(Error::other(
                         "the step was interrupted; running workers were stopped",
@@ -745,7 +770,7 @@ impl Stepper {
                 break Ok(());
             }
             tokio::select! {
-                joined = self.workers.join_next() => {
+                joined = self.pool.joins.join_next() => {
                     let Some(joined) = joined else { continue };
                     match joined {
                         Ok((key, outcome)) => {
@@ -760,7 +785,7 @@ impl Stepper {
                 }
                 () = interrupted(&mut interrupt), if !cancelled => {
                     cancelled = true;
-                    let _ = self.cancel_tx.send(true);
+                    let _ = self.pool.cancel_tx.send(true);
                 }
                 () = tokio::time::sleep(requests::POLL), if !cancelled => {
                     match self.take_cancel_requests() {
@@ -775,8 +800,8 @@ impl Stepper {
         let outcome = outcome.and(flushed);
         if outcome.is_err() {
             // Stop what still runs: their tasks stay where they are and run again next step.
-            let _ = self.cancel_tx.send(true);
-            while let Some(joined) = self.workers.join_next().await {
+            let _ = self.pool.cancel_tx.send(true);
+            while let Some(joined) = self.pool.joins.join_next().await {
                 if let Ok((key, _)) = joined {
                     self.forget(&key);
                 }
@@ -801,6 +826,7 @@ impl Stepper {
         }
         let states: Vec<String> = counts.iter().map(|(k, v)| format!("{v} {k}")).collect();
         let mut running: Vec<String> = self
+            .pool
             .running
             .values()
             .map(|r| format!("{} {}", r.record.task_id, r.record.role))
@@ -869,7 +895,7 @@ impl Stepper {
         self.flush_staged()?;
         let forge = self.forge;
         forge.finish(self)?;
-        for (id, branch) in std::mem::take(&mut self.cleanup_retry) {
+        for (id, branch) in std::mem::take(&mut self.cleanup.retry) {
             self.delete_task_branch(&id, &branch);
         }
         self.repo.discard_private_indexes();
@@ -881,7 +907,7 @@ impl Stepper {
         self.report.tasks_failed = tasks.iter().filter(|t| t.status == Status::Failed).count();
         let (progress, remaining) = match &plan.progress {
             Progress::Working | Progress::Waiting { .. } if self.budget_blocked => ("stuck", false),
-            _ if self.intake_blocked && self.tasks.values().all(|t| t.status.is_terminal()) => {
+            _ if self.intake.blocked && self.tasks.values().all(|t| t.status.is_terminal()) => {
                 ("stuck", false)
             }
             Progress::AllComplete => ("all-complete", false),
@@ -896,8 +922,8 @@ impl Stepper {
         self.report.progress = progress.to_string();
         self.report.work_remaining = remaining;
         // Intake that gave up on these specs waits for a change, not for the next round.
-        let intake_ready = !self.intake_blocked
-            && match self.intake_failures.clone() {
+        let intake_ready = !self.intake.blocked
+            && match self.intake.failures.clone() {
                 Some(f) => !gave_up(&f, &self.current_specs(), self.inputs_fingerprint()?),
                 None => true,
             };

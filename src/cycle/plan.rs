@@ -6,7 +6,7 @@ use std::fmt;
 
 use serde::Serialize;
 
-use crate::pipeline::Position;
+use crate::pipeline::{PipelineAction, Position};
 use crate::task::Claim;
 
 /// A worker result that did not pass and that the process improver has not seen yet.
@@ -53,7 +53,7 @@ pub enum Action {
     /// Perform the action the task stands at. `approved` when a person cleared a manual merge.
     Perform {
         task_id: String,
-        action: String,
+        action: PipelineAction,
         approved: bool,
     },
     /// Spawn the worker for a task already in its pipeline.
@@ -218,7 +218,7 @@ impl fmt::Display for Action {
                 action,
                 approved,
             } => {
-                let why = if action != crate::pipeline::MERGE_PR {
+                let why = if *action != PipelineAction::MergePr {
                     "its pipeline reached it"
                 } else if *approved {
                     "merge approved"

@@ -551,7 +551,7 @@ pub fn gate_cleared(task: &mut Task, pipeline: &[Step]) -> TaskChange {
 pub fn action_done(task: &mut Task, pipeline: &[Step]) -> TaskChange {
     let merged = matches!(
         task.position.clone().map(Position).as_ref().and_then(|p| pipeline::step_at(pipeline, p)),
-        Some(Step::Action { name }) if name == MERGE_PR
+        Some(s) if s.is_merge()
     );
     let change = pass_leaf(task, pipeline, "an action was performed", |s| {
         matches!(s, Step::Action { .. })

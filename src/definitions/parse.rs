@@ -10,7 +10,7 @@ use serde_json::{Map, Value};
 
 use super::{API_VERSION, Agent, DEFAULT_PROCESS, Definitions, Document, Process};
 use crate::error::{Error, Result};
-use crate::pipeline::{KNOWN_ACTIONS, Step};
+use crate::pipeline::{KNOWN_ACTIONS, PipelineAction, Step};
 
 const AGENT_KEYS: &[&str] = &["apiVersion", "kind", "metadata", "name", "prompt", "annotations"];
 const PROCESS_KEYS: &[&str] = &["apiVersion", "kind", "metadata", "name", "intake", "pipeline"];
@@ -290,13 +290,13 @@ fn parse_step(cx: &StepCx<'_>, path: &str, v: &Value) -> Result<Step> {
         }),
         "action" => {
             let name = required_text(cx, path, "action", value)?;
-            if !KNOWN_ACTIONS.contains(&name.as_str()) {
-                return Err(cx.err(
+            match PipelineAction::parse(&name) {
+                Some(action) => Ok(Step::Action { action }),
+                None => Err(cx.err(
                     path,
                     format!("unknown action {name} (known: {})", KNOWN_ACTIONS.join(", ")),
-                ));
+                )),
             }
-            Ok(Step::Action { name })
         }
         _ => {
             let path = format!("{path}.loop");
@@ -470,8 +470,8 @@ pub fn step_to_value(step: &Step) -> Value {
         Step::Gate { name } => {
             map.insert("gate".into(), Value::String(name.clone()));
         }
-        Step::Action { name } => {
-            map.insert("action".into(), Value::String(name.clone()));
+        Step::Action { action } => {
+            map.insert("action".into(), Value::String(action.as_str().to_string()));
         }
         Step::Loop { steps } => {
             map.insert(

@@ -48,7 +48,7 @@ fn builtin_base_has_five_agents_and_the_default_process() {
                 steps: vec![role("implementer"), role("verifier")]
             },
             Step::Action {
-                name: "merge-pr".into()
+                action: hyperloop::pipeline::PipelineAction::MergePr
             },
         ]
     );
@@ -492,7 +492,7 @@ fn legacy_092_overlay_resolves_without_kustomize() {
                 name: "human-pr-approval".into()
             },
             Step::Action {
-                name: "merge-pr".into()
+                action: hyperloop::pipeline::PipelineAction::MergePr
             },
         ]
     );

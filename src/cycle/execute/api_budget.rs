@@ -189,7 +189,7 @@ impl Stepper {
                 .map(crate::pipeline::Position)
                 .as_ref()
                 .and_then(|p| crate::pipeline::step_at(self.pipeline(), p)),
-            Some(crate::pipeline::Step::Action { name }) if name == crate::pipeline::MERGE_PR
+            Some(s) if s.is_merge()
         )
     }
 

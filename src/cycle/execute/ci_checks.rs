@@ -21,7 +21,7 @@ use crate::cycle::transition;
 use crate::emit;
 use crate::error::Result;
 use crate::forge::checks::{self, PrChecks, Verdict};
-use crate::pipeline::{self, MERGE_PR, Step};
+use crate::pipeline;
 use crate::task::Task;
 use crate::worker::worktree;
 
@@ -71,7 +71,7 @@ impl Stepper {
                         .map(pipeline::Position)
                         .as_ref()
                         .and_then(|p| pipeline::step_at(self.pipeline(), p)),
-                    Some(Step::Action { name }) if name == MERGE_PR
+                    Some(s) if s.is_merge()
                 )
             })
             .filter_map(|t| t.pr.as_deref().and_then(pr_number))
@@ -250,7 +250,7 @@ impl Stepper {
             round = round,
             findings = findings
         );
-        self.pending_failures.push(FailureNote {
+        self.improver.failures.push(FailureNote {
             task_id: id.clone(),
             role: "checks".into(),
             round,

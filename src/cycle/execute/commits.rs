@@ -23,26 +23,26 @@ impl Stepper {
         };
         crate::fault::point("before-publish");
         let prompts = format!("{}/prompts/", self.specs_dir().trim_end_matches('/'));
-        self.prompts_unchanged = !changes.files.keys().any(|p| p.starts_with(&prompts));
+        self.staging.prompts_unchanged = !changes.files.keys().any(|p| p.starts_with(&prompts));
         let published = self.publish(new);
-        self.prompts_unchanged = false;
+        self.staging.prompts_unchanged = false;
         published?;
         Ok(true)
     }
 
     /// Keeps a commit on top of `tip` local for now (see `staged`).
     pub(super) fn stage_merge(&mut self, new: String) {
-        self.staged_merges += 1;
-        if self.published.is_none() {
-            self.published = Some(self.tip.clone());
+        self.staging.merges += 1;
+        if self.staging.published.is_none() {
+            self.staging.published = Some(self.tip.clone());
         }
-        self.staged.push(new.clone());
+        self.staging.commits.push(new.clone());
         self.tip = new;
     }
 
     /// Publishes what is staged.
     pub(super) fn flush_staged(&mut self) -> Result<()> {
-        match self.staged.pop() {
+        match self.staging.commits.pop() {
             Some(last) => self.publish(last),
             None => Ok(()),
         }
@@ -50,10 +50,10 @@ impl Stepper {
 
     /// Moves the state branch to `new`, a child of `tip`, with whatever is staged before it.
     pub(super) fn publish(&mut self, new: String) -> Result<()> {
-        let mut chain = std::mem::take(&mut self.staged);
-        let merges = std::mem::take(&mut self.staged_merges);
+        let mut chain = std::mem::take(&mut self.staging.commits);
+        let merges = std::mem::take(&mut self.staging.merges);
         chain.push(new);
-        if let Some(published) = self.published.take() {
+        if let Some(published) = self.staging.published.take() {
             self.tip = published;
         }
         for _ in 0..5 {
@@ -66,8 +66,8 @@ impl Stepper {
                     for _ in 0..merges {
                         crate::fault::point("merge-after-publish");
                     }
-                    let overlays = self.overlays.get_mut();
-                    if self.prompts_unchanged && chain.len() == 1 && overlays.0 == self.tip {
+                    let overlays = self.memo.overlays.get_mut();
+                    if self.staging.prompts_unchanged && chain.len() == 1 && overlays.0 == self.tip {
                         overlays.0.clone_from(&new);
                     }
                     self.tip = new;
@@ -170,7 +170,12 @@ impl Stepper {
     pub(super) fn reload_keep_tasks_at(&mut self, commit: &str) -> Result<()> {
         let tree = self.repo.read_tree_state(commit, &self.config.target.specs_dir)?;
         self.set_specs(tree.specs)?;
-        let busy: HashSet<String> = self.running.values().map(|r| r.record.task_id.clone()).collect();
+        let busy: HashSet<String> = self
+            .pool
+            .running
+            .values()
+            .map(|r| r.record.task_id.clone())
+            .collect();
         for t in tree.tasks {
             if !busy.contains(&t.id) {
                 self.tasks.insert(t.id.clone(), t);

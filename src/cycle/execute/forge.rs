@@ -47,8 +47,9 @@ pub(super) trait Forge: Sync {
     /// change instead of `change`.
     fn show_work(&self, s: &mut Stepper, task: &mut Task, change: TaskChange) -> TaskChange;
 
-    /// The pipeline's `mark-pr-ready`. `Ok(false)`: deferred to a later step.
-    fn mark_ready(&self, s: &mut Stepper, task: &Task) -> Result<bool>;
+    /// The pipeline's `mark-pr-ready`: the subject of the commit that records it, or `None` when
+    /// it is deferred to a later step.
+    fn mark_ready(&self, s: &mut Stepper, task: &Task) -> Result<Option<String>>;
 
     /// The pipeline's `merge-pr`.
     fn merge(&self, s: &mut Stepper, task: Task) -> Result<bool>;
@@ -121,10 +122,10 @@ impl Forge for Local {
     }
 
     fn move_state(&self, s: &mut Stepper, new: &str) -> Result<Publish> {
-        if s.checkout.is_none() {
-            s.checkout = Some(s.repo.worktree_on(&format!("refs/heads/{}", s.branch))?);
+        if s.staging.checkout.is_none() {
+            s.staging.checkout = Some(s.repo.worktree_on(&format!("refs/heads/{}", s.branch))?);
         }
-        let checkout = s.checkout.clone().flatten();
+        let checkout = s.staging.checkout.clone().flatten();
         s.repo.publish_with(&s.branch, &s.tip, new, checkout.as_deref())
     }
 
@@ -153,7 +154,7 @@ impl Forge for Local {
         change
     }
 
-    fn mark_ready(&self, _: &mut Stepper, task: &Task) -> Result<bool> {
+    fn mark_ready(&self, _: &mut Stepper, task: &Task) -> Result<Option<String>> {
         emit!(
             INFO,
             "pr_marked_ready",
@@ -161,7 +162,10 @@ impl Forge for Local {
             mode = "local",
             note = "no pull request in local mode"
         );
-        Ok(true)
+        Ok(Some(format!(
+            "hyperloop: {} mark-pr-ready (local: nothing to do)",
+            task.id
+        )))
     }
 
     fn merge(&self, s: &mut Stepper, task: Task) -> Result<bool> {
@@ -241,11 +245,14 @@ impl Forge for GitHub {
         change
     }
 
-    fn mark_ready(&self, s: &mut Stepper, task: &Task) -> Result<bool> {
+    fn mark_ready(&self, s: &mut Stepper, task: &Task) -> Result<Option<String>> {
         match s.mark_ready_github(task) {
-            Ok(()) => Ok(true),
+            Ok(()) => Ok(Some(format!(
+                "hyperloop: {} pull request ready for review",
+                task.id
+            ))),
             // Deferred for the pace; a later step readies it.
-            Err(e) if api_budget::is_held(&e) => Ok(false),
+            Err(e) if api_budget::is_held(&e) => Ok(None),
             Err(e) => Err(e),
         }
     }

@@ -22,7 +22,7 @@ impl Stepper {
                 .map(pipeline::Position)
                 .as_ref()
                 .and_then(|p| pipeline::step_at(self.pipeline(), p)),
-            Some(Step::Action { name }) if name == MERGE_PR
+            Some(s) if s.is_merge()
         );
         if !at_merge {
             return Ok(false);
@@ -40,14 +40,14 @@ impl Stepper {
     /// [`Repo::merge_tree`], remembering the last answer (both sides are commit ids, so it
     /// cannot go stale).
     pub(super) fn merge_tree(&self, ours: &str, theirs: &str) -> Result<MergeTree> {
-        if let Some((o, t, m)) = self.last_merge.borrow().as_ref()
+        if let Some((o, t, m)) = self.memo.last_merge.borrow().as_ref()
             && o == ours
             && t == theirs
         {
             return Ok(m.clone());
         }
         let m = self.repo.merge_tree(ours, theirs)?;
-        *self.last_merge.borrow_mut() = Some((ours.to_string(), theirs.to_string(), m.clone()));
+        *self.memo.last_merge.borrow_mut() = Some((ours.to_string(), theirs.to_string(), m.clone()));
         Ok(m)
     }
 
@@ -191,7 +191,7 @@ impl Stepper {
                 self.note_change(&t, &change);
                 self.tasks.insert(id.clone(), t);
                 if self.config.merge.delete_branch {
-                    self.pending_cleanup.push((id, branch));
+                    self.cleanup.pending.push((id, branch));
                 }
                 Ok(true)
             }
@@ -299,9 +299,9 @@ impl Stepper {
     /// Removes what merges in this step left to clean up; what fails is tried once more at the
     /// end of the step (and by every later step's start).
     pub(super) fn flush_cleanup(&mut self) {
-        for (id, branch) in std::mem::take(&mut self.pending_cleanup) {
+        for (id, branch) in std::mem::take(&mut self.cleanup.pending) {
             if !self.delete_task_branch(&id, &branch) {
-                self.cleanup_retry.push((id, branch));
+                self.cleanup.retry.push((id, branch));
             }
         }
     }

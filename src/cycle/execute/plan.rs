@@ -88,7 +88,7 @@ impl Stepper {
             let Action::Start { task_id, .. } = action else {
                 continue;
             };
-            if self.past_deadline() || self.running.contains_key(task_id) || self.over_total_budget() {
+            if self.past_deadline() || self.pool.running.contains_key(task_id) || self.over_total_budget() {
                 continue;
             }
             if !self.api_allows_start(task_id, started.len()) {
@@ -136,39 +136,46 @@ impl Stepper {
         let snapshot = Snapshot {
             tasks: self.tasks.values().cloned().collect(),
             specs: self.specs.clone(),
-            intake_record: self.intake_record.clone(),
+            intake_record: self.intake.record.clone(),
             running: self
+                .pool
                 .running
                 .values()
                 .filter(|r| r.record.kind == Kind::Task)
                 .map(|r| r.record.task_id.clone())
                 .collect(),
-            pending_failures: if self.improver_ran {
+            pending_failures: if self.improver.ran {
                 Vec::new()
             } else {
-                self.pending_failures.clone()
+                self.improver.failures.clone()
             },
-            intake_running: self.running.contains_key(INTAKE_ID)
+            intake_running: self.pool.running.contains_key(INTAKE_ID)
                 || self
-                    .intake_claim
+                    .intake
+                    .claim
                     .as_ref()
                     .is_some_and(|c| c.claim.live_lease(now_unix())),
             github_mode: self.forge.remote(),
         };
         let mut plan = decide::decide(&snapshot, &self.config, &self.defs.process, now_unix())?;
         plan.actions.retain(|a| match a {
-            Action::Spawn { task_id, .. } => !self.cooling.contains(task_id),
+            Action::Spawn { task_id, .. } => !self.pool.cooling.contains(task_id),
             _ => true,
         });
         // Intake and the improver are workers too; decide counts task workers only through
         // `running`, so make room for them here.
         let others = self
+            .pool
             .running
             .values()
             .filter(|r| r.record.kind != Kind::Task)
             .count();
         if others > 0 {
-            let mut budget = self.config.runtime.max_workers.saturating_sub(self.running.len());
+            let mut budget = self
+                .config
+                .runtime
+                .max_workers
+                .saturating_sub(self.pool.running.len());
             plan.actions.retain(|a| match a {
                 Action::Spawn { .. }
                 | Action::Start { .. }
@@ -263,13 +270,13 @@ impl Stepper {
         }
         match action {
             Action::RunIntake { specs, .. } => {
-                if self.intake_attempted || self.past_deadline() {
+                if self.intake.attempted || self.past_deadline() {
                     return Ok(false);
                 }
-                if let Some(f) = self.intake_failures.clone()
+                if let Some(f) = self.intake.failures.clone()
                     && gave_up(&f, &self.current_specs(), self.inputs_fingerprint()?)
                 {
-                    if !self.intake_blocked {
+                    if !self.intake.blocked {
                         emit!(
                             ERROR,
                             "intake_gave_up",
@@ -278,11 +285,11 @@ impl Stepper {
                             hint = INTAKE_GAVE_UP_HINT
                         );
                     }
-                    self.intake_blocked = true;
+                    self.intake.blocked = true;
                     self.report.intake_gave_up = Some(f.last_error);
                     return Ok(false);
                 }
-                self.intake_attempted = true;
+                self.intake.attempted = true;
                 if self.mode == Mode::Plan {
                     return self.claim_intake(specs);
                 }
@@ -290,17 +297,17 @@ impl Stepper {
                 Ok(true)
             }
             Action::RunImprover { failures } => {
-                if self.improver_ran || self.past_deadline() {
+                if self.improver.ran || self.past_deadline() {
                     return Ok(false);
                 }
-                self.improver_ran = true;
+                self.improver.ran = true;
                 self.spawn_improver(failures)?;
                 Ok(true)
             }
             // Tasks start in batches, one commit per wave: see `start_batch`.
             Action::Start { .. } => Ok(false),
             Action::Spawn { task_id, role, .. } => {
-                if self.past_deadline() || self.running.contains_key(task_id) {
+                if self.past_deadline() || self.pool.running.contains_key(task_id) {
                     return Ok(false);
                 }
                 match self.mode {
@@ -343,30 +350,21 @@ impl Stepper {
                 let Some(t) = self.tasks.get(task_id).cloned() else {
                     return Ok(false);
                 };
-                if !self.first_attempt(task_id, &t, action) {
+                if !self.first_attempt(task_id, &t, action.as_str()) {
                     return Ok(false);
                 }
-                match action.as_str() {
-                    MERGE_PR => {
-                        let forge = self.forge;
-                        forge.merge(self, t)
-                    }
-                    MARK_PR_READY => {
-                        let forge = self.forge;
-                        if !forge.mark_ready(self, &t)? {
+                let forge = self.forge;
+                match action {
+                    PipelineAction::MergePr => forge.merge(self, t),
+                    PipelineAction::MarkPrReady => {
+                        let Some(subject) = forge.mark_ready(self, &t)? else {
                             return Ok(false);
-                        }
+                        };
                         let mut t = t;
                         let change = transition::action_done(&mut t, self.pipeline());
-                        let subject = if forge.remote() {
-                            format!("hyperloop: {task_id} pull request ready for review")
-                        } else {
-                            format!("hyperloop: {task_id} mark-pr-ready (local: nothing to do)")
-                        };
                         self.save_task(t, &change, &subject)?;
                         Ok(!change.is_noop())
                     }
-                    other => Err(Error::other(format!("unknown action `{other}` for {task_id}"))),
                 }
             }
             Action::FailTask { task_id, reason } => {
@@ -492,7 +490,8 @@ impl Stepper {
     pub(super) fn claim_intake(&mut self, process: &[String]) -> Result<bool> {
         let now = now_unix();
         if self
-            .intake_claim
+            .intake
+            .claim
             .as_ref()
             .is_some_and(|c| c.claim.live_lease(now))
         {
@@ -533,7 +532,7 @@ impl Stepper {
             &spec_refs,
             INTAKE_ID,
         )?;
-        self.intake_claim = Some(lease);
+        self.intake.claim = Some(lease);
         emit!(
             INFO,
             "item_claimed",
@@ -556,7 +555,7 @@ impl Stepper {
     /// Clears an intake lease whose `work` died, was cancelled or is too late, so that intake
     /// can be claimed (or run by a step) again, under another item id. Returns whether it did.
     pub(super) fn expire_intake_lease(&mut self) -> Result<bool> {
-        let Some(lease) = &self.intake_claim else {
+        let Some(lease) = &self.intake.claim else {
             return Ok(false);
         };
         let claim = &lease.claim;
@@ -574,18 +573,18 @@ impl Stepper {
         let mut changes = Changes::default();
         changes.delete(format!("{}/{INTAKE_CLAIM}", self.tasks_rel()));
         self.commit(&changes, "hyperloop: intake lease expired", &[], INTAKE_ID)?;
-        self.intake_claim = None;
+        self.intake.claim = None;
         Ok(true)
     }
 
     /// Adds the removal of the intake lease to `changes` when the intake being recorded holds
     /// it. Returns whether it did.
     pub(super) fn release_intake_lease(&mut self, changes: &mut Changes) -> bool {
-        if !std::mem::take(&mut self.intake_release) {
+        if !std::mem::take(&mut self.intake.release) {
             return false;
         }
         changes.delete(format!("{}/{INTAKE_CLAIM}", self.tasks_rel()));
-        self.intake_claim = None;
+        self.intake.claim = None;
         true
     }
 }

@@ -110,7 +110,7 @@ pub(super) fn read_capped(path: &Path, cap: u64) -> std::result::Result<Vec<u8>,
 impl Stepper {
     pub(super) fn on_worker_done(&mut self, key: &str, outcome: &WorkerOutcome) -> Result<()> {
         crate::fault::point("worker-done");
-        let Some(run) = self.running.remove(key) else {
+        let Some(run) = self.pool.running.remove(key) else {
             return Ok(());
         };
         let record = run.record;
@@ -304,10 +304,10 @@ impl Stepper {
             change.to_status = task.status;
         }
         if matches!(verdict, Verdict::Error | Verdict::Timeout) {
-            self.cooling.insert(task.id.clone());
+            self.pool.cooling.insert(task.id.clone());
         }
         if !verdict.is_pass() {
-            self.pending_failures.push(FailureNote {
+            self.improver.failures.push(FailureNote {
                 task_id: task.id.clone(),
                 role: record.role.clone(),
                 round: record.round,
@@ -399,11 +399,11 @@ impl Stepper {
 
     /// [`inputs_fingerprint`] of this step's configuration and definitions, computed once.
     pub(super) fn inputs_fingerprint(&self) -> Result<&str> {
-        if self.inputs.get().is_none() {
+        if self.memo.inputs.get().is_none() {
             let f = inputs_fingerprint(&self.repo, &self.config, &self.defs)?;
-            let _ = self.inputs.set(f);
+            let _ = self.memo.inputs.set(f);
         }
-        Ok(self.inputs.get().map_or("", String::as_str))
+        Ok(self.memo.inputs.get().map_or("", String::as_str))
     }
 
     pub(super) fn record_intake(
@@ -415,7 +415,7 @@ impl Stepper {
         let specs: Vec<String> = record.specs.keys().cloned().collect();
         let fail = |this: &mut Self, why: String| {
             let inputs = this.inputs_fingerprint()?.to_string();
-            let mut failures = match &this.intake_failures {
+            let mut failures = match &this.intake.failures {
                 Some(f) if f.specs == record.specs && f.inputs == inputs => f.clone(),
                 _ => IntakeFailures {
                     specs: record.specs.clone(),
@@ -436,7 +436,7 @@ impl Stepper {
             );
             let spec_refs: Vec<&str> = record.specs.keys().map(String::as_str).collect();
             this.commit(&changes, &subject, &spec_refs, INTAKE_ID)?;
-            this.intake_failures = Some(failures);
+            this.intake.failures = Some(failures);
             emit!(
                 WARN,
                 "intake_ran",
@@ -545,7 +545,7 @@ impl Stepper {
                 format!("the pm's task files were rejected:\n- {}", problems.join("\n- ")),
             );
         }
-        let mut record_map = self.intake_record.clone();
+        let mut record_map = self.intake.record.clone();
         for (path, hash) in &record.specs {
             record_map.insert(path.clone(), hash.clone());
         }
@@ -553,9 +553,9 @@ impl Stepper {
         let mut text = serde_json::to_string_pretty(&record_map).map_err(|e| Error::other(e.to_string()))?;
         text.push('\n');
         changes.put(format!("{tasks_rel}/{INTAKE_RECORD}"), text);
-        if self.intake_failures.is_some() {
+        if self.intake.failures.is_some() {
             changes.delete(format!("{tasks_rel}/{INTAKE_FAILURES}"));
-            self.intake_failures = None;
+            self.intake.failures = None;
         }
         self.release_intake_lease(&mut changes);
         let created = new_tasks.len();
@@ -565,7 +565,7 @@ impl Stepper {
             specs.len()
         );
         self.commit(&changes, &subject, &spec_refs, INTAKE_ID)?;
-        self.intake_record = record_map;
+        self.intake.record = record_map;
         for t in new_tasks {
             self.tasks.insert(t.id.clone(), t);
         }
@@ -588,7 +588,8 @@ impl Stepper {
         outcome: &WorkerOutcome,
         duration: f64,
     ) -> Result<()> {
-        self.pending_failures
+        self.improver
+            .failures
             .retain(|f| !record.failures.contains(&f.task_id));
         let mut success = outcome.verdict == worker::Verdict::Pass;
         if success {
@@ -673,7 +674,8 @@ impl Stepper {
         }
         // The committed lease decides; the folder only says which lease it answers.
         if let Some(lease) = self
-            .intake_claim
+            .intake
+            .claim
             .clone()
             .filter(|l| l.claim.item.as_deref() == Some(id))
         {
@@ -830,7 +832,7 @@ impl Stepper {
             Ok(tip) => tip,
             Err(why) => return refuse(why),
         };
-        self.intake_release = true;
+        self.intake.release = true;
         let record = RunRecord {
             key: id.to_string(),
             kind: Kind::Intake,

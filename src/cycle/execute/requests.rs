@@ -135,7 +135,7 @@ impl Stepper {
                         self.config.max_task_rounds
                     ),
                 };
-                self.cooling.remove(task_id);
+                self.pool.cooling.remove(task_id);
                 self.save_task(t, &change, &format!("hyperloop: retry {task_id}"))?;
                 Ok(message)
             }
@@ -144,7 +144,7 @@ impl Stepper {
 
     /// Stops the worker running for `task_id` in this step, if any. Returns whether there was one.
     fn stop_worker(&self, task_id: &str) -> bool {
-        match self.running.get(task_id) {
+        match self.pool.running.get(task_id) {
             Some(r) => {
                 let _ = r.stop.send(true);
                 true
@@ -187,7 +187,7 @@ impl Stepper {
     /// `retry intake`: forgets the failed intakes of the current specs, so the next step runs
     /// intake again.
     fn retry_intake(&mut self) -> Result<String> {
-        let Some(f) = self.intake_failures.clone() else {
+        let Some(f) = self.intake.failures.clone() else {
             return Err(Error::usage(
                 "intake has not failed: there is nothing to retry".to_string(),
             ));
@@ -209,7 +209,7 @@ impl Stepper {
         let spec_refs: Vec<String> = spec_refs.into_iter().map(str::to_string).collect();
         let refs: Vec<&str> = spec_refs.iter().map(String::as_str).collect();
         self.commit(&changes, "hyperloop: retry intake", &refs, INTAKE_ID)?;
-        self.intake_failures = None;
+        self.intake.failures = None;
         emit!(INFO, "intake_retried", attempts_before = f.attempts);
         Ok(format!(
             "intake: its {} failed attempts are forgotten; the next step runs it again\n",

@@ -619,17 +619,17 @@ pub(super) fn to_json<T: Serialize>(v: &T) -> Result<Vec<u8>> {
 
 impl Stepper {
     pub(super) fn new_nonce(&mut self) -> String {
-        self.nonce_counter += 1;
+        self.pool.nonce_counter += 1;
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or(0);
-        format!("{:x}{:x}{:x}", nanos, std::process::id(), self.nonce_counter)
+        format!("{:x}{:x}{:x}", nanos, std::process::id(), self.pool.nonce_counter)
     }
 
     pub(super) fn role_overlay(&self, role: &str) -> Result<Option<String>> {
         {
-            let mut cache = self.overlays.borrow_mut();
+            let mut cache = self.memo.overlays.borrow_mut();
             if cache.0 != self.tip {
                 *cache = (self.tip.clone(), HashMap::new());
             } else if let Some(known) = cache.1.get(role) {
@@ -637,7 +637,8 @@ impl Stepper {
             }
         }
         let overlay = self.read_role_overlay(role)?;
-        self.overlays
+        self.memo
+            .overlays
             .borrow_mut()
             .1
             .insert(role.to_string(), overlay.clone());
@@ -738,8 +739,8 @@ impl Stepper {
         });
         let key = record.key.clone();
         let (stop, cancel) = watch::channel(false);
-        forward_stop(self.cancel_rx.clone(), stop.clone());
-        self.running.insert(
+        forward_stop(self.pool.cancel_rx.clone(), stop.clone());
+        self.pool.running.insert(
             key.clone(),
             Running {
                 record,
@@ -747,7 +748,7 @@ impl Stepper {
                 stop,
             },
         );
-        self.workers.spawn(async move {
+        self.pool.joins.spawn(async move {
             let cancelled = cancel.clone();
             if let Some(nw) = new_worktree {
                 let made = tokio::task::spawn_blocking(move || nw.make()).await;
@@ -796,12 +797,12 @@ impl Stepper {
         let mut task = task;
         let branch = crate::task::file::task_branch(task_id);
         let known = worktree::task_worktree_path(&self.repo.root, task_id);
-        if !self.excludes_ok {
+        if !self.memo.excludes_ok {
             worktree::ensure_local_excludes_in(&self.repo.common_dir)?;
-            self.excludes_ok = true;
+            self.memo.excludes_ok = true;
         }
         let mut new_worktree = None;
-        let (wt, start_head) = if self.worktrees_ready.contains(task_id) && known.join(".git").exists() {
+        let (wt, start_head) = if self.memo.worktrees_ready.contains(task_id) && known.join(".git").exists() {
             // Checked and repaired earlier in this step; the worker since then settled it.
             worktree::refresh_base(&known, &self.config.target.base_branch, self.base_tip())?;
             let head = worker::agent_user::checkout_git(&known).run_trim(["rev-parse", "HEAD"])?;
@@ -819,7 +820,7 @@ impl Stepper {
                 base_branch: self.config.target.base_branch.clone(),
                 base: base.clone(),
             });
-            self.worktrees_ready.insert(task_id.to_string());
+            self.memo.worktrees_ready.insert(task_id.to_string());
             (known, base)
         } else {
             let wt = worktree::prepare_task_worktree(
@@ -830,7 +831,7 @@ impl Stepper {
                 &branch,
                 (&self.config.target.base_branch, self.base_tip()),
             )?;
-            self.worktrees_ready.insert(task_id.to_string());
+            self.memo.worktrees_ready.insert(task_id.to_string());
             let head = worker::agent_user::checkout_git(&wt).run_trim(["rev-parse", "HEAD"])?;
             (wt, head)
         };
@@ -968,7 +969,7 @@ impl Stepper {
 
     /// Drops a worker that will not be recorded (the step is being cancelled).
     pub(super) fn forget(&mut self, key: &str) {
-        self.running.remove(key);
+        self.pool.running.remove(key);
         let _ = std::fs::remove_file(outcome_path(&self.running_dir(), key));
         let _ = std::fs::remove_file(self.running_dir().join(format!("{key}.json")));
     }
