@@ -562,6 +562,13 @@ struct Workers {
 struct ImproverState {
     failures: Vec<FailureNote>,
     ran: bool,
+    /// Fan-out only: failures earlier `record`s handed on ([`IMPROVER_PENDING`]).
+    pending: Vec<FailureNote>,
+    /// Fan-out only: the lease of the improver run `plan` claimed, as committed.
+    claim: Option<ImproverClaim>,
+    /// The improver being recorded came from a `work` output: its lease goes in the commit that
+    /// records it.
+    release: bool,
 }
 
 /// Commits on the state branch that are not published yet.
@@ -692,6 +699,9 @@ impl Stepper {
         self.intake.record = tree.intake_record;
         self.intake.failures = tree.intake_failures;
         self.intake.claim = tree.intake_claim;
+        if self.mode != Mode::Step {
+            self.load_improver_files()?;
+        }
         self.set_specs(tree.specs)
     }
 

@@ -10,7 +10,7 @@ use crate::pipeline::{PipelineAction, Position};
 use crate::task::Claim;
 
 /// A worker result that did not pass and that the process improver has not seen yet.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct FailureNote {
     pub task_id: String,
     pub role: String,

@@ -973,3 +973,169 @@ fn a_killed_intake_is_reissued_after_its_lease() {
         assert_eq!(t["status"], "complete", "{t}");
     }
 }
+
+/// Runs `work` for every item of `items` (each in a fresh clone) and records their outputs in one
+/// `record`. Returns the output folders and the record's output and report.
+fn work_and_record(p: &Project, items: &[Value]) -> (Vec<PathBuf>, Output, Value) {
+    let mut dirs = Vec::new();
+    for item in items {
+        let id = item_id(item);
+        let out = work(p, &id);
+        assert_eq!(out.status.code(), Some(0), "work {id}: {}", describe(&out));
+        dirs.push(outputs(p).join(&id));
+    }
+    let (out, report) = record(p, &dirs);
+    (dirs, out, report)
+}
+
+/// The process improver is a work item like any other: a failure `record` takes in waits,
+/// committed, for the next `plan`, which claims an improver run holding it; `work` runs the
+/// improver in a clone; `record` takes its changes to the prompts folder only and releases the
+/// lease. A replay of the output is refused, and the task then finishes as usual.
+#[test]
+fn the_process_improver_runs_as_a_work_item() {
+    let rules = r#"
+  - role: verifier
+    round: 0
+    actions:
+      - verdict: {verdict: fail, findings: 1, detail: "tests are missing"}
+  - role: process-improver
+    actions:
+      - shell: "grep -q 'tests are missing' \"$HYPERLOOP_PROMPT_FILE\" && mkdir -p specs/prompts && printf 'prompt: |\\n  Remember the tests.\\n' > specs/prompts/implementer-overlay.yaml && echo stray > stray.txt && git add -A && git commit -qm improve"
+      - verdict: {verdict: pass, detail: "overlay written"}
+"#;
+    let p = project(1, 600, rules);
+    let pending = "specs/tasks/.improver-pending.json";
+    let claim = "specs/tasks/.improver-claim.json";
+    let exists = |path: &str| {
+        p.env
+            .command("git")
+            .current_dir(&p.repo.path)
+            .args(["cat-file", "-e", &format!("main:{path}")])
+            .status()
+            .expect("git runs")
+            .success()
+    };
+
+    // Implementer, then the verifier's failure.
+    for role in ["implementer", "verifier"] {
+        let items = plan(&p);
+        assert_eq!(items.len(), 1, "{items:?}");
+        assert_eq!(items[0]["role"], role);
+        let (_, _, report) = work_and_record(&p, &items);
+        assert_eq!(strings(&report["recorded"]).len(), 1, "{report}");
+    }
+    assert!(exists(pending), "the failure waits for the improver");
+    let waiting: Value = serde_json::from_str(&p.git(&["show", &format!("main:{pending}")])).expect("json");
+    assert_eq!(waiting["failures"][0]["task_id"], "task-001", "{waiting}");
+    assert_eq!(waiting["failures"][0]["detail"], "tests are missing", "{waiting}");
+
+    // The next plan claims the implementer's next round and the improver.
+    let items = plan(&p);
+    let roles: Vec<&str> = items.iter().filter_map(|i| i["role"].as_str()).collect();
+    assert!(
+        roles.contains(&"process-improver") && roles.contains(&"implementer"),
+        "{items:?}"
+    );
+    assert!(
+        exists(claim) && !exists(pending),
+        "the failures moved into the lease"
+    );
+    let improver = items
+        .iter()
+        .find(|i| i["role"] == "process-improver")
+        .map(item_id)
+        .expect("improver item");
+    assert_eq!(
+        items
+            .iter()
+            .find(|i| i["role"] == "process-improver")
+            .expect("item")["task_id"],
+        "process-improvement"
+    );
+    let (dirs, out, report) = work_and_record(&p, &items);
+    assert_eq!(strings(&report["recorded"]).len(), 2, "{report}");
+    let ran = named(&events(&out), "process_improver_ran").len();
+    assert_eq!(ran, 1, "{}", describe(&out));
+    assert!(
+        p.git(&["show", "main:specs/prompts/implementer-overlay.yaml"])
+            .contains("Remember the tests."),
+        "the improver's prompt held the failure, and its overlay landed"
+    );
+    assert!(
+        !exists("stray.txt"),
+        "only the prompts folder is taken from the improver"
+    );
+    assert!(!exists(claim) && !exists(pending), "the lease is released");
+
+    // Its output again: refused, nothing applied twice.
+    let improver_dir = dirs
+        .iter()
+        .find(|d| d.ends_with(&improver))
+        .cloned()
+        .expect("improver output");
+    let (out, report) = record(&p, &[improver_dir]);
+    assert!(report["recorded"].is_null(), "{report}");
+    assert_eq!(named(&events(&out), "output_refused").len(), 1);
+    assert_eq!(named(&events(&out), "process_improver_ran").len(), 0);
+
+    fan_out_until_done(&p);
+    assert_eq!(p.task("task-001")["status"], "complete");
+    assert_eq!(merges_of(&p, "task-001"), 1);
+    assert!(plan(&p).is_empty());
+}
+
+/// An improver run whose `work` never reports: after its lease the failures it held wait again,
+/// and the next `plan` claims the improver anew (another item id); that run is recorded.
+#[test]
+fn an_improver_item_never_worked_is_reissued_after_its_lease() {
+    let rules = r#"
+  - role: verifier
+    round: 0
+    actions:
+      - verdict: {verdict: fail, findings: 1, detail: "tests are missing"}
+  - role: process-improver
+    actions:
+      - shell: "mkdir -p specs/prompts && printf 'prompt: |\\n  Remember the tests.\\n' > specs/prompts/implementer-overlay.yaml && git add -A && git commit -qm improve"
+      - verdict: {verdict: pass, detail: "overlay written"}
+"#;
+    let p = project(1, 6, rules);
+    for _ in 0..2 {
+        let items = plan(&p);
+        let (_, _, report) = work_and_record(&p, &items);
+        assert_eq!(strings(&report["recorded"]).len(), 1, "{report}");
+    }
+    let improver_of = |items: &[Value]| {
+        items
+            .iter()
+            .find(|i| i["role"] == "process-improver")
+            .map(item_id)
+    };
+    let first = improver_of(&plan(&p)).expect("the improver is claimed");
+    // Its `work` never runs. Past the lease, the next plan gives it back and claims it again.
+    std::thread::sleep(Duration::from_secs(7));
+    let out = p.hyperloop(&["plan", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let evs = events(&out);
+    let expired: Vec<_> = named(&evs, "lease_expired")
+        .into_iter()
+        .filter(|e| e["task_id"] == "process-improvement")
+        .collect();
+    assert_eq!(expired.len(), 1, "{}", describe(&out));
+    let items: Vec<Value> = serde_json::from_slice::<Value>(&out.stdout).expect("json")["items"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let second = improver_of(&items).expect("claimed again");
+    assert_ne!(first, second);
+    // The first item is no longer claimed.
+    let stale = work(&p, &first);
+    assert_eq!(stale.status.code(), Some(2), "{}", describe(&stale));
+    let (_, out, report) = work_and_record(&p, &items);
+    assert!(report["refused"].is_null(), "{report}");
+    assert_eq!(named(&events(&out), "process_improver_ran").len(), 1);
+    assert!(
+        p.git(&["show", "main:specs/prompts/implementer-overlay.yaml"])
+            .contains("Remember the tests.")
+    );
+}

@@ -28,6 +28,52 @@ pub(super) const TRANSCRIPT_FILE: &str = "transcript.log";
 /// a bundle needs a ref.
 pub(super) const INTAKE_OUTPUT_BRANCH: &str = "hyperloop-intake-output";
 
+/// The branch an improver output's bundle holds the improver's commits on (it works detached).
+pub(super) const IMPROVER_OUTPUT_BRANCH: &str = "hyperloop-improver-output";
+
+/// In the tasks folder: the lease of a process-improver run `plan` claimed, holding the
+/// failures it is to learn from. Not a `.md` file, so no loader takes it for a task.
+pub(super) const IMPROVER_CLAIM: &str = ".improver-claim.json";
+
+/// In the tasks folder: failures `record` took in that no improver has seen yet. A `step`
+/// keeps them in memory and runs the improver itself; the fan-out hands them from one `record`
+/// to the next `plan` through this file.
+pub(super) const IMPROVER_PENDING: &str = ".improver-pending.json";
+
+/// The most failures kept waiting for the improver (the newest): one bad day must not grow
+/// the file, or the prompt, without bound.
+pub(super) const MAX_PENDING_FAILURES: usize = 20;
+
+/// The lease of a process-improver run, as committed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub(super) struct ImproverClaim {
+    #[serde(flatten)]
+    pub(super) claim: crate::task::Claim,
+    pub(super) failures: Vec<FailureNote>,
+}
+
+/// Failures waiting for the improver, as committed.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub(super) struct ImproverPending {
+    pub(super) failures: Vec<FailureNote>,
+}
+
+/// A JSON state file of the tasks folder at `commit`; `None` when there is none.
+pub(super) fn read_state_file<T: serde::de::DeserializeOwned>(
+    repo: &Repo,
+    commit: &str,
+    path: &str,
+) -> Result<Option<T>> {
+    let Some(blob) = repo.git.rev_parse_object(&format!("{commit}:{path}"))? else {
+        return Ok(None);
+    };
+    let text = repo.git.run(["cat-file", "blob", blob.as_str()])?;
+    serde_json::from_str(&text).map(Some).map_err(|e| {
+        Error::invalid(path, "document", e.to_string())
+            .with_hint("delete the file (commit the deletion) and run `hyperloop plan` again")
+    })
+}
+
 /// One claimed agent run, as `plan --json` prints it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct WorkItem {

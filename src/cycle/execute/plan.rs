@@ -30,7 +30,11 @@ pub(super) async fn run_part(
         for dir in dirs {
             stepper.record_output(dir)?;
         }
-        let acted = stepper.act_now().and_then(|()| stepper.flush_staged());
+        let mut acted = stepper.act_now();
+        if acted.is_ok() && mode == Mode::Record {
+            acted = stepper.hand_on_failures();
+        }
+        let acted = acted.and_then(|()| stepper.flush_staged());
         stepper.flush_cleanup();
         acted
     })();
@@ -58,6 +62,7 @@ impl Stepper {
     /// Decides and performs everything that can happen now. Returns whether anything did.
     pub(super) fn act(&mut self) -> Result<bool> {
         let mut any = self.expire_intake_lease()?;
+        any |= self.expire_improver_lease()?;
         loop {
             let plan = self.plan()?;
             let mut progressed = self.start_batch(&plan)?;
@@ -144,10 +149,12 @@ impl Stepper {
                 .filter(|r| r.record.kind == Kind::Task)
                 .map(|r| r.record.task_id.clone())
                 .collect(),
-            pending_failures: if self.improver.ran {
+            pending_failures: if self.improver.ran || self.improver_leased() {
                 Vec::new()
             } else {
-                self.improver.failures.clone()
+                let mut all = self.improver.pending.clone();
+                all.extend(self.improver.failures.iter().cloned());
+                all
             },
             intake_running: self.pool.running.contains_key(INTAKE_ID)
                 || self
@@ -261,11 +268,10 @@ impl Stepper {
             )?;
             return Ok(true);
         }
-        if self.mode != Mode::Step && matches!(action, Action::RunImprover { .. })
-            || self.mode == Mode::Record && matches!(action, Action::RunIntake { .. })
+        if self.mode == Mode::Record
+            && matches!(action, Action::RunImprover { .. } | Action::RunIntake { .. })
         {
-            // The process improver is not a work item: `step` runs it. Intake is claimed by
-            // `plan`, never started by `record`.
+            // Intake and the improver are claimed by `plan`, never started by `record`.
             return Ok(false);
         }
         match action {
@@ -301,6 +307,9 @@ impl Stepper {
                     return Ok(false);
                 }
                 self.improver.ran = true;
+                if self.mode == Mode::Plan {
+                    return self.claim_improver(failures);
+                }
                 self.spawn_improver(failures)?;
                 Ok(true)
             }
@@ -586,5 +595,162 @@ impl Stepper {
         changes.delete(format!("{}/{INTAKE_CLAIM}", self.tasks_rel()));
         self.intake.claim = None;
         true
+    }
+
+    /// Whether a live lease holds an improver run.
+    pub(super) fn improver_leased(&self) -> bool {
+        self.improver
+            .claim
+            .as_ref()
+            .is_some_and(|c| c.claim.live_lease(now_unix()))
+    }
+
+    fn improver_path(&self, file: &str) -> String {
+        format!("{}/{file}", self.tasks_rel())
+    }
+
+    /// Reads the fan-out's improver files at the state tip (`plan` and `record` only).
+    pub(super) fn load_improver_files(&mut self) -> Result<()> {
+        let tip = self.tip.clone();
+        let pending: Option<ImproverPending> =
+            read_state_file(&self.repo, &tip, &self.improver_path(IMPROVER_PENDING))?;
+        self.improver.pending = pending.map(|p| p.failures).unwrap_or_default();
+        self.improver.claim = read_state_file(&self.repo, &tip, &self.improver_path(IMPROVER_CLAIM))?;
+        Ok(())
+    }
+
+    /// Claims a process-improver run as a work item: its lease, holding the failures it is to
+    /// learn from, replaces the pending failures in one commit. Returns whether it did.
+    pub(super) fn claim_improver(&mut self, failures: &[FailureNote]) -> Result<bool> {
+        let role = "process-improver".to_string();
+        if self.defs.agent(&role).is_none() {
+            emit!(
+                DEBUG,
+                "process_improver_skipped",
+                reason = "no process-improver agent"
+            );
+            return Ok(false);
+        }
+        let now = now_unix();
+        let base = self.tip.clone();
+        let nonce = self.new_nonce();
+        let id = item_id(IMPROVER_ID, &role, 0, &nonce);
+        let lease = ImproverClaim {
+            claim: Claim {
+                role: role.clone(),
+                owner: format!("{LEASE_OWNER} {}", std::process::id()),
+                pgid: None,
+                started_at: now,
+                expires_at: now.saturating_add(self.config.runtime.lease_timeout()),
+                nonce,
+                item: Some(id.clone()),
+                round: Some(0),
+                base: Some(base.clone()),
+            },
+            failures: failures.to_vec(),
+        };
+        let mut changes = Changes::default();
+        let mut text = to_json(&lease)?;
+        text.push(b'\n');
+        changes.put(self.improver_path(IMPROVER_CLAIM), text);
+        if !self.improver.pending.is_empty() {
+            changes.delete(self.improver_path(IMPROVER_PENDING));
+        }
+        self.commit(
+            &changes,
+            &format!("hyperloop: process improver claimed as {id}"),
+            &[],
+            IMPROVER_ID,
+        )?;
+        self.improver.pending.clear();
+        self.improver.failures.clear();
+        self.improver.claim = Some(lease);
+        emit!(
+            INFO,
+            "item_claimed",
+            item = id.as_str(),
+            task_id = IMPROVER_ID,
+            role = role.as_str(),
+            round = 0u32,
+            base = base.as_str(),
+            lease_timeout_s = self.config.runtime.lease_timeout()
+        );
+        self.report.items.push(WorkItem {
+            id,
+            task_id: IMPROVER_ID.to_string(),
+            role,
+            round: 0,
+        });
+        Ok(true)
+    }
+
+    /// Clears an improver lease whose `work` died or is too late; its failures wait for the
+    /// improver again. Returns whether it did.
+    pub(super) fn expire_improver_lease(&mut self) -> Result<bool> {
+        let Some(lease) = self.improver.claim.clone() else {
+            return Ok(false);
+        };
+        if lease.claim.expires_at > now_unix() {
+            return Ok(false);
+        }
+        emit!(
+            WARN,
+            "lease_expired",
+            task_id = IMPROVER_ID,
+            item = lease.claim.item.as_deref().unwrap_or("-"),
+            role = lease.claim.role.as_str(),
+            expires_at = lease.claim.expires_at
+        );
+        let mut waiting = lease.failures;
+        waiting.extend(std::mem::take(&mut self.improver.pending));
+        let mut changes = Changes::default();
+        changes.delete(self.improver_path(IMPROVER_CLAIM));
+        self.put_pending(&mut changes, &waiting)?;
+        self.commit(
+            &changes,
+            "hyperloop: process improver lease expired",
+            &[],
+            IMPROVER_ID,
+        )?;
+        self.improver.claim = None;
+        self.improver.pending = waiting;
+        Ok(true)
+    }
+
+    /// Adds the failures waiting for the improver (the newest [`MAX_PENDING_FAILURES`]) to
+    /// `changes`, or the file's removal when there are none.
+    pub(super) fn put_pending(&self, changes: &mut Changes, failures: &[FailureNote]) -> Result<()> {
+        let path = self.improver_path(IMPROVER_PENDING);
+        if failures.is_empty() {
+            changes.delete(path);
+            return Ok(());
+        }
+        let keep = failures.len().saturating_sub(MAX_PENDING_FAILURES);
+        let mut text = to_json(&ImproverPending {
+            failures: failures[keep..].to_vec(),
+        })?;
+        text.push(b'\n');
+        changes.put(path, text);
+        Ok(())
+    }
+
+    /// `record`: hands the failures it took in to the next `plan`, for the improver, when the
+    /// process has one.
+    pub(super) fn hand_on_failures(&mut self) -> Result<()> {
+        if self.improver.failures.is_empty() || self.defs.agent("process-improver").is_none() {
+            return Ok(());
+        }
+        let mut waiting = self.improver.pending.clone();
+        waiting.extend(std::mem::take(&mut self.improver.failures));
+        let mut changes = Changes::default();
+        self.put_pending(&mut changes, &waiting)?;
+        self.commit(
+            &changes,
+            "hyperloop: failures kept for the process improver",
+            &[],
+            IMPROVER_ID,
+        )?;
+        self.improver.pending = waiting;
+        Ok(())
     }
 }

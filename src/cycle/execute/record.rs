@@ -13,6 +13,7 @@ use std::os::unix::fs::OpenOptionsExt;
 
 use super::plan::run_part;
 use super::*;
+use crate::task::Claim;
 use crate::task::store::IntakeClaim;
 
 /// What to do about an intake that gave up.
@@ -106,6 +107,10 @@ pub(super) fn read_capped(path: &Path, cap: u64) -> std::result::Result<Vec<u8>,
     }
     Ok(bytes)
 }
+
+/// An output checked against its lease: the run to record, or why it is refused (with the item
+/// it names, when it names one).
+pub(super) type Verified = std::result::Result<(RunRecord, WorkerOutcome), (Option<String>, String)>;
 
 impl Stepper {
     pub(super) fn on_worker_done(&mut self, key: &str, outcome: &WorkerOutcome) -> Result<()> {
@@ -592,20 +597,36 @@ impl Stepper {
             .failures
             .retain(|f| !record.failures.contains(&f.task_id));
         let mut success = outcome.verdict == worker::Verdict::Pass;
+        let prompts_rel = format!("{}/prompts", self.specs_dir().trim_end_matches('/'));
+        let mut changes = Changes::default();
         if success {
-            let wt = worker::agent_user::checkout_git(&record.worktree);
-            let head = wt.run_trim(["rev-parse", "HEAD"])?;
-            let prompts_rel = format!("{}/prompts", self.specs_dir().trim_end_matches('/'));
-            let mut changes = Changes::default();
+            // An output's commits were taken in already; a run of this step is in its checkout.
+            let head = match &record.end_head {
+                Some(h) => h.clone(),
+                None => worker::agent_user::checkout_git(&record.worktree).run_trim(["rev-parse", "HEAD"])?,
+            };
+            // Only the prompts folder: whatever else the improver changed is not taken.
             for (path, entry) in self.repo.diff_entries(&record.start_head, &head, &prompts_rel)? {
                 changes.files.insert(path, entry);
             }
-            if !changes.is_empty() {
-                let subject = "hyperloop: process improvements from recent failures".to_string();
-                success = self
-                    .commit(&changes, &subject, &[&prompts_rel], IMPROVER_ID)
-                    .is_ok();
-            }
+        }
+        let improved = !changes.is_empty();
+        if std::mem::take(&mut self.improver.release) {
+            changes.delete(format!("{}/{IMPROVER_CLAIM}", self.tasks_rel()));
+            self.improver.claim = None;
+        }
+        if !changes.is_empty() {
+            let committed = if improved {
+                self.commit(
+                    &changes,
+                    "hyperloop: process improvements from recent failures",
+                    &[&prompts_rel],
+                    IMPROVER_ID,
+                )
+            } else {
+                self.commit(&changes, "hyperloop: process improver recorded", &[], IMPROVER_ID)
+            };
+            success = success && committed.is_ok();
         }
         emit!(
             INFO,
@@ -656,11 +677,7 @@ impl Stepper {
 
     /// Checks an output and takes its commits in (the task branch moves). `Err` inside: the
     /// output is refused, with the item it names (when it names one) and why.
-    #[allow(clippy::type_complexity)]
-    pub(super) fn verify_output(
-        &mut self,
-        dir: &Path,
-    ) -> Result<std::result::Result<(RunRecord, WorkerOutcome), (Option<String>, String)>> {
+    pub(super) fn verify_output(&mut self, dir: &Path) -> Result<Verified> {
         let refuse = |item: Option<&str>, why: String| Ok(Err((item.map(str::to_string), why)));
         let item: ItemFile = match read_capped(&dir.join(ITEM_FILE), MAX_META_BYTES)
             .and_then(|b| serde_json::from_slice(&b).map_err(|e| format!("{ITEM_FILE}: {e}")))
@@ -680,6 +697,14 @@ impl Stepper {
             .filter(|l| l.claim.item.as_deref() == Some(id))
         {
             return self.verify_intake_output(dir, &item, lease);
+        }
+        if let Some(lease) = self
+            .improver
+            .claim
+            .clone()
+            .filter(|l| l.claim.item.as_deref() == Some(id))
+        {
+            return self.verify_improver_output(dir, &item, &lease);
         }
         let Some(task) = self
             .tasks
@@ -801,21 +826,63 @@ impl Stepper {
     /// [`Stepper::verify_output`] for an intake output: checked against the intake lease, the
     /// pm's commits taken in, and recorded as a step records the pm it ran; the lease goes in
     /// the commit that records it.
-    #[allow(clippy::type_complexity)]
     pub(super) fn verify_intake_output(
         &mut self,
         dir: &Path,
         item: &ItemFile,
         lease: IntakeClaim,
-    ) -> Result<std::result::Result<(RunRecord, WorkerOutcome), (Option<String>, String)>> {
+    ) -> Result<Verified> {
+        let verified = self.verify_detached_output(
+            dir,
+            item,
+            &lease.claim,
+            (Kind::Intake, INTAKE_ID, INTAKE_OUTPUT_BRANCH),
+        )?;
+        Ok(verified.map(|(mut record, outcome)| {
+            self.intake.release = true;
+            record.specs = lease.specs;
+            (record, outcome)
+        }))
+    }
+
+    /// [`Stepper::verify_output`] for a process-improver output: checked against its lease, its
+    /// commits taken in; recording it takes only its changes to the prompts folder, as a step
+    /// takes them from the improver it ran, and releases the lease.
+    pub(super) fn verify_improver_output(
+        &mut self,
+        dir: &Path,
+        item: &ItemFile,
+        lease: &ImproverClaim,
+    ) -> Result<Verified> {
+        let verified = self.verify_detached_output(
+            dir,
+            item,
+            &lease.claim,
+            (Kind::Improver, IMPROVER_ID, IMPROVER_OUTPUT_BRANCH),
+        )?;
+        Ok(verified.map(|(mut record, outcome)| {
+            self.improver.release = true;
+            record.failures = lease.failures.iter().map(|f| f.task_id.clone()).collect();
+            (record, outcome)
+        }))
+    }
+
+    /// The checks an output of a detached run (the pm, the improver) passes against its lease,
+    /// and its commits taken in from the bundle on `branch`.
+    fn verify_detached_output(
+        &mut self,
+        dir: &Path,
+        item: &ItemFile,
+        claim: &Claim,
+        (kind, task_id, branch): (Kind, &str, &str),
+    ) -> Result<Verified> {
         let id = item.id.as_str();
         let refuse = |why: String| Ok(Err((Some(id.to_string()), why)));
-        let claim = lease.claim;
         let Some(base) = claim.base.clone() else {
             return refuse("the lease names no base commit".to_string());
         };
         if item.nonce != claim.nonce
-            || item.task_id != INTAKE_ID
+            || item.task_id != task_id
             || item.role != claim.role
             || Some(item.round) != claim.round
             || item.base != base
@@ -828,22 +895,21 @@ impl Stepper {
             Ok(r) => r,
             Err(why) => return refuse(why),
         };
-        let tip = match self.import_output(dir, INTAKE_OUTPUT_BRANCH, id, &base) {
+        let tip = match self.import_output(dir, branch, id, &base) {
             Ok(tip) => tip,
             Err(why) => return refuse(why),
         };
-        self.intake.release = true;
         let record = RunRecord {
             key: id.to_string(),
-            kind: Kind::Intake,
-            task_id: INTAKE_ID.to_string(),
+            kind,
+            task_id: task_id.to_string(),
             role: claim.role.clone(),
             round: 0,
             nonce: claim.nonce.clone(),
             started_at: claim.started_at,
             worktree: PathBuf::new(),
             start_head: base,
-            specs: lease.specs,
+            specs: BTreeMap::new(),
             failures: Vec::new(),
             end_head: Some(tip),
             position: None,

@@ -263,6 +263,12 @@ pub async fn work(target: &Target, item: &str, out: &Path) -> Result<WorkReport>
     let intake = tree
         .intake_claim
         .filter(|l| l.claim.item.as_deref() == Some(item));
+    let improver_path = format!(
+        "{}/tasks/{IMPROVER_CLAIM}",
+        config.target.specs_dir.trim_end_matches('/')
+    );
+    let improver = read_state_file::<ImproverClaim>(repo, &tip, &improver_path)?
+        .filter(|l| l.claim.item.as_deref() == Some(item));
     let found = tree.tasks.into_iter().find_map(|t| {
         let c = t.claim.clone()?;
         (c.item.as_deref() == Some(item)).then_some((t, c))
@@ -271,6 +277,7 @@ pub async fn work(target: &Target, item: &str, out: &Path) -> Result<WorkReport>
         .as_ref()
         .map(|(_, c)| c.clone())
         .or_else(|| intake.as_ref().map(|l| l.claim.clone()))
+        .or_else(|| improver.as_ref().map(|l| l.claim.clone()))
     else {
         return Err(Error::usage(format!(
             "{item} is not a claimed work item (never claimed, recorded already, or re-issued \
@@ -297,6 +304,9 @@ pub async fn work(target: &Target, item: &str, out: &Path) -> Result<WorkReport>
         )));
     }
     let Some((task, _)) = found else {
+        if let Some(lease) = improver {
+            return work_improver(target, item, out, &lease, &base).await;
+        }
         let Some(lease) = intake else {
             return Err(Error::other(format!("{item} names no lease")));
         };
@@ -410,6 +420,40 @@ pub async fn work(target: &Target, item: &str, out: &Path) -> Result<WorkReport>
 
 /// `work` for an intake item: the pm runs in a checkout of the lease's base with the prompt a
 /// step would give it, and its commits go into the output's bundle.
+/// The process improver's prompt: its agent, and the failures it is to learn from.
+pub(super) fn improver_prompt(
+    agent: &definitions::Agent,
+    failures: &[FailureNote],
+    prompts_dir: &str,
+    base_branch: &str,
+    role_overlay: Option<String>,
+) -> String {
+    let mut text_failures = String::new();
+    for f in failures {
+        text_failures.push_str(&format!(
+            "### {} — {} round {}: {}\n\n{}\n\n",
+            f.task_id,
+            f.role,
+            f.round,
+            f.verdict,
+            f.detail.trim()
+        ));
+    }
+    let input = PromptInput {
+        task_id: IMPROVER_ID.to_string(),
+        spec_ref: prompts_dir.to_string(),
+        round: 0,
+        branch: None,
+        base_branch: base_branch.to_string(),
+        task_title: None,
+        task_spec: None,
+        findings: None,
+        role_overlay,
+        extra_sections: vec![("Failure findings".to_string(), text_failures)],
+    };
+    prompt::compose(agent, &input)
+}
+
 pub(super) async fn work_intake(
     target: &Target,
     item: &str,
@@ -419,30 +463,97 @@ pub(super) async fn work_intake(
 ) -> Result<WorkReport> {
     let repo = &target.repo;
     let config = &target.config;
-    let claim = &lease.claim;
     let specs_dir = config.target.specs_dir.clone();
     prepare_agents(target)?;
     let defs = definitions::load(config, &repo.root)?;
     let at_base = repo.read_tree_state(base, &specs_dir)?;
-    let overlay = read_role_overlay(repo, &specs_dir, base, &claim.role)?;
+    let overlay = read_role_overlay(repo, &specs_dir, base, &lease.claim.role)?;
     let prompt_text = intake_prompt(config, &defs, at_base.tasks.iter(), &lease.process, overlay)?;
+    let run = Detached {
+        task_id: INTAKE_ID,
+        output_branch: INTAKE_OUTPUT_BRANCH,
+        spec_ref: specs_dir,
+        prompt: prompt_text,
+    };
+    work_detached(target, item, out, &lease.claim, base, run).await
+}
+
+/// `work` for a process-improver item: the improver, given the failures its lease holds, in a
+/// checkout of the lease's base; its commits go in the output like the pm's.
+pub(super) async fn work_improver(
+    target: &Target,
+    item: &str,
+    out: &Path,
+    lease: &ImproverClaim,
+    base: &str,
+) -> Result<WorkReport> {
+    let repo = &target.repo;
+    let config = &target.config;
+    let specs_dir = config.target.specs_dir.clone();
+    prepare_agents(target)?;
+    let defs = definitions::load(config, &repo.root)?;
+    let Some(agent) = defs.agent(&lease.claim.role) else {
+        return Err(Error::other(format!(
+            "no agent named `{}` for {item}",
+            lease.claim.role
+        )));
+    };
+    let overlay = read_role_overlay(repo, &specs_dir, base, &lease.claim.role)?;
+    let prompts_dir = format!("{}/prompts", specs_dir.trim_end_matches('/'));
+    let prompt_text = improver_prompt(
+        agent,
+        &lease.failures,
+        &prompts_dir,
+        &config.target.base_branch,
+        overlay,
+    );
+    let run = Detached {
+        task_id: IMPROVER_ID,
+        output_branch: IMPROVER_OUTPUT_BRANCH,
+        spec_ref: prompts_dir,
+        prompt: prompt_text,
+    };
+    work_detached(target, item, out, &lease.claim, base, run).await
+}
+
+/// An agent run that works on the base branch, detached, rather than on a task's branch (the
+/// pm, the process improver).
+pub(super) struct Detached {
+    task_id: &'static str,
+    /// The branch the output's bundle holds the commits on.
+    output_branch: &'static str,
+    spec_ref: String,
+    prompt: String,
+}
+
+async fn work_detached(
+    target: &Target,
+    item: &str,
+    out: &Path,
+    claim: &Claim,
+    base: &str,
+    run: Detached,
+) -> Result<WorkReport> {
+    let repo = &target.repo;
+    let config = &target.config;
+    let task_id = run.task_id;
     worktree::ensure_local_excludes_in(&repo.common_dir)?;
-    let wt = worktree::ensure_base_worktree(&repo.git, &repo.root, INTAKE_ID, base)?;
+    let wt = worktree::ensure_base_worktree(&repo.git, &repo.root, task_id, base)?;
     worktree::watch_task_refs(&repo.git)?;
     let spec = WorkerSpec {
-        task_id: INTAKE_ID.to_string(),
+        task_id: task_id.to_string(),
         role: claim.role.clone(),
-        spec_ref: specs_dir.clone(),
+        spec_ref: run.spec_ref.clone(),
         round: 0,
         branch: config.target.base_branch.clone(),
         base_branch: config.target.base_branch.clone(),
         worktree: wt.clone(),
-        prompt: prompt_text,
+        prompt: run.prompt,
         command: config.runtime.agent_command.clone(),
         agent_env: config.runtime.agent_env.clone(),
         worker_timeout: Duration::from_secs(config.runtime.worker_timeout),
         stall_timeout: Duration::from_secs(config.runtime.stall_timeout),
-        log_file: worktree::worker_log_path(&repo.root, INTAKE_ID, &claim.role, 0),
+        log_file: worktree::worker_log_path(&repo.root, task_id, &claim.role, 0),
         nonce: claim.nonce.clone(),
         base_commit: Some(base.to_string()),
         secret_env: config
@@ -460,10 +571,10 @@ pub(super) async fn work_intake(
     emit!(
         INFO,
         "worker_spawned",
-        task_id = INTAKE_ID,
+        task_id = task_id,
         role = claim.role.as_str(),
         round = 0u32,
-        spec_ref = specs_dir.as_str(),
+        spec_ref = run.spec_ref.as_str(),
         item = item
     );
     let cancel = interrupt_on_signals()?;
@@ -495,14 +606,14 @@ pub(super) async fn work_intake(
             names.join(", ")
         );
     }
-    let bundle_ref = format!("refs/heads/{INTAKE_OUTPUT_BRANCH}");
+    let bundle_ref = format!("refs/heads/{}", run.output_branch);
     if end != base {
         repo.git.run(["update-ref", bundle_ref.as_str(), end.as_str()])?;
     }
     let written = write_output(
         out,
         &repo.git,
-        (item, INTAKE_ID, claim),
+        (item, task_id, claim),
         (base, &end, &bundle_ref),
         &outcome,
     );
@@ -510,11 +621,11 @@ pub(super) async fn work_intake(
         let _ = repo.git.output(["update-ref", "-d", bundle_ref.as_str()]);
     }
     written?;
-    crate::transcripts::publish(&outcome.log_file, INTAKE_ID, &claim.role, 0);
+    crate::transcripts::publish(&outcome.log_file, task_id, &claim.role, 0);
     work_report(
         &repo.git,
         item,
-        (INTAKE_ID, &claim.role, 0),
+        (task_id, &claim.role, 0),
         (base, &end),
         &outcome,
         out,
@@ -921,31 +1032,14 @@ impl Stepper {
             return Ok(());
         };
         let wt = worktree::ensure_base_worktree(&self.repo.git, &self.repo.root, IMPROVER_ID, &self.tip)?;
-        let mut text_failures = String::new();
-        for f in failures {
-            text_failures.push_str(&format!(
-                "### {} — {} round {}: {}\n\n{}\n\n",
-                f.task_id,
-                f.role,
-                f.round,
-                f.verdict,
-                f.detail.trim()
-            ));
-        }
         let prompts_dir = format!("{}/prompts", self.specs_dir().trim_end_matches('/'));
-        let input = PromptInput {
-            task_id: IMPROVER_ID.to_string(),
-            spec_ref: prompts_dir.clone(),
-            round: 0,
-            branch: None,
-            base_branch: self.config.target.base_branch.clone(),
-            task_title: None,
-            task_spec: None,
-            findings: None,
-            role_overlay: self.role_overlay(&role)?,
-            extra_sections: vec![("Failure findings".to_string(), text_failures)],
-        };
-        let text = prompt::compose(&agent, &input);
+        let text = improver_prompt(
+            &agent,
+            failures,
+            &prompts_dir,
+            &self.config.target.base_branch,
+            self.role_overlay(&role)?,
+        );
         let record = RunRecord {
             key: IMPROVER_ID.to_string(),
             kind: Kind::Improver,
