@@ -50,6 +50,7 @@ mod github_mode;
 mod items;
 mod merge;
 mod plan;
+mod pull_requests;
 mod record;
 mod recover;
 mod requests;
@@ -66,11 +67,23 @@ pub use plan::plan;
 pub use record::{INTAKE_GAVE_UP_HINT, OutputRefused, gave_up, inputs_fingerprint, record};
 pub use work::{WorkReport, work};
 
-pub use requests::{CANCEL_LABEL, Op, RETRY_LABEL, operate, request_cancel};
+pub use requests::{CANCEL_LABEL, RETRY_LABEL, operate, request_cancel};
 
 pub use crate::task::{IMPROVER_ID, INTAKE_ID};
 /// Failed intakes of the same specs after which intake stops until the specs change.
 pub const MAX_INTAKE_ATTEMPTS: u32 = 3;
+
+/// A person's decision about a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Retry,
+    Cancel,
+}
+
+/// Runs a future from synchronous step code (the step runs on a multi-threaded runtime).
+pub(super) fn wait<F: std::future::Future>(fut: F) -> F::Output {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(fut))
+}
 
 /// Options of one step.
 #[derive(Debug, Clone, Default)]

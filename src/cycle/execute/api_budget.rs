@@ -20,7 +20,8 @@ use crate::state::Changes;
 use crate::task::{Status, Task};
 
 use super::Stepper;
-use super::github_mode::{pr_body, wait};
+use super::pull_requests::pr_body;
+use super::wait;
 
 /// The state file's name in the tasks folder, next to the intake record.
 pub const PACE_FILE: &str = ".github-api.json";

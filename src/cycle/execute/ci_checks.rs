@@ -26,7 +26,8 @@ use crate::task::Task;
 use crate::worker::worktree;
 
 use super::Stepper;
-use super::github_mode::{pr_number, wait};
+use super::pull_requests::pr_number;
+use super::wait;
 
 const HEAD_KEY: &str = "checks_head";
 const SINCE_KEY: &str = "checks_since";

@@ -27,9 +27,9 @@ use crate::error::Result;
 use crate::forge::ForgeError;
 use crate::task::{Status, Task};
 
+use super::Op;
 use super::Stepper;
-use super::github_mode::wait;
-use super::requests::Op;
+use super::wait;
 
 /// The label that finds the dashboard issue.
 pub const DASHBOARD_LABEL: &str = "hyperloop:dashboard";
@@ -688,7 +688,7 @@ impl Stepper {
 
 /// `[#12](url)` for a pull request URL.
 fn pr_link(url: &str) -> String {
-    match super::github_mode::pr_number(url) {
+    match super::pull_requests::pr_number(url) {
         Some(n) => format!("[#{n}]({url})"),
         None => url.to_string(),
     }

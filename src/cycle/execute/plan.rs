@@ -512,21 +512,9 @@ impl Stepper {
         }
         // The pm is given the state as it is now, as a step gives it; the lease's own commit
         // comes after, so the pm's checkout does not hold it.
-        let base = self.tip.clone();
-        let nonce = self.new_nonce();
-        let id = item_id(INTAKE_ID, &role, 0, &nonce);
+        let (id, claim) = self.detached_lease(INTAKE_ID, &role);
         let lease = IntakeClaim {
-            claim: Claim {
-                role: role.clone(),
-                owner: format!("{LEASE_OWNER} {}", std::process::id()),
-                pgid: None,
-                started_at: now,
-                expires_at: now.saturating_add(self.config.runtime.lease_timeout()),
-                nonce,
-                item: Some(id.clone()),
-                round: Some(0),
-                base: Some(base.clone()),
-            },
+            claim: claim.clone(),
             specs: self.current_specs(),
             process: process.to_vec(),
         };
@@ -542,22 +530,7 @@ impl Stepper {
             INTAKE_ID,
         )?;
         self.intake.claim = Some(lease);
-        emit!(
-            INFO,
-            "item_claimed",
-            item = id.as_str(),
-            task_id = INTAKE_ID,
-            role = role.as_str(),
-            round = 0u32,
-            base = base.as_str(),
-            lease_timeout_s = self.config.runtime.lease_timeout()
-        );
-        self.report.items.push(WorkItem {
-            id,
-            task_id: INTAKE_ID.to_string(),
-            role,
-            round: 0,
-        });
+        self.announce_item(&id, INTAKE_ID, &claim);
         Ok(true)
     }
 
@@ -597,6 +570,45 @@ impl Stepper {
         true
     }
 
+    /// A lease of a run on the state as it is now (the pm, the improver), under a new item id.
+    fn detached_lease(&mut self, task_id: &str, role: &str) -> (String, Claim) {
+        let now = now_unix();
+        let nonce = self.new_nonce();
+        let id = item_id(task_id, role, 0, &nonce);
+        let claim = Claim {
+            role: role.to_string(),
+            owner: format!("{LEASE_OWNER} {}", std::process::id()),
+            pgid: None,
+            started_at: now,
+            expires_at: now.saturating_add(self.config.runtime.lease_timeout()),
+            nonce,
+            item: Some(id.clone()),
+            round: Some(0),
+            base: Some(self.tip.clone()),
+        };
+        (id, claim)
+    }
+
+    /// Says that `claim`, committed, hands item `id` out: its event, and a line of the report.
+    fn announce_item(&mut self, id: &str, task_id: &str, claim: &Claim) {
+        emit!(
+            INFO,
+            "item_claimed",
+            item = id,
+            task_id = task_id,
+            role = claim.role.as_str(),
+            round = 0u32,
+            base = claim.base.as_deref().unwrap_or(""),
+            lease_timeout_s = self.config.runtime.lease_timeout()
+        );
+        self.report.items.push(WorkItem {
+            id: id.to_string(),
+            task_id: task_id.to_string(),
+            role: claim.role.clone(),
+            round: 0,
+        });
+    }
+
     /// Whether a live lease holds an improver run.
     pub(super) fn improver_leased(&self) -> bool {
         self.improver
@@ -631,22 +643,9 @@ impl Stepper {
             );
             return Ok(false);
         }
-        let now = now_unix();
-        let base = self.tip.clone();
-        let nonce = self.new_nonce();
-        let id = item_id(IMPROVER_ID, &role, 0, &nonce);
+        let (id, claim) = self.detached_lease(IMPROVER_ID, &role);
         let lease = ImproverClaim {
-            claim: Claim {
-                role: role.clone(),
-                owner: format!("{LEASE_OWNER} {}", std::process::id()),
-                pgid: None,
-                started_at: now,
-                expires_at: now.saturating_add(self.config.runtime.lease_timeout()),
-                nonce,
-                item: Some(id.clone()),
-                round: Some(0),
-                base: Some(base.clone()),
-            },
+            claim: claim.clone(),
             failures: failures.to_vec(),
         };
         let mut changes = Changes::default();
@@ -665,22 +664,7 @@ impl Stepper {
         self.improver.pending.clear();
         self.improver.failures.clear();
         self.improver.claim = Some(lease);
-        emit!(
-            INFO,
-            "item_claimed",
-            item = id.as_str(),
-            task_id = IMPROVER_ID,
-            role = role.as_str(),
-            round = 0u32,
-            base = base.as_str(),
-            lease_timeout_s = self.config.runtime.lease_timeout()
-        );
-        self.report.items.push(WorkItem {
-            id,
-            task_id: IMPROVER_ID.to_string(),
-            role,
-            round: 0,
-        });
+        self.announce_item(&id, IMPROVER_ID, &claim);
         Ok(true)
     }
 

@@ -21,7 +21,7 @@ use crate::target::Target;
 use crate::task::Status;
 use crate::task::store::INTAKE_FAILURES;
 
-use super::{INTAKE_ID, MAX_INTAKE_ATTEMPTS, StepOptions, Stepper, github_mode};
+use super::{INTAKE_ID, MAX_INTAKE_ATTEMPTS, Op, StepOptions, Stepper, github_mode, wait};
 
 /// The pull-request label that retries a failed or cancelled task.
 pub const RETRY_LABEL: &str = "hyperloop:retry";
@@ -30,13 +30,6 @@ pub const CANCEL_LABEL: &str = "hyperloop:cancel";
 
 /// How often a step with running agents looks for cancel requests.
 pub(super) const POLL: Duration = Duration::from_millis(300);
-
-/// A person's decision about a task.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Op {
-    Retry,
-    Cancel,
-}
 
 fn requests_dir(repo: &Repo) -> PathBuf {
     repo.local_dir().join("state").join("requests")
@@ -288,7 +281,7 @@ impl Stepper {
             if let Some(pr) = gh.prs.get_mut(&head) {
                 pr.labels.retain(|l| l != label);
             }
-            if let Err(e) = github_mode::wait(gh.client.remove_label(number, label)) {
+            if let Err(e) = wait(gh.client.remove_label(number, label)) {
                 emit!(
                     WARN,
                     "label_not_removed",

@@ -17,7 +17,8 @@ use crate::forge::{ForgeError, PrState};
 use crate::task::Task;
 
 use super::Stepper;
-use super::github_mode::{APPROVAL_LABEL, wait};
+use super::pull_requests::APPROVAL_LABEL;
+use super::wait;
 
 /// What this step learned about people's permissions: login → may approve.
 pub(super) type Permissions = HashMap<String, bool>;
