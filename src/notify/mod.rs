@@ -57,8 +57,9 @@ pub trait Sink: Send {
 /// `verbose`.
 pub fn wanted(event: &Notable, verbose: bool) -> bool {
     match event {
-        // A gate poll that did not clear is noise; a cleared one is news.
-        Notable::GatePolled { cleared, .. } => *cleared,
+        // A poll is noise (the seed never sends one), even a poll that found the gate cleared:
+        // the clearing itself follows as its own event, and is the news.
+        Notable::GatePolled { .. } => false,
         Notable::GateCleared { .. } => true,
         // A rebase retry is routine; giving up sends the task back to work.
         Notable::RebaseConflict { looping_back, .. } => *looping_back,
@@ -189,6 +190,9 @@ pub fn render(event: &Notable) -> Notice {
                 other => format!("🔀 {id} merge of {branch}: {}", other.as_str()),
             }
         }
+        Notable::GatePolled {
+            gate, cleared: false, ..
+        } => format!("🚦 {id} waits at gate {}", given(gate).unwrap_or("?")),
         Notable::GatePolled { gate, .. } | Notable::GateCleared { gate, .. } => {
             format!("🚦 {id} cleared gate {}", given(gate).unwrap_or("?"))
         }
@@ -623,6 +627,10 @@ mod tests {
             cleared,
         };
         assert!(!wanted(&poll(false), true));
+        assert!(
+            !wanted(&poll(true), true),
+            "the clearing that follows is the news"
+        );
         assert!(!wanted(&spawned(crate::task::INTAKE_ID), true));
         let intake_reap = reaped(crate::task::INTAKE_ID, "pm", Verdict::Pass, 0, 1.0);
         assert!(!wanted(&intake_reap, false));
