@@ -9,6 +9,7 @@ use crate::cli::{Command, GlobalArgs};
 use crate::cycle::execute::{StepOptions, StepReport};
 use crate::emit;
 use crate::error::{Error, Result};
+use crate::events::{Halt, Notable};
 use crate::lock::StepLock;
 use crate::notify::Notifier;
 use crate::pipeline::Step;
@@ -256,20 +257,15 @@ impl Drop for NotifyGuard {
 }
 
 fn emit_started(target: &Target) {
-    emit!(
-        INFO,
-        "orchestrator_started",
-        repo = target.repo.root.display().to_string().as_str(),
-        branch = target.config.target.base_branch.as_str(),
-        max_workers = target.config.runtime.max_workers,
-        max_rounds = target.config.max_task_rounds,
-        overlay = target.config.overlay.as_deref().unwrap_or("-"),
-        mode = if target.config.target.repo.is_some() {
-            "github"
-        } else {
-            "local"
-        }
-    );
+    Notable::OrchestratorStarted {
+        repo: target.repo.root.display().to_string(),
+        branch: target.config.target.base_branch.clone(),
+        max_workers: target.config.runtime.max_workers,
+        max_rounds: target.config.max_task_rounds,
+        overlay: target.config.overlay.clone(),
+        github: target.config.target.repo.is_some(),
+    }
+    .emit();
 }
 
 fn block_on<F: std::future::Future>(fut: F) -> Result<F::Output> {
@@ -354,14 +350,12 @@ async fn run_loop(target: &Target) -> Result<(Outcome, StepReport)> {
         match last.progress.as_str() {
             "rate-limited" => {
                 // Sleeping out a long reset would hold a CI runner; the next run continues.
-                emit!(
-                    WARN,
-                    "orchestrator_halted",
-                    reason = "GitHub rate limit reached",
-                    retry_at = last.rate_limited_until.as_deref().unwrap_or("-"),
-                    total_cycles = cycle,
-                    completed_tasks = last.tasks_complete,
-                    failed_tasks = last.tasks_failed
+                halted(
+                    Halt::RateLimited {
+                        retry_at: last.rate_limited_until.as_deref().unwrap_or("-").into(),
+                    },
+                    cycle,
+                    &last,
                 );
                 let outcome = Outcome {
                     stdout: summary(&last),
@@ -370,19 +364,12 @@ async fn run_loop(target: &Target) -> Result<(Outcome, StepReport)> {
                 return Ok((outcome, last));
             }
             "all-complete" | "idle" => {
-                let reason = if last.progress == "idle" {
-                    "nothing to do: no specs and no tasks"
+                let halt = if last.progress == "idle" {
+                    Halt::Idle
                 } else {
-                    "all tasks complete"
+                    Halt::AllComplete
                 };
-                emit!(
-                    INFO,
-                    "orchestrator_halted",
-                    reason = reason,
-                    total_cycles = cycle,
-                    completed_tasks = last.tasks_complete,
-                    failed_tasks = last.tasks_failed
-                );
+                halted(halt, cycle, &last);
                 let outcome = Outcome {
                     stdout: summary(&last),
                     exit_code: 0,
@@ -390,14 +377,13 @@ async fn run_loop(target: &Target) -> Result<(Outcome, StepReport)> {
                 return Ok((outcome, last));
             }
             "stuck" => {
-                emit!(
-                    ERROR,
-                    "orchestrator_halted",
-                    reason = stuck_reason(&last).as_str(),
-                    total_cycles = cycle,
-                    completed_tasks = last.tasks_complete,
-                    failed_tasks = last.tasks_failed,
-                    blocked = last.blocked.join(",").as_str()
+                halted(
+                    Halt::Stuck {
+                        reason: stuck_reason(&last),
+                        blocked: last.blocked.clone(),
+                    },
+                    cycle,
+                    &last,
                 );
                 let outcome = Outcome {
                     stdout: summary(&last),
@@ -430,14 +416,12 @@ async fn run_loop(target: &Target) -> Result<(Outcome, StepReport)> {
                 .unwrap_or_default();
             let idle = last.spawned.is_empty() && last.reaped.is_empty() && last.merged.is_empty();
             if idle && wait > MAX_PACE_PAUSE {
-                emit!(
-                    INFO,
-                    "orchestrator_halted",
-                    reason = "GitHub write pace spent",
-                    retry_at = until.to_rfc3339().as_str(),
-                    total_cycles = cycle,
-                    completed_tasks = last.tasks_complete,
-                    failed_tasks = last.tasks_failed
+                halted(
+                    Halt::PaceSpent {
+                        retry_at: until.to_rfc3339(),
+                    },
+                    cycle,
+                    &last,
                 );
                 let outcome = Outcome {
                     stdout: summary(&last),
@@ -456,13 +440,12 @@ async fn run_loop(target: &Target) -> Result<(Outcome, StepReport)> {
             }
         }
     }
-    emit!(
-        WARN,
-        "orchestrator_halted",
-        reason = format!("max_cycles exhausted ({})", config.max_cycles).as_str(),
-        total_cycles = config.max_cycles,
-        completed_tasks = last.tasks_complete,
-        failed_tasks = last.tasks_failed
+    halted(
+        Halt::MaxCycles {
+            max_cycles: config.max_cycles,
+        },
+        u64::from(config.max_cycles),
+        &last,
     );
     let outcome = Outcome {
         stdout: summary(&last),
@@ -503,15 +486,18 @@ fn stuck_reason(last: &StepReport) -> String {
     parts.join("; ")
 }
 
+fn halted(halt: Halt, total_cycles: u64, last: &StepReport) {
+    Notable::OrchestratorHalted {
+        halt,
+        total_cycles,
+        completed_tasks: last.tasks_complete,
+        failed_tasks: last.tasks_failed,
+    }
+    .emit();
+}
+
 fn stopped_by_signal(cycle: u64, last: &StepReport) -> Error {
-    emit!(
-        WARN,
-        "orchestrator_halted",
-        reason = "interrupted by a signal",
-        total_cycles = cycle,
-        completed_tasks = last.tasks_complete,
-        failed_tasks = last.tasks_failed
-    );
+    halted(Halt::Interrupted, cycle, last);
     Error::other("interrupted by a signal; the next run continues where this one stopped")
 }
 

@@ -1,7 +1,9 @@
 //! Structured events on standard error (CONTRACT §7): one line per event, console text or one
 //! JSON object (`timestamp`, `level`, `event`, then the fields). Events are `tracing` events with
 //! an `event` field naming them; [`init`] installs the formatter that renders them, and
-//! [`init_with`] adds a second consumer (the Matrix notifier) beside it.
+//! [`init_with`] adds a second consumer (the Matrix notifier) beside it. The events people are
+//! told about are [`Notable`] values: their lines are written here too, and the values go to the
+//! notifier as they are.
 
 use std::fmt::Write as _;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -16,6 +18,10 @@ use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{Layer, Registry};
 
 use crate::config::{LogFormat, LogLevel};
+
+mod notable;
+
+pub use notable::{Budget, Halt, Listener, MergeAttempt, MergeOutcome, Notable, Origin, Orphan, PullRequest};
 
 /// Emits a named event with fields: `emit!(INFO, "worker_reaped", task_id = id, verdict = v)`.
 #[macro_export]
@@ -54,22 +60,6 @@ pub fn init_with(format: LogFormat, level: LogLevel, extra: Option<ExtraLayer>) 
         .try_init();
 }
 
-/// The name and fields of an `emit!` event, as the formatter sees them; `None` for other events.
-/// Fields keep their order; a free-text `message` is included under that key.
-pub fn capture(event: &Event<'_>) -> Option<(String, serde_json::Map<String, serde_json::Value>)> {
-    let mut f = Fields::default();
-    event.record(&mut f);
-    let name = f.event?;
-    let mut map = serde_json::Map::new();
-    if let Some(m) = f.message {
-        map.insert("message".into(), m.into());
-    }
-    for (k, v) in f.values {
-        map.insert(k, v);
-    }
-    Some((name, map))
-}
-
 /// Renders events as CONTRACT §7 lines.
 #[derive(Debug, Clone, Copy)]
 pub struct Formatter {
@@ -97,9 +87,7 @@ impl Visit for Fields {
         self.put(field, serde_json::Value::from(value));
     }
     fn record_f64(&mut self, field: &Field, value: f64) {
-        // Durations and costs read better rounded; JSON keeps a number.
-        let rounded = (value * 1000.0).round() / 1000.0;
-        self.put(field, serde_json::Value::from(rounded));
+        self.put(field, serde_json::Value::from(rounded(value)));
     }
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
         self.put(field, serde_json::Value::String(format!("{value:?}")));
@@ -116,6 +104,12 @@ impl Fields {
             name => self.values.push((name.to_string(), value)),
         }
     }
+}
+
+/// A number as its line shows it: durations and costs read better to the thousandth, and JSON
+/// keeps a number.
+pub fn rounded(value: f64) -> f64 {
+    (value * 1000.0).round() / 1000.0
 }
 
 fn level_name(level: &Level) -> &'static str {

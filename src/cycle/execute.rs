@@ -31,6 +31,7 @@ use crate::definitions::prompt::{self, PromptInput};
 use crate::definitions::{self, Definitions};
 use crate::emit;
 use crate::error::{Error, Result};
+use crate::events::Notable;
 use crate::events::now_unix;
 use crate::git::{Git, trailers};
 use crate::lock::StepLock;
@@ -977,19 +978,18 @@ impl Stepper {
                 deferred = api.deferred.len()
             );
         }
-        emit!(
-            INFO,
-            "cycle_completed",
-            cycle = self.report.cycle,
-            spawned = self.report.spawned.len(),
-            reaped = self.report.reaped.len(),
-            merged = self.report.merged.len(),
-            complete = self.report.tasks_complete,
-            failed = self.report.tasks_failed,
-            total = self.report.tasks_total,
-            progress = progress,
-            duration_s = self.report.duration_s
-        );
+        Notable::CycleCompleted {
+            cycle: self.report.cycle,
+            spawned: self.report.spawned.len(),
+            reaped: self.report.reaped.len(),
+            merged: self.report.merged.len(),
+            complete: self.report.tasks_complete,
+            failed: self.report.tasks_failed,
+            total: self.report.tasks_total,
+            progress: progress.to_string(),
+            duration_s: self.report.duration_s,
+        }
+        .emit();
         Ok(self.report.clone())
     }
 }

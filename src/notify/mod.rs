@@ -1,7 +1,8 @@
-//! Notifications fed by events. A [`NoticeLayer`] sits beside the standard-error formatter, picks
-//! the events a chat room should hear about (the seed's Matrix column: high-signal events always,
-//! progress chatter only with `verbose`, noise never), turns each into a one-line [`Notice`], and
-//! hands it to a bounded queue without ever waiting. One background thread per process drains the
+//! Notifications fed by events. The notifier's [`Listener`] sits in the subscriber beside the
+//! standard-error formatter and is handed each [`Notable`] event as a value when it is emitted;
+//! it picks those a chat room should hear about (the seed's Matrix column: high-signal events
+//! always, progress chatter only with `verbose`, noise never), turns each into a one-line
+//! [`Notice`], and hands it to a bounded queue without ever waiting. One background thread per process drains the
 //! queue in order into a [`Sink`] (the Matrix client in [`matrix`]). The cycle never waits on the
 //! network: the only wait is [`Notifier::flush`] at exit, and that is bounded by [`FLUSH_BUDGET`].
 //! After the first failed delivery the thread stops trying for the rest of the process, so an
@@ -16,14 +17,13 @@ use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use serde_json::{Map, Value};
-use tracing::{Event, Subscriber};
-use tracing_subscriber::Layer;
-use tracing_subscriber::filter::Targets;
-use tracing_subscriber::layer::Context;
+use tracing_subscriber::Layer as _;
+use tracing_subscriber::filter::LevelFilter;
 
 use crate::config::MatrixConfig;
 use crate::emit;
+use crate::events::{self, Halt, Listener, MergeOutcome, Notable, Orphan};
+use crate::pipeline::Verdict;
 
 /// The most a process waits at exit for queued notices to go out.
 pub const FLUSH_BUDGET: Duration = Duration::from_secs(5);
@@ -35,9 +35,6 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// Notices waiting for the network. A `run` produces a handful per task, so this only fills when
 /// the homeserver is slow, and then dropping is better than holding the cycle.
 const QUEUE_LEN: usize = 256;
-
-/// The `tracing` target of `emit!` events.
-const EVENTS_TARGET: &str = "hyperloop::events";
 
 /// One message for the room.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,64 +53,49 @@ pub trait Sink: Send {
     fn deliver(&mut self, notice: &Notice) -> std::result::Result<(), String>;
 }
 
-/// Events the room always hears about.
-const ALWAYS: &[&str] = &[
-    "worker_reaped",
-    "task_looped_back",
-    "task_completed",
-    "task_failed",
-    "merge_attempted",
-    "orchestrator_halted",
-    "orphan_found",
-    "worker_timeout",
-    "budget_exceeded",
-];
-
-/// Events the room hears about with `verbose: true`.
-const VERBOSE: &[&str] = &[
-    "orchestrator_started",
-    "cycle_completed",
-    "worker_spawned",
-    "intake_ran",
-    "process_improver_ran",
-    "recovery_started",
-];
-
-/// Whether the room wants event `name` with these fields.
-pub fn wanted(name: &str, fields: &Map<String, Value>, verbose: bool) -> bool {
-    match name {
-        // A gate poll that did not clear is noise; a cleared one is news.
-        "gate_checked" => fields.get("cleared") == Some(&Value::Bool(true)),
+/// Whether the room wants this event: high-signal events always, progress chatter only with
+/// `verbose`.
+pub fn wanted(event: &Notable, verbose: bool) -> bool {
+    match event {
+        // A poll is noise (the seed never sends one), even a poll that found the gate cleared:
+        // the clearing itself follows as its own event, and is the news.
+        Notable::GatePolled { .. } => false,
+        Notable::GateCleared { .. } => true,
         // A rebase retry is routine; giving up sends the task back to work.
-        "rebase_conflict" => fields.get("looping_back") == Some(&Value::Bool(true)),
+        Notable::RebaseConflict { looping_back, .. } => *looping_back,
         // Intake and the process improver are reported by `intake_ran` and
         // `process_improver_ran`; their workers' reaps are no task's news.
-        "worker_spawned" | "worker_reaped" if is_housekeeping(fields) => verbose && name == "worker_reaped",
-        n if ALWAYS.contains(&n) => true,
-        n if VERBOSE.contains(&n) => verbose,
-        _ => false,
+        Notable::WorkerSpawned { task_id, .. } if is_housekeeping(task_id) => false,
+        Notable::WorkerReaped { task_id, .. } if is_housekeeping(task_id) => verbose,
+        Notable::WorkerReaped { .. }
+        | Notable::TaskLoopedBack { .. }
+        | Notable::TaskCompleted { .. }
+        | Notable::TaskFailed { .. }
+        | Notable::MergeAttempted(_)
+        | Notable::OrchestratorHalted { .. }
+        | Notable::OrphanFound { .. }
+        | Notable::WorkerTimeout { .. }
+        | Notable::BudgetExceeded { .. } => true,
+        Notable::OrchestratorStarted { .. }
+        | Notable::CycleCompleted { .. }
+        | Notable::WorkerSpawned { .. }
+        | Notable::IntakeRan { .. }
+        | Notable::ProcessImproverRan { .. } => verbose,
     }
 }
 
-fn is_housekeeping(fields: &Map<String, Value>) -> bool {
-    matches!(
-        fields.get("task_id").and_then(Value::as_str),
-        Some(crate::task::INTAKE_ID | crate::task::IMPROVER_ID)
-    )
+fn is_housekeeping(task_id: &str) -> bool {
+    matches!(task_id, crate::task::INTAKE_ID | crate::task::IMPROVER_ID)
 }
 
-fn text<'a>(fields: &'a Map<String, Value>, key: &str) -> Option<&'a str> {
-    fields.get(key).and_then(Value::as_str).filter(|s| !s.is_empty())
+/// `s`, unless it is empty.
+fn given(s: &str) -> Option<&str> {
+    Some(s).filter(|s| !s.is_empty())
 }
 
-fn num(fields: &Map<String, Value>, key: &str) -> Option<f64> {
-    fields.get(key).and_then(Value::as_f64)
-}
-
-fn int(fields: &Map<String, Value>, key: &str) -> Option<i64> {
-    fields
-        .get(key)
-        .and_then(|v| v.as_i64().or_else(|| v.as_f64().map(|f| f as i64)))
+fn plural(n: impl Into<u64>, one: &str, many: &str) -> String {
+    let n = n.into();
+    format!("{n} {}", if n == 1 { one } else { many })
 }
 
 /// Shortens free text (agent findings can be long) to one line of at most `max` characters.
@@ -128,200 +110,189 @@ fn one_line(s: &str, max: usize) -> String {
 }
 
 /// The readable line for an event: an emoji for the glance, the task id first, then what
-/// happened. Unknown events fall back to `name key=value …`.
-pub fn render(name: &str, fields: &Map<String, Value>) -> Notice {
-    let task = text(fields, "task_id").map(str::to_string);
+/// happened. Numbers are shown as the event's line has them (see [`events::rounded`]).
+pub fn render(event: &Notable) -> Notice {
+    let task = event.task_id().and_then(given).map(str::to_string);
     let id = task.as_deref().unwrap_or("-");
-    let role = text(fields, "role").unwrap_or("worker");
-    let round = int(fields, "round");
-    let line = match name {
-        "worker_reaped" => {
-            let verdict = text(fields, "verdict").unwrap_or("unknown");
+    let line = match event {
+        Notable::WorkerReaped {
+            role,
+            verdict,
+            round,
+            duration_s,
+            findings_count,
+            ..
+        } => {
             let icon = match verdict {
-                "pass" => "✅",
-                "fail" => "❌",
-                "timeout" => "⏱️",
-                _ => "⚠️",
+                Verdict::Pass => "✅",
+                Verdict::Fail => "❌",
+                Verdict::Timeout => "⏱️",
+                Verdict::Error => "⚠️",
             };
-            let mut facts = Vec::new();
-            if let Some(r) = round {
-                facts.push(format!("round {r}"));
+            let mut facts = vec![
+                format!("round {round}"),
+                format!("{:.1} s", events::rounded(*duration_s)),
+            ];
+            if *findings_count > 0 {
+                facts.push(plural(*findings_count, "finding", "findings"));
             }
-            if let Some(d) = num(fields, "duration_s") {
-                facts.push(format!("{d:.1} s"));
-            }
-            if let Some(n) = int(fields, "findings_count").filter(|n| *n > 0) {
-                facts.push(format!("{n} finding{}", if n == 1 { "" } else { "s" }));
-            }
-            let facts = if facts.is_empty() {
-                String::new()
-            } else {
-                format!(" ({})", facts.join(", "))
-            };
-            format!("{icon} {id} {role} {verdict}{facts}")
+            let role = given(role).unwrap_or("worker");
+            format!("{icon} {id} {role} {verdict} ({})", facts.join(", "))
         }
-        "task_looped_back" => {
-            let mut s = format!("🔁 {id} looped back");
-            if let Some(r) = round {
-                s.push_str(&format!(" to round {r}"));
-            }
-            if let Some(v) = text(fields, "verdict") {
+        Notable::TaskLoopedBack {
+            round,
+            verdict,
+            findings_preview,
+            ..
+        } => {
+            let mut s = format!("🔁 {id} looped back to round {round}");
+            if let Some(v) = given(verdict) {
                 s.push_str(&format!(" after a {v} verdict"));
             }
-            if let Some(p) = text(fields, "findings_preview") {
+            if let Some(p) = given(findings_preview) {
                 s.push_str(&format!(": {}", one_line(p, 200)));
             }
             s
         }
-        "task_completed" => {
-            let mut s = format!("🎉 {id} complete");
-            if let Some(r) = int(fields, "total_rounds") {
-                s.push_str(&format!(" in round {r}"));
-            }
-            if let Some(c) = num(fields, "cost_usd").filter(|c| *c > 0.0) {
-                s.push_str(&format!(", ${c:.2}"));
+        Notable::TaskCompleted {
+            total_rounds,
+            cost_usd,
+            ..
+        } => {
+            let mut s = format!("🎉 {id} complete in round {total_rounds}");
+            let cost = events::rounded(*cost_usd);
+            if cost > 0.0 {
+                s.push_str(&format!(", ${cost:.2}"));
             }
             s
         }
-        "task_failed" => {
-            let mut s = format!("💀 {id} failed");
-            if let Some(r) = round {
-                s.push_str(&format!(" in round {r}"));
-            }
-            if let Some(why) = text(fields, "reason") {
+        Notable::TaskFailed { reason, round, .. } => {
+            let mut s = format!("💀 {id} failed in round {round}");
+            if let Some(why) = given(reason) {
                 s.push_str(&format!(": {}", one_line(why, 300)));
             }
             s
         }
-        "merge_attempted" => {
-            let branch = text(fields, "branch").unwrap_or("its branch");
-            match text(fields, "outcome").unwrap_or("unknown") {
-                "merged" => format!("🔀 {id} merged {branch}"),
-                "conflict" => {
-                    let attempt = int(fields, "attempt")
-                        .map(|a| format!(" (attempt {a})"))
-                        .unwrap_or_default();
+        Notable::MergeAttempted(events::MergeAttempt {
+            branch,
+            outcome,
+            attempt,
+            ..
+        }) => {
+            let branch = branch.as_deref().and_then(given).unwrap_or("its branch");
+            match outcome {
+                MergeOutcome::Merged => format!("🔀 {id} merged {branch}"),
+                MergeOutcome::Conflict => {
+                    let attempt = attempt.map(|a| format!(" (attempt {a})")).unwrap_or_default();
                     format!("⚠️ {id} merge of {branch} conflicts{attempt}")
                 }
-                "nothing-to-merge" => format!("🔀 {id} had nothing to merge on {branch}"),
-                other => format!("🔀 {id} merge of {branch}: {other}"),
+                MergeOutcome::NothingToMerge => format!("🔀 {id} had nothing to merge on {branch}"),
+                other => format!("🔀 {id} merge of {branch}: {}", other.as_str()),
             }
         }
-        "gate_checked" => format!("🚦 {id} cleared gate {}", text(fields, "gate").unwrap_or("?")),
-        "rebase_conflict" => {
-            let attempts = int(fields, "attempt")
-                .map(|a| format!(" after {a} attempts"))
-                .unwrap_or_default();
-            format!("↩️ {id} rebase gave up{attempts}; back to work")
+        Notable::GatePolled {
+            gate, cleared: false, ..
+        } => format!("🚦 {id} waits at gate {}", given(gate).unwrap_or("?")),
+        Notable::GatePolled { gate, .. } | Notable::GateCleared { gate, .. } => {
+            format!("🚦 {id} cleared gate {}", given(gate).unwrap_or("?"))
         }
-        "orphan_found" => {
-            let stopped = int(fields, "processes_stopped")
-                .filter(|n| *n > 0)
-                .map(|n| format!(", {n} process{} stopped", if n == 1 { "" } else { "es" }))
-                .unwrap_or_default();
-            format!("👻 {id} found an orphaned {role}{stopped}")
+        Notable::RebaseConflict { attempt, .. } => {
+            format!("↩️ {id} rebase gave up after {attempt} attempts; back to work")
         }
-        "worker_timeout" => {
-            let detail = text(fields, "detail")
+        Notable::OrphanFound { orphan, .. } => match orphan {
+            Orphan::StaleClaim => format!("👻 {id} found an orphaned worker"),
+            Orphan::Run {
+                role,
+                processes_stopped,
+            } => {
+                let stopped = if *processes_stopped > 0 {
+                    format!(", {} stopped", plural(*processes_stopped, "process", "processes"))
+                } else {
+                    String::new()
+                };
+                format!(
+                    "👻 {id} found an orphaned {}{stopped}",
+                    given(role).unwrap_or("worker")
+                )
+            }
+        },
+        Notable::WorkerTimeout { role, detail, .. } => {
+            let detail = given(detail)
                 .map(|d| format!(": {}", one_line(d, 200)))
                 .unwrap_or_default();
-            format!("⏱️ {id} {role} timed out{detail}")
+            format!("⏱️ {id} {} timed out{detail}", given(role).unwrap_or("worker"))
         }
-        "budget_exceeded" => {
-            let detail = text(fields, "detail")
-                .or_else(|| text(fields, "reason"))
-                .map(|d| format!(": {}", one_line(d, 200)))
-                .unwrap_or_default();
-            format!("💸 {id} budget exceeded{detail}")
+        Notable::BudgetExceeded { .. } => format!("💸 {id} budget exceeded"),
+        Notable::WorkerSpawned { role, round, .. } => {
+            format!(
+                "▶️ {id} {} started (round {round})",
+                given(role).unwrap_or("worker")
+            )
         }
-        "worker_spawned" => {
-            let r = round.map(|r| format!(" (round {r})")).unwrap_or_default();
-            format!("▶️ {id} {role} started{r}")
-        }
-        "orchestrator_halted" => {
-            let reason = text(fields, "reason").unwrap_or("stopped");
-            let icon = if reason.contains("complete") {
+        Notable::OrchestratorHalted {
+            halt,
+            total_cycles,
+            completed_tasks,
+            failed_tasks,
+        } => {
+            let icon = if *halt == Halt::AllComplete {
                 "🏁"
             } else {
                 "🛑"
             };
-            let mut s = format!("{icon} hyperloop halted: {reason}");
-            let mut facts = Vec::new();
-            if let Some(n) = int(fields, "completed_tasks") {
-                facts.push(format!("{n} complete"));
-            }
-            if let Some(n) = int(fields, "failed_tasks") {
-                facts.push(format!("{n} failed"));
-            }
-            if let Some(n) = int(fields, "total_cycles") {
-                facts.push(format!("{n} cycle{}", if n == 1 { "" } else { "s" }));
-            }
-            if !facts.is_empty() {
-                s.push_str(&format!(" ({})", facts.join(", ")));
-            }
-            s
-        }
-        "orchestrator_started" => {
-            let mode = text(fields, "mode").unwrap_or("local");
-            let workers = int(fields, "max_workers")
-                .map(|n| format!(", up to {n} workers"))
-                .unwrap_or_default();
-            format!("🚀 hyperloop started ({mode} mode{workers})")
-        }
-        "cycle_completed" => format!(
-            "🔄 cycle {}: {} spawned, {} reaped, {} merged; {}/{} tasks complete{}",
-            int(fields, "cycle").unwrap_or(0),
-            int(fields, "spawned").unwrap_or(0),
-            int(fields, "reaped").unwrap_or(0),
-            int(fields, "merged").unwrap_or(0),
-            int(fields, "complete").unwrap_or(0),
-            int(fields, "total").unwrap_or(0),
-            int(fields, "failed")
-                .filter(|n| *n > 0)
-                .map(|n| format!(", {n} failed"))
-                .unwrap_or_default()
-        ),
-        "intake_ran" => {
-            let ok = fields.get("success") != Some(&Value::Bool(false));
             format!(
-                "{} intake: {} spec{} → {} new task{}{}",
-                if ok { "📥" } else { "⚠️" },
-                int(fields, "unprocessed_specs").unwrap_or(0),
-                if int(fields, "unprocessed_specs") == Some(1) {
-                    ""
-                } else {
-                    "s"
-                },
-                int(fields, "created_tasks").unwrap_or(0),
-                if int(fields, "created_tasks") == Some(1) {
-                    ""
-                } else {
-                    "s"
-                },
-                if ok { "" } else { " (failed)" }
+                "{icon} hyperloop halted: {} ({completed_tasks} complete, {failed_tasks} failed, {})",
+                halt.reason(),
+                plural(*total_cycles, "cycle", "cycles")
             )
         }
-        "process_improver_ran" => format!(
-            "🛠️ process improver ran for {}",
-            text(fields, "failed_task_ids").unwrap_or("-")
-        ),
-        "recovery_started" => "🩺 recovering in-progress tasks".to_string(),
-        other => {
-            let mut s = format!("ℹ️ {other}");
-            for (k, v) in fields {
-                match v {
-                    Value::String(t) => s.push_str(&format!(" {k}={}", one_line(t, 80))),
-                    v => s.push_str(&format!(" {k}={v}")),
-                }
-            }
-            s
+        Notable::OrchestratorStarted {
+            max_workers, github, ..
+        } => {
+            let mode = if *github { "github" } else { "local" };
+            format!("🚀 hyperloop started ({mode} mode, up to {max_workers} workers)")
         }
+        Notable::CycleCompleted {
+            cycle,
+            spawned,
+            reaped,
+            merged,
+            complete,
+            failed,
+            total,
+            ..
+        } => format!(
+            "🔄 cycle {cycle}: {spawned} spawned, {reaped} reaped, {merged} merged; {complete}/{total} tasks complete{}",
+            if *failed > 0 {
+                format!(", {failed} failed")
+            } else {
+                String::new()
+            }
+        ),
+        Notable::IntakeRan {
+            success,
+            unprocessed_specs,
+            created_tasks,
+            ..
+        } => format!(
+            "{} intake: {} → {}{}",
+            if *success { "📥" } else { "⚠️" },
+            plural(*unprocessed_specs as u64, "spec", "specs"),
+            plural(*created_tasks as u64, "new task", "new tasks"),
+            if *success { "" } else { " (failed)" }
+        ),
+        Notable::ProcessImproverRan { failed_task_ids, .. } => format!(
+            "🛠️ process improver ran for {}",
+            given(&failed_task_ids.join(",")).unwrap_or("-")
+        ),
     };
-    // The halt summary is about the whole run, so it stays out of task threads even when a field
-    // happens to name a task.
-    let task_id = if name == "orchestrator_halted" { None } else { task };
+    // The halt summary is about the whole run, so it stays out of task threads.
+    let task_id = match event {
+        Notable::OrchestratorHalted { .. } => None,
+        _ => task,
+    };
     Notice {
-        event: name.to_string(),
+        event: event.name().to_string(),
         task_id,
         text: line,
     }
@@ -344,34 +315,6 @@ pub struct FlushReport {
     pub failure: Option<String>,
     /// False when the budget ran out before the thread answered.
     pub finished: bool,
-}
-
-/// The `tracing` layer that feeds a [`Notifier`]. Cheap to clone; never blocks.
-#[derive(Debug, Clone)]
-pub struct NoticeLayer {
-    tx: SyncSender<Msg>,
-    verbose: bool,
-    dropped: Arc<AtomicU64>,
-}
-
-impl<S: Subscriber> Layer<S> for NoticeLayer {
-    fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
-        if event.metadata().target() != EVENTS_TARGET {
-            return;
-        }
-        let Some((name, fields)) = crate::events::capture(event) else {
-            return;
-        };
-        if !wanted(&name, &fields, self.verbose) {
-            return;
-        }
-        match self.tx.try_send(Msg::Notice(render(&name, &fields))) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-    }
 }
 
 /// The background sender for one process. Create it at start, install [`Notifier::layer`], call
@@ -415,20 +358,25 @@ impl Notifier {
         Notifier::start(Box::new(sink), config.verbose)
     }
 
-    /// The layer that feeds this notifier.
-    pub fn layer(&self) -> NoticeLayer {
-        NoticeLayer {
-            tx: self.tx.clone(),
-            verbose: self.verbose,
-            dropped: Arc::clone(&self.dropped),
-        }
+    /// The layer that feeds this notifier: it hears each [`Notable`] emitted under the
+    /// subscriber it is part of, keeps those [`wanted`], and queues their [`render`]ing without
+    /// ever waiting (a full queue drops the notice and counts it).
+    pub fn layer(&self) -> Listener {
+        let tx = self.tx.clone();
+        let verbose = self.verbose;
+        let dropped = Arc::clone(&self.dropped);
+        Listener::new(move |event| {
+            if wanted(event, verbose) && tx.try_send(Msg::Notice(render(event))).is_err() {
+                dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        })
     }
 
-    /// [`Notifier::layer`] restricted to `emit!` events at every level, ready for
-    /// [`crate::events::init_with`].
+    /// [`Notifier::layer`], ready for [`crate::events::init_with`]. It takes no `tracing`
+    /// events at all (notable events reach it as values), so its filter lets none through and
+    /// it enables nothing the standard-error level does not.
     pub fn boxed_layer(&self) -> crate::events::ExtraLayer {
-        let only_events = Targets::new().with_target(EVENTS_TARGET, tracing::Level::DEBUG);
-        Box::new(self.layer().with_filter(only_events))
+        Box::new(self.layer().with_filter(LevelFilter::OFF))
     }
 
     /// Waits for queued notices to go out, at most [`FLUSH_BUDGET`].
@@ -539,89 +487,243 @@ fn drain(rx: &Receiver<Msg>, mut sink: Box<dyn Sink>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::events::{Budget, MergeAttempt, Origin};
     use std::sync::Mutex;
 
-    fn fields(v: Value) -> Map<String, Value> {
-        match v {
-            Value::Object(m) => m,
-            _ => Map::new(),
+    fn spawned(task_id: &str) -> Notable {
+        Notable::WorkerSpawned {
+            task_id: task_id.into(),
+            role: "implementer".into(),
+            round: 0,
+            branch: None,
+            spec_ref: "specs/a.md".into(),
+            origin: Origin::Step { cycle: 1 },
+        }
+    }
+
+    fn reaped(task_id: &str, role: &str, verdict: Verdict, round: u32, duration_s: f64) -> Notable {
+        Notable::WorkerReaped {
+            task_id: task_id.into(),
+            role: role.into(),
+            verdict,
+            round,
+            duration_s,
+            findings_count: 0,
+            cost_usd: 0.0,
+            origin: Origin::Step { cycle: 1 },
+            log: None,
+        }
+    }
+
+    fn looped(task_id: &str, round: u32, preview: &str) -> Notable {
+        Notable::TaskLoopedBack {
+            task_id: task_id.into(),
+            spec_ref: "specs/a.md".into(),
+            round,
+            verdict: "fail".into(),
+            findings_count: 1,
+            findings_preview: preview.into(),
+        }
+    }
+
+    fn completed(task_id: &str, total_rounds: u32) -> Notable {
+        Notable::TaskCompleted {
+            task_id: task_id.into(),
+            spec_ref: "specs/a.md".into(),
+            total_rounds,
+            cost_usd: 0.0,
+        }
+    }
+
+    fn halted(halt: Halt) -> Notable {
+        Notable::OrchestratorHalted {
+            halt,
+            total_cycles: 4,
+            completed_tasks: 2,
+            failed_tasks: 0,
         }
     }
 
     #[test]
     fn policy_follows_the_seed_table() {
-        let none = Map::new();
-        for name in ALWAYS {
-            assert!(wanted(name, &none, false), "{name}");
+        let always = [
+            reaped("t-1", "verifier", Verdict::Pass, 0, 1.0),
+            looped("t-1", 1, ""),
+            completed("t-1", 1),
+            Notable::TaskFailed {
+                task_id: "t-1".into(),
+                spec_ref: "specs/a.md".into(),
+                reason: "why".into(),
+                round: 1,
+            },
+            MergeAttempt::new("t-1", MergeOutcome::Merged).into(),
+            halted(Halt::AllComplete),
+            Notable::OrphanFound {
+                task_id: "t-1".into(),
+                orphan: Orphan::StaleClaim,
+            },
+            Notable::WorkerTimeout {
+                task_id: "t-1".into(),
+                role: "implementer".into(),
+                detail: String::new(),
+            },
+            Notable::BudgetExceeded {
+                budget: Budget::Total,
+                spent_usd: 2.0,
+                limit_usd: 1.0,
+            },
+            Notable::GateCleared {
+                task_id: "t-1".into(),
+                gate: "review".into(),
+            },
+        ];
+        for ev in &always {
+            assert!(wanted(ev, false), "{ev:?}");
         }
-        for name in VERBOSE {
-            assert!(!wanted(name, &none, false), "{name} needs verbose");
-            assert!(wanted(name, &none, true), "{name}");
+        let verbose_only = [
+            spawned("t-1"),
+            Notable::OrchestratorStarted {
+                repo: "/r".into(),
+                branch: "main".into(),
+                max_workers: 2,
+                max_rounds: 5,
+                overlay: None,
+                github: false,
+            },
+            Notable::CycleCompleted {
+                cycle: 1,
+                spawned: 0,
+                reaped: 0,
+                merged: 0,
+                complete: 0,
+                failed: 0,
+                total: 0,
+                progress: "idle".into(),
+                duration_s: 0.1,
+            },
+            Notable::IntakeRan {
+                success: true,
+                counted: None,
+                unprocessed_specs: 1,
+                created_tasks: 1,
+                duration_s: 1.0,
+                cycle: 1,
+                detail: None,
+            },
+            Notable::ProcessImproverRan {
+                failed_task_ids: vec!["t-1".into()],
+                success: true,
+                duration_s: 1.0,
+                cycle: 1,
+            },
+        ];
+        for ev in &verbose_only {
+            assert!(!wanted(ev, false), "{ev:?} needs verbose");
+            assert!(wanted(ev, true), "{ev:?}");
         }
-        for name in [
-            "cycle_started",
-            "task_advanced",
-            "step_skipped",
-            "matrix_disabled",
-        ] {
-            assert!(!wanted(name, &none, true), "{name} is noise");
-        }
-        let cleared = fields(serde_json::json!({"cleared": true}));
-        let waiting = fields(serde_json::json!({"cleared": false}));
-        assert!(wanted("gate_checked", &cleared, false));
-        assert!(!wanted("gate_checked", &waiting, true));
-        let intake = fields(serde_json::json!({"task_id": "intake", "role": "pm"}));
-        assert!(!wanted("worker_reaped", &intake, false));
-        assert!(!wanted("worker_spawned", &intake, true));
-        let giving_up = fields(serde_json::json!({"looping_back": true}));
-        let retrying = fields(serde_json::json!({"looping_back": false}));
-        assert!(wanted("rebase_conflict", &giving_up, false));
-        assert!(!wanted("rebase_conflict", &retrying, true));
+        let poll = |cleared| Notable::GatePolled {
+            task_id: "t-1".into(),
+            gate: "review".into(),
+            cleared,
+        };
+        assert!(!wanted(&poll(false), true));
+        assert!(
+            !wanted(&poll(true), true),
+            "the clearing that follows is the news"
+        );
+        assert!(!wanted(&spawned(crate::task::INTAKE_ID), true));
+        let intake_reap = reaped(crate::task::INTAKE_ID, "pm", Verdict::Pass, 0, 1.0);
+        assert!(!wanted(&intake_reap, false));
+        assert!(wanted(&intake_reap, true));
+        let rebase = |looping_back| Notable::RebaseConflict {
+            task_id: "t-1".into(),
+            attempt: 3,
+            max_attempts: 3,
+            looping_back,
+        };
+        assert!(wanted(&rebase(true), false));
+        assert!(!wanted(&rebase(false), true));
     }
 
     #[test]
     fn messages_name_the_task() {
-        let n = render(
-            "worker_reaped",
-            &fields(serde_json::json!({
-                "task_id": "task-003", "role": "verifier", "verdict": "pass",
-                "round": 1, "duration_s": 42.123, "findings_count": 0
-            })),
-        );
+        let n = render(&reaped("task-003", "verifier", Verdict::Pass, 1, 42.123));
         assert_eq!(n.text, "✅ task-003 verifier pass (round 1, 42.1 s)");
         assert_eq!(n.task_id.as_deref(), Some("task-003"));
+        assert_eq!(n.event, "worker_reaped");
 
-        let n = render(
-            "task_looped_back",
-            &fields(serde_json::json!({
-                "task_id": "task-007", "round": 2, "verdict": "fail",
-                "findings_preview": "missing\n  tests"
-            })),
-        );
+        let n = render(&looped("task-007", 2, "missing\n  tests"));
         assert_eq!(
             n.text,
             "🔁 task-007 looped back to round 2 after a fail verdict: missing tests"
         );
 
-        let n = render(
-            "orchestrator_halted",
-            &fields(serde_json::json!({
-                "reason": "all tasks complete", "total_cycles": 4,
-                "completed_tasks": 2, "failed_tasks": 0
-            })),
-        );
+        let n = render(&Notable::OrchestratorHalted {
+            halt: Halt::AllComplete,
+            total_cycles: 4,
+            completed_tasks: 2,
+            failed_tasks: 0,
+        });
         assert_eq!(
             n.text,
             "🏁 hyperloop halted: all tasks complete (2 complete, 0 failed, 4 cycles)"
         );
         assert_eq!(n.task_id, None);
-
-        let long = "x".repeat(500);
-        let n = render(
-            "task_failed",
-            &fields(serde_json::json!({"task_id": "t-1", "reason": long})),
+        let n = render(&halted(Halt::MaxCycles { max_cycles: 1 }));
+        assert!(
+            n.text
+                .starts_with("🛑 hyperloop halted: max_cycles exhausted (1)"),
+            "{}",
+            n.text
         );
+
+        let n = render(&Notable::TaskFailed {
+            task_id: "t-1".into(),
+            spec_ref: "specs/a.md".into(),
+            reason: "x".repeat(500),
+            round: 3,
+        });
+        assert!(n.text.starts_with("💀 t-1 failed in round 3: xxx"), "{}", n.text);
         assert!(n.text.chars().count() < 340, "{}", n.text);
+
+        let conflict = MergeAttempt {
+            branch: Some("worker/t-2".into()),
+            attempt: Some(2),
+            ..MergeAttempt::new("t-2", MergeOutcome::Conflict)
+        };
+        assert_eq!(
+            render(&conflict.into()).text,
+            "⚠️ t-2 merge of worker/t-2 conflicts (attempt 2)"
+        );
+        let outside = MergeAttempt::new("t-2", MergeOutcome::MergedOutsideThisStep);
+        assert_eq!(
+            render(&outside.into()).text,
+            "🔀 t-2 merge of its branch: merged-outside-this-step"
+        );
+        let n = render(&Notable::BudgetExceeded {
+            budget: Budget::Total,
+            spent_usd: 2.0,
+            limit_usd: 1.0,
+        });
+        assert_eq!((n.text.as_str(), n.task_id), ("💸 - budget exceeded", None));
+        let n = render(&Notable::OrphanFound {
+            task_id: "t-4".into(),
+            orphan: Orphan::Run {
+                role: "verifier".into(),
+                processes_stopped: 1,
+            },
+        });
+        assert_eq!(n.text, "👻 t-4 found an orphaned verifier, 1 process stopped");
+        let n = render(&Notable::IntakeRan {
+            success: false,
+            counted: Some(false),
+            unprocessed_specs: 1,
+            created_tasks: 0,
+            duration_s: 1.0,
+            cycle: 1,
+            detail: Some("no result".into()),
+        });
+        assert_eq!(n.text, "⚠️ intake: 1 spec → 0 new tasks (failed)");
     }
 
     struct Recorder {
@@ -643,31 +745,12 @@ mod tests {
 
     fn emit_three() {
         emit!(INFO, "cycle_started", cycle = 1u64);
-        emit!(
-            INFO,
-            "worker_spawned",
-            task_id = "t-1",
-            role = "implementer",
-            round = 0u64
-        );
-        emit!(
-            INFO,
-            "worker_reaped",
-            task_id = "t-1",
-            role = "implementer",
-            verdict = "pass",
-            round = 0u64,
-            duration_s = 1.25
-        );
-        emit!(
-            WARN,
-            "task_looped_back",
-            task_id = "t-1",
-            round = 1u64,
-            verdict = "fail"
-        );
-        emit!(INFO, "task_completed", task_id = "t-1", total_rounds = 1u64);
-        tracing::info!(target: "other", event = "task_completed", task_id = "not-ours");
+        spawned("t-1").emit();
+        reaped("t-1", "implementer", Verdict::Pass, 0, 1.25).emit();
+        looped("t-1", 1, "").emit();
+        completed("t-1", 1).emit();
+        // A line that merely carries a notable name is not a notable event.
+        emit!(INFO, "task_completed", task_id = "not-ours", total_rounds = 1u64);
     }
 
     #[test]

@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 
 use hyperloop::config::MatrixConfig;
 use hyperloop::emit;
+use hyperloop::events::{Halt, Notable, Origin};
 use hyperloop::notify::{FLUSH_BUDGET, FlushReport, Notifier, REQUEST_TIMEOUT};
+use hyperloop::pipeline::Verdict;
 use serde_json::{Value, json};
 use tracing_subscriber::layer::SubscriberExt as _;
 
@@ -366,17 +368,31 @@ fn mode(path: &Path) -> u32 {
     std::fs::metadata(path).expect("stat").permissions().mode() & 0o777
 }
 
-fn reaped(task: &str, role: &str, verdict: &str, round: u64) {
-    emit!(
-        INFO,
-        "worker_reaped",
-        task_id = task,
-        role = role,
-        verdict = verdict,
-        round = round,
-        duration_s = 42.125,
-        findings_count = 0u64
-    );
+fn reaped(task: &str, role: &str, verdict: &str, round: u32) {
+    Notable::WorkerReaped {
+        task_id: task.into(),
+        role: role.into(),
+        verdict: Verdict::parse(verdict).expect("a verdict"),
+        round,
+        duration_s: 42.125,
+        findings_count: 0,
+        cost_usd: 0.0,
+        origin: Origin::Step { cycle: 1 },
+        log: None,
+    }
+    .emit();
+}
+
+fn spawned(task: &str, role: &str, round: u32) {
+    Notable::WorkerSpawned {
+        task_id: task.into(),
+        role: role.into(),
+        round,
+        branch: Some(format!("worker/{task}")),
+        spec_ref: "specs/widget.md".into(),
+        origin: Origin::Step { cycle: 1 },
+    }
+    .emit();
 }
 
 fn bodies(msgs: &[Value]) -> Vec<String> {
@@ -465,32 +481,25 @@ fn threads_continue_across_processes_on_cached_credentials() {
     // First step.
     let first = one_process(&config, &repo.path, &hs.env(), || {
         emit!(INFO, "cycle_started", cycle = 1u64);
-        emit!(
-            INFO,
-            "worker_spawned",
-            task_id = "task-001",
-            role = "implementer",
-            round = 0u64
-        );
+        spawned("task-001", "implementer", 0);
         reaped("task-001", "implementer", "pass", 0);
         reaped("task-002", "implementer", "pass", 0);
         reaped("task-001", "verifier", "fail", 0);
-        emit!(
-            WARN,
-            "task_looped_back",
-            task_id = "task-001",
-            round = 1u64,
-            verdict = "fail",
-            findings_count = 1u64,
-            findings_preview = "tests are missing"
-        );
-        emit!(
-            INFO,
-            "gate_checked",
-            task_id = "task-002",
-            gate = "review",
-            cleared = false
-        );
+        Notable::TaskLoopedBack {
+            task_id: "task-001".into(),
+            spec_ref: "specs/widget.md".into(),
+            round: 1,
+            verdict: "fail".into(),
+            findings_count: 1,
+            findings_preview: "tests are missing".into(),
+        }
+        .emit();
+        Notable::GatePolled {
+            task_id: "task-002".into(),
+            gate: "review".into(),
+            cleared: false,
+        }
+        .emit();
     });
     assert_eq!((first.sent, first.failure.as_deref()), (4, None), "{first:?}");
     assert_eq!(hs.user_count("hyperloop-gadget-"), 1);
@@ -499,22 +508,30 @@ fn threads_continue_across_processes_on_cached_credentials() {
     // Second step: a new process with the cached credentials and thread roots.
     let second = one_process(&config, &repo.path, &hs.env(), || {
         reaped("task-001", "implementer", "pass", 1);
-        emit!(INFO, "task_completed", task_id = "task-001", total_rounds = 1u64);
-        emit!(
-            ERROR,
-            "task_failed",
-            task_id = "task-002",
-            reason = "max_task_rounds reached",
-            round = 1u64
-        );
-        emit!(
-            ERROR,
-            "orchestrator_halted",
-            reason = "no task can progress",
-            total_cycles = 2u64,
-            completed_tasks = 1u64,
-            failed_tasks = 1u64
-        );
+        Notable::TaskCompleted {
+            task_id: "task-001".into(),
+            spec_ref: "specs/widget.md".into(),
+            total_rounds: 1,
+            cost_usd: 0.0,
+        }
+        .emit();
+        Notable::TaskFailed {
+            task_id: "task-002".into(),
+            spec_ref: "specs/widget.md".into(),
+            reason: "max_task_rounds reached".into(),
+            round: 1,
+        }
+        .emit();
+        Notable::OrchestratorHalted {
+            halt: Halt::Stuck {
+                reason: "no task can progress".into(),
+                blocked: Vec::new(),
+            },
+            total_cycles: 2,
+            completed_tasks: 1,
+            failed_tasks: 1,
+        }
+        .emit();
     });
     assert_eq!((second.sent, second.failure.as_deref()), (4, None), "{second:?}");
     assert_eq!(hs.user_count("hyperloop-gadget-"), 1, "no second registration");
@@ -648,20 +665,17 @@ fn manual_setup_posts_with_the_given_token_into_the_given_room() {
     };
     let lookup = |name: &str| (name == "TEST_MATRIX_TOKEN").then(|| token.clone());
     let report = one_process(&config, &repo.path, &lookup, || {
-        emit!(
-            INFO,
-            "worker_spawned",
-            task_id = "task-009",
-            role = "implementer",
-            round = 0u64
-        );
-        emit!(
-            INFO,
-            "intake_ran",
-            success = true,
-            unprocessed_specs = 2u64,
-            created_tasks = 3u64
-        );
+        spawned("task-009", "implementer", 0);
+        Notable::IntakeRan {
+            success: true,
+            counted: None,
+            unprocessed_specs: 2,
+            created_tasks: 3,
+            duration_s: 1.0,
+            cycle: 1,
+            detail: None,
+        }
+        .emit();
     });
     assert_eq!((report.sent, report.failure.as_deref()), (2, None), "{report:?}");
     assert_eq!(hs.user_count("hyperloop-manual-"), 0, "no registration");
@@ -805,7 +819,7 @@ fn outage_config(homeserver: &str) -> MatrixConfig {
 }
 
 fn lots_of_events() {
-    for i in 0..500u64 {
+    for i in 0..500u32 {
         let task = format!("task-{:03}", i % 7);
         reaped(&task, "verifier", "pass", i);
     }

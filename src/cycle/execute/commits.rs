@@ -3,6 +3,7 @@
 //! GitHub mode; locally a merge waits to be published with the commit that follows it.
 
 use super::*;
+use crate::events::Notable;
 
 impl Stepper {
     /// Commits `changes` on the branch tip with trailers and moves the branch. Retries on a
@@ -228,36 +229,33 @@ impl Stepper {
                     verdict,
                     findings,
                     detail,
-                } => emit!(
-                    WARN,
-                    "task_looped_back",
-                    task_id = task.id.as_str(),
-                    spec_ref = task.spec_ref.as_str(),
-                    round = task.round,
-                    verdict = verdict.as_str(),
-                    findings_count = *findings,
-                    findings_preview = preview(detail).as_str()
-                ),
+                } => Notable::TaskLoopedBack {
+                    task_id: task.id.clone(),
+                    spec_ref: task.spec_ref.clone(),
+                    round: task.round,
+                    verdict: verdict.clone(),
+                    findings_count: *findings,
+                    findings_preview: preview(detail),
+                }
+                .emit(),
                 ChangeEvent::Completed => {
-                    emit!(
-                        INFO,
-                        "task_completed",
-                        task_id = task.id.as_str(),
-                        spec_ref = task.spec_ref.as_str(),
-                        total_rounds = task.round,
-                        cost_usd = task.cost_usd
-                    );
+                    Notable::TaskCompleted {
+                        task_id: task.id.clone(),
+                        spec_ref: task.spec_ref.clone(),
+                        total_rounds: task.round,
+                        cost_usd: task.cost_usd,
+                    }
+                    .emit();
                     self.report.completed.push(task.id.clone());
                 }
                 ChangeEvent::Failed { reason } => {
-                    emit!(
-                        ERROR,
-                        "task_failed",
-                        task_id = task.id.as_str(),
-                        spec_ref = task.spec_ref.as_str(),
-                        reason = reason.as_str(),
-                        round = task.round
-                    );
+                    Notable::TaskFailed {
+                        task_id: task.id.clone(),
+                        spec_ref: task.spec_ref.clone(),
+                        reason: reason.clone(),
+                        round: task.round,
+                    }
+                    .emit();
                     self.report.failed.push(task.id.clone());
                 }
                 ChangeEvent::Cancelled { reason } => {
@@ -284,22 +282,20 @@ impl Stepper {
                 ChangeEvent::NeedsRebase {
                     attempt,
                     max_attempts,
-                } => emit!(
-                    WARN,
-                    "rebase_conflict",
-                    task_id = task.id.as_str(),
-                    attempt = *attempt,
-                    max_attempts = *max_attempts,
-                    looping_back = false
-                ),
-                ChangeEvent::RebaseGaveUp { attempts } => emit!(
-                    WARN,
-                    "rebase_conflict",
-                    task_id = task.id.as_str(),
-                    attempt = *attempts,
-                    max_attempts = self.config.max_rebase_attempts,
-                    looping_back = true
-                ),
+                } => Notable::RebaseConflict {
+                    task_id: task.id.clone(),
+                    attempt: *attempt,
+                    max_attempts: *max_attempts,
+                    looping_back: false,
+                }
+                .emit(),
+                ChangeEvent::RebaseGaveUp { attempts } => Notable::RebaseConflict {
+                    task_id: task.id.clone(),
+                    attempt: *attempts,
+                    max_attempts: self.config.max_rebase_attempts,
+                    looping_back: true,
+                }
+                .emit(),
                 ChangeEvent::Ignored { reason } => {
                     emit!(
                         DEBUG,

@@ -5,6 +5,7 @@
 //! where the two differ, instead of asking "GitHub or local?" itself.
 
 use super::*;
+use crate::events::Notable;
 
 pub(super) trait Forge: Sync {
     /// Whether task state and gates live on a remote forge (pull requests, labels, pushes).
@@ -139,13 +140,12 @@ impl Forge for Local {
             if let Some(t) = s.tasks.get(&p.task_id).cloned()
                 && s.first_attempt(&p.task_id, &t, "poll")
             {
-                emit!(
-                    DEBUG,
-                    "gate_checked",
-                    task_id = p.task_id.as_str(),
-                    gate = p.step.as_str(),
-                    cleared = false
-                );
+                Notable::GatePolled {
+                    task_id: p.task_id.clone(),
+                    gate: p.step.clone(),
+                    cleared: false,
+                }
+                .emit();
             }
         }
     }

@@ -20,10 +20,10 @@
 
 use std::collections::HashMap;
 
-use crate::config::MergeStrategy;
 use crate::cycle::transition::{self, ChangeEvent, TaskChange};
 use crate::emit;
 use crate::error::{Error, Result};
+use crate::events::{self, MergeAttempt, Notable, PullRequest};
 use crate::forge::auth::AuthConfig;
 use crate::forge::budget::PendingWrite;
 use crate::forge::github::{ClientOptions, GitHubClient, RepoRef};
@@ -370,13 +370,11 @@ impl Stepper {
             to_round: t.round,
             events: vec![ChangeEvent::Completed],
         };
-        emit!(
-            INFO,
-            "merge_attempted",
-            task_id = t.id.as_str(),
-            outcome = "merged-outside-this-step",
-            pr = pr.url.as_str()
-        );
+        MergeAttempt {
+            pr: Some(PullRequest::Url(pr.url.clone())),
+            ..MergeAttempt::new(&t.id, events::MergeOutcome::MergedOutsideThisStep)
+        }
+        .emit();
         let id = t.id.clone();
         self.save_task(
             t,
@@ -568,23 +566,20 @@ impl Stepper {
                     }
                 },
             };
-        emit!(
-            DEBUG,
-            "gate_checked",
-            task_id = task_id,
-            gate = gate,
-            cleared = cleared
-        );
+        Notable::GatePolled {
+            task_id: task_id.into(),
+            gate: gate.into(),
+            cleared,
+        }
+        .emit();
         if !cleared {
             return Ok(false);
         }
-        emit!(
-            INFO,
-            "gate_checked",
-            task_id = task_id,
-            gate = gate,
-            cleared = true
-        );
+        Notable::GateCleared {
+            task_id: task_id.into(),
+            gate: gate.into(),
+        }
+        .emit();
         let mut t = task;
         let change = if matches!(
             t.position
@@ -785,16 +780,14 @@ impl Stepper {
                 crate::fault::point("github-merged");
                 self.refresh_after_base_moved()?;
                 let change = transition::action_done(&mut t, self.pipeline());
-                emit!(
-                    INFO,
-                    "merge_attempted",
-                    task_id = id.as_str(),
-                    branch = branch.as_str(),
-                    spec_ref = t.spec_ref.as_str(),
-                    outcome = "merged",
-                    strategy = strategy_name(strategy),
-                    pr = number
-                );
+                MergeAttempt {
+                    branch: Some(branch.clone()),
+                    spec_ref: Some(t.spec_ref.clone()),
+                    strategy: Some(strategy),
+                    pr: Some(PullRequest::Number(number)),
+                    ..MergeAttempt::new(&id, events::MergeOutcome::Merged)
+                }
+                .emit();
                 self.report.merged.push(id.clone());
                 self.save_task(
                     t,
@@ -815,15 +808,13 @@ impl Stepper {
                 Ok(true)
             }
             MergeOutcome::NotMergeable { reason, message } => {
-                emit!(
-                    WARN,
-                    "merge_attempted",
-                    task_id = id.as_str(),
-                    branch = branch.as_str(),
-                    outcome = "not-mergeable",
-                    reason = format!("{reason:?}").as_str(),
-                    detail = message.as_str()
-                );
+                MergeAttempt {
+                    branch: Some(branch.clone()),
+                    reason: Some(format!("{reason:?}")),
+                    detail: Some(message.clone()),
+                    ..MergeAttempt::new(&id, events::MergeOutcome::NotMergeable)
+                }
+                .emit();
                 match reason {
                     NotMergeableReason::Closed => {
                         let reason = format!("pull request #{number} is closed");
@@ -894,12 +885,5 @@ impl Stepper {
             gh.deletes_merged_branches = Some(known);
         }
         known
-    }
-}
-
-fn strategy_name(s: MergeStrategy) -> &'static str {
-    match s {
-        MergeStrategy::Squash => "squash",
-        MergeStrategy::Merge => "merge",
     }
 }

@@ -2,6 +2,7 @@
 //! through the API, see `github_mode`), reporting conflicts, and removing merged task branches.
 
 use super::*;
+use crate::events::{MergeAttempt, MergeOutcome};
 
 impl Stepper {
     /// Whether the task now stands at a `merge-pr` this step performs at once (local mode,
@@ -127,14 +128,12 @@ impl Stepper {
             // Nothing was ever committed for this task: there is nothing to merge.
             let mut t = task;
             let change = transition::action_done(&mut t, self.pipeline());
-            emit!(
-                INFO,
-                "merge_attempted",
-                task_id = id.as_str(),
-                branch = branch.as_str(),
-                outcome = "nothing-to-merge",
-                attempt = 0u64
-            );
+            MergeAttempt {
+                branch: Some(branch.clone()),
+                attempt: Some(0),
+                ..MergeAttempt::new(&id, MergeOutcome::NothingToMerge)
+            }
+            .emit();
             self.save_task(
                 t,
                 &change,
@@ -175,18 +174,14 @@ impl Stepper {
                     self.publish(commit)?;
                     crate::fault::point("merge-after-publish");
                 }
-                emit!(
-                    INFO,
-                    "merge_attempted",
-                    task_id = id.as_str(),
-                    branch = branch.as_str(),
-                    spec_ref = t.spec_ref.as_str(),
-                    outcome = "merged",
-                    strategy = format!("{:?}", self.config.merge.strategy)
-                        .to_lowercase()
-                        .as_str(),
-                    attempt = u64::from(t.rebase_attempts)
-                );
+                MergeAttempt {
+                    branch: Some(branch.clone()),
+                    spec_ref: Some(t.spec_ref.clone()),
+                    strategy: Some(self.config.merge.strategy),
+                    attempt: Some(t.rebase_attempts),
+                    ..MergeAttempt::new(&id, MergeOutcome::Merged)
+                }
+                .emit();
                 self.report.merged.push(id.clone());
                 self.note_change(&t, &change);
                 self.tasks.insert(id.clone(), t);
@@ -217,14 +212,12 @@ impl Stepper {
                         .collect::<Vec<_>>()
                         .join("\n")
                 );
-                emit!(
-                    WARN,
-                    "merge_attempted",
-                    task_id = id.as_str(),
-                    branch = branch,
-                    outcome = "conflict",
-                    attempt = u64::from(t.rebase_attempts + 1)
-                );
+                MergeAttempt {
+                    branch: Some(branch.to_string()),
+                    attempt: Some(t.rebase_attempts + 1),
+                    ..MergeAttempt::new(&id, MergeOutcome::Conflict)
+                }
+                .emit();
                 let change = transition::merge_conflict(
                     &mut t,
                     self.pipeline(),

@@ -4,6 +4,7 @@
 //! lease committed to the state branch (compare-and-swap), for a `work` job elsewhere.
 
 use super::*;
+use crate::events::{Budget, Notable, Orphan};
 use crate::task::Claim;
 use crate::task::store::IntakeClaim;
 
@@ -217,14 +218,12 @@ impl Stepper {
             return false;
         }
         if !self.budget_blocked {
-            emit!(
-                ERROR,
-                "budget_exceeded",
-                scope = "total",
-                spent_usd = spent,
-                limit_usd = limit,
-                hint = "raise runtime.max_total_cost_usd to let workers start again"
-            );
+            Notable::BudgetExceeded {
+                budget: Budget::Total,
+                spent_usd: spent,
+                limit_usd: limit,
+            }
+            .emit();
             self.budget_blocked = true;
         }
         true
@@ -237,14 +236,14 @@ impl Stepper {
         if task.cost_usd < limit || task.status.is_terminal() {
             return None;
         }
-        emit!(
-            ERROR,
-            "budget_exceeded",
-            scope = "task",
-            task_id = task.id.as_str(),
-            spent_usd = task.cost_usd,
-            limit_usd = limit
-        );
+        Notable::BudgetExceeded {
+            budget: Budget::Task {
+                task_id: task.id.clone(),
+            },
+            spent_usd: task.cost_usd,
+            limit_usd: limit,
+        }
+        .emit();
         let reason = format!(
             "budget exceeded: agents spent ${:.2} of runtime.max_task_cost_usd ${limit:.2}",
             task.cost_usd
@@ -336,13 +335,11 @@ impl Stepper {
                 }
                 t.gate_cleared = false;
                 let change = transition::gate_cleared(&mut t, self.pipeline());
-                emit!(
-                    INFO,
-                    "gate_checked",
-                    task_id = task_id.as_str(),
-                    gate = gate.as_str(),
-                    cleared = true
-                );
+                Notable::GateCleared {
+                    task_id: task_id.clone(),
+                    gate: gate.clone(),
+                }
+                .emit();
                 self.save_task(t, &change, &format!("hyperloop: {task_id} passed gate {gate}"))?;
                 Ok(!change.is_noop())
             }
@@ -408,12 +405,11 @@ impl Stepper {
                         expires_at = claim.expires_at
                     );
                 } else {
-                    emit!(
-                        WARN,
-                        "orphan_found",
-                        task_id = task_id.as_str(),
-                        note = "stale claim cleared"
-                    );
+                    Notable::OrphanFound {
+                        task_id: task_id.clone(),
+                        orphan: Orphan::StaleClaim,
+                    }
+                    .emit();
                 }
                 let change = no_change(&t);
                 self.save_task(t, &change, &format!("hyperloop: {task_id} stale claim cleared"))?;

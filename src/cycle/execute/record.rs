@@ -13,6 +13,7 @@ use std::os::unix::fs::OpenOptionsExt;
 
 use super::plan::run_part;
 use super::*;
+use crate::events::{Notable, Origin};
 use crate::task::Claim;
 use crate::task::store::IntakeClaim;
 
@@ -158,36 +159,27 @@ impl Stepper {
     /// of an agent becomes task state, whether the agent ran in this process (`step`) or in a
     /// `work` job whose output `record` verified.
     pub(super) fn reap(&mut self, record: &RunRecord, outcome: &WorkerOutcome, duration: f64) -> Result<()> {
-        macro_rules! reaped {
-            ($lvl:ident) => {
-                emit!(
-                    $lvl,
-                    "worker_reaped",
-                    task_id = record.task_id.as_str(),
-                    role = record.role.as_str(),
-                    verdict = outcome.verdict.as_str(),
-                    round = record.round,
-                    duration_s = duration,
-                    findings_count = outcome.findings,
-                    cost_usd = outcome.cost_usd.unwrap_or(0.0),
-                    cycle = self.report.cycle,
-                    log = outcome.log_file.display().to_string().as_str()
-                )
-            };
+        Notable::WorkerReaped {
+            task_id: record.task_id.clone(),
+            role: record.role.clone(),
+            verdict: outcome.verdict,
+            round: record.round,
+            duration_s: duration,
+            findings_count: outcome.findings,
+            cost_usd: outcome.cost_usd.unwrap_or(0.0),
+            origin: Origin::Step {
+                cycle: self.report.cycle,
+            },
+            log: Some(outcome.log_file.display().to_string()),
         }
-        if outcome.verdict == worker::Verdict::Pass {
-            reaped!(INFO);
-        } else {
-            reaped!(WARN);
-        }
+        .emit();
         if outcome.verdict == worker::Verdict::Timeout {
-            emit!(
-                WARN,
-                "worker_timeout",
-                task_id = record.task_id.as_str(),
-                role = record.role.as_str(),
-                detail = outcome.detail.as_str()
-            );
+            Notable::WorkerTimeout {
+                task_id: record.task_id.clone(),
+                role: record.role.clone(),
+                detail: outcome.detail.clone(),
+            }
+            .emit();
         }
         self.report.reaped.push(WorkerRun {
             task_id: record.task_id.clone(),
@@ -442,33 +434,32 @@ impl Stepper {
             let spec_refs: Vec<&str> = record.specs.keys().map(String::as_str).collect();
             this.commit(&changes, &subject, &spec_refs, INTAKE_ID)?;
             this.intake.failures = Some(failures);
-            emit!(
-                WARN,
-                "intake_ran",
-                success = false,
-                unprocessed_specs = specs.len(),
-                created_tasks = 0u64,
-                duration_s = duration,
-                cycle = this.report.cycle,
-                detail = why.as_str()
-            );
+            Notable::IntakeRan {
+                success: false,
+                counted: None,
+                unprocessed_specs: specs.len(),
+                created_tasks: 0,
+                duration_s: duration,
+                cycle: this.report.cycle,
+                detail: Some(why),
+            }
+            .emit();
             this.report.intake_ran = true;
             Ok(())
         };
         if environmental(outcome) {
             // The agent never ran, or ran out of time: nothing the specs can be blamed for, so
             // it is not counted against them and the next step tries again.
-            emit!(
-                WARN,
-                "intake_ran",
-                success = false,
-                counted = false,
-                unprocessed_specs = specs.len(),
-                created_tasks = 0u64,
-                duration_s = duration,
-                cycle = self.report.cycle,
-                detail = preview(&outcome.detail).as_str()
-            );
+            Notable::IntakeRan {
+                success: false,
+                counted: Some(false),
+                unprocessed_specs: specs.len(),
+                created_tasks: 0,
+                duration_s: duration,
+                cycle: self.report.cycle,
+                detail: Some(preview(&outcome.detail)),
+            }
+            .emit();
             self.report.intake_ran = true;
             let mut changes = Changes::default();
             if self.release_intake_lease(&mut changes) {
@@ -574,15 +565,16 @@ impl Stepper {
         for t in new_tasks {
             self.tasks.insert(t.id.clone(), t);
         }
-        emit!(
-            INFO,
-            "intake_ran",
-            success = true,
-            unprocessed_specs = specs.len(),
-            created_tasks = created,
-            duration_s = duration,
-            cycle = self.report.cycle
-        );
+        Notable::IntakeRan {
+            success: true,
+            counted: None,
+            unprocessed_specs: specs.len(),
+            created_tasks: created,
+            duration_s: duration,
+            cycle: self.report.cycle,
+            detail: None,
+        }
+        .emit();
         self.report.intake_ran = true;
         Ok(())
     }
@@ -628,14 +620,13 @@ impl Stepper {
             };
             success = success && committed.is_ok();
         }
-        emit!(
-            INFO,
-            "process_improver_ran",
-            failed_task_ids = record.failures.join(",").as_str(),
-            success = success,
-            duration_s = duration,
-            cycle = self.report.cycle
-        );
+        Notable::ProcessImproverRan {
+            failed_task_ids: record.failures.clone(),
+            success,
+            duration_s: duration,
+            cycle: self.report.cycle,
+        }
+        .emit();
         self.report.improver_ran = true;
         Ok(())
     }

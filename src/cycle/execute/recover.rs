@@ -2,6 +2,7 @@
 //! outcomes saved but not recorded, worktrees half made, task branches moved by hand.
 
 use super::*;
+use crate::events::{Notable, Orphan};
 
 impl Stepper {
     /// Finds workers a killed step left behind: stops any that still run, and records the result
@@ -39,13 +40,14 @@ impl Stepper {
         records.sort_by(|a, b| a.1.key.cmp(&b.1.key));
         for (path, record) in records {
             let killed = kill_by_nonce(&record.nonce);
-            emit!(
-                WARN,
-                "orphan_found",
-                task_id = record.task_id.as_str(),
-                role = record.role.as_str(),
-                processes_stopped = killed
-            );
+            Notable::OrphanFound {
+                task_id: record.task_id.clone(),
+                orphan: Orphan::Run {
+                    role: record.role.clone(),
+                    processes_stopped: killed,
+                },
+            }
+            .emit();
             if record.kind == Kind::Task {
                 let result_path = record.worktree.join(worker::RESULT_FILE);
                 let fresh = std::fs::metadata(&result_path)

@@ -30,6 +30,7 @@ use crate::cycle::decide::SpecInfo;
 use crate::cycle::transition;
 use crate::emit;
 use crate::error::{Error, Result};
+use crate::events::{MergeAttempt, MergeOutcome};
 use crate::git::trailers;
 use crate::state::{MergeTree, Publish, is_spec_path};
 use crate::task::Task;
@@ -247,18 +248,21 @@ impl Stepper {
             }
         }
         crate::fault::point("merge-after-publish");
-        emit!(
-            INFO,
-            "merge_attempted",
-            task_id = id.as_str(),
-            branch = branch,
-            spec_ref = task.spec_ref.as_str(),
-            outcome = if merged_now { "merged" } else { "already-merged" },
-            strategy = format!("{:?}", self.config.merge.strategy)
-                .to_lowercase()
-                .as_str(),
-            into = base.as_str()
-        );
+        MergeAttempt {
+            branch: Some(branch.to_string()),
+            spec_ref: Some(task.spec_ref.clone()),
+            strategy: Some(self.config.merge.strategy),
+            into: Some(base.clone()),
+            ..MergeAttempt::new(
+                &id,
+                if merged_now {
+                    MergeOutcome::Merged
+                } else {
+                    MergeOutcome::AlreadyMerged
+                },
+            )
+        }
+        .emit();
         self.sync_state_with_base()?;
         let mut t = task;
         let change = transition::action_done(&mut t, self.pipeline());

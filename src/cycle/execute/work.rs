@@ -3,6 +3,7 @@
 //! item in any clone, without a write credential, and writes its output to a folder for `record`.
 
 use super::*;
+use crate::events::{Notable, Origin};
 use crate::task::Claim;
 use crate::task::store::IntakeClaim;
 
@@ -373,16 +374,15 @@ pub async fn work(target: &Target, item: &str, out: &Path) -> Result<WorkReport>
         detached: false,
         supervisor: worker::supervisor::program(),
     };
-    emit!(
-        INFO,
-        "worker_spawned",
-        task_id = task.id.as_str(),
-        role = claim.role.as_str(),
-        round = task.round,
-        branch = branch.as_str(),
-        spec_ref = task.spec_ref.as_str(),
-        item = item
-    );
+    Notable::WorkerSpawned {
+        task_id: task.id.clone(),
+        role: claim.role.clone(),
+        round: task.round,
+        branch: Some(branch.clone()),
+        spec_ref: task.spec_ref.clone(),
+        origin: Origin::Work { item: item.into() },
+    }
+    .emit();
     let cancel = interrupt_on_signals()?;
     let mut outcome = worker::run_worker(&spec, cancel).await;
     // As in `step`: a branch of this clone moved by anything but hyperloop voids the run.
@@ -568,15 +568,15 @@ async fn work_detached(
         detached: true,
         supervisor: worker::supervisor::program(),
     };
-    emit!(
-        INFO,
-        "worker_spawned",
-        task_id = task_id,
-        role = claim.role.as_str(),
-        round = 0u32,
-        spec_ref = run.spec_ref.as_str(),
-        item = item
-    );
+    Notable::WorkerSpawned {
+        task_id: task_id.into(),
+        role: claim.role.clone(),
+        round: 0,
+        branch: None,
+        spec_ref: run.spec_ref.clone(),
+        origin: Origin::Work { item: item.into() },
+    }
+    .emit();
     let cancel = interrupt_on_signals()?;
     let mut outcome = worker::run_worker(&spec, cancel).await;
     let moved = worktree::restore_task_refs(&repo.git)?;
@@ -648,18 +648,18 @@ pub(super) fn work_report(
             .parse()
             .unwrap_or(0)
     };
-    emit!(
-        INFO,
-        "worker_reaped",
-        task_id = task_id,
-        role = role,
-        verdict = outcome.verdict.as_str(),
-        round = round,
-        duration_s = outcome.duration.as_secs_f64(),
-        findings_count = outcome.findings,
-        cost_usd = outcome.cost_usd.unwrap_or(0.0),
-        item = item
-    );
+    Notable::WorkerReaped {
+        task_id: task_id.into(),
+        role: role.into(),
+        verdict: outcome.verdict,
+        round,
+        duration_s: outcome.duration.as_secs_f64(),
+        findings_count: outcome.findings,
+        cost_usd: outcome.cost_usd.unwrap_or(0.0),
+        origin: Origin::Work { item: item.into() },
+        log: None,
+    }
+    .emit();
     Ok(WorkReport {
         item: item.to_string(),
         task_id: task_id.to_string(),
@@ -830,16 +830,17 @@ impl Stepper {
         crate::fault::point("before-run-record");
         crate::task::store::write_atomic(&dir.join(format!("{}.json", record.key)), &text)?;
         crate::fault::point("before-spawn");
-        emit!(
-            INFO,
-            "worker_spawned",
-            task_id = record.task_id.as_str(),
-            role = record.role.as_str(),
-            round = record.round,
-            branch = spec.branch.as_str(),
-            spec_ref = spec.spec_ref.as_str(),
-            cycle = self.report.cycle
-        );
+        Notable::WorkerSpawned {
+            task_id: record.task_id.clone(),
+            role: record.role.clone(),
+            round: record.round,
+            branch: Some(spec.branch.clone()),
+            spec_ref: spec.spec_ref.clone(),
+            origin: Origin::Step {
+                cycle: self.report.cycle,
+            },
+        }
+        .emit();
         self.report.spawned.push(WorkerRun {
             task_id: record.task_id.clone(),
             role: record.role.clone(),
