@@ -46,11 +46,9 @@ fn committed_text(repo: &Repo, branch: &str, file: &Path) -> Result<Option<Strin
         .unwrap_or(file)
         .to_string_lossy()
         .into_owned();
-    let Some(oid) = repo.git.rev_parse_object(&format!("{tip}:{rel}"))? else {
+    let Some(bytes) = repo.cat_object(&format!("{tip}:{rel}"))? else {
         return Ok(Some(String::new()));
     };
-    let blobs = repo.cat_blobs(std::iter::once(oid.as_str()))?;
-    let bytes = blobs.into_iter().next().unwrap_or_default();
     String::from_utf8(bytes)
         .map(Some)
         .map_err(|_| Error::invalid(file, "document", "is not UTF-8 text"))

@@ -295,10 +295,65 @@ impl Git {
         }
     }
 
-    /// The repository's common git directory (shared by all worktrees), absolute.
+    /// The repository's common git directory (shared by all worktrees), absolute. Asked of git
+    /// once per directory and environment in a process: several parts of a step need it, and
+    /// where a directory's repository keeps its git directory does not change under a step.
     pub fn common_dir(&self) -> Result<PathBuf> {
-        let p = self.run_trim(["rev-parse", "--path-format=absolute", "--git-common-dir"])?;
-        Ok(PathBuf::from(p))
+        if let Some(known) = self.known_common_dir() {
+            return Ok(known);
+        }
+        let p = PathBuf::from(self.run_trim(["rev-parse", "--path-format=absolute", "--git-common-dir"])?);
+        self.remember_common_dir(&p);
+        Ok(p)
+    }
+
+    /// The top of the working tree and the common git directory, with one git process.
+    pub fn toplevel_and_common_dir(&self) -> Result<(PathBuf, PathBuf)> {
+        let out = self.run([
+            "rev-parse",
+            "--show-toplevel",
+            "--path-format=absolute",
+            "--git-common-dir",
+        ])?;
+        let mut lines = out.lines();
+        let (Some(top), Some(common), None) = (lines.next(), lines.next(), lines.next()) else {
+            return Err(Error::Git {
+                args: "rev-parse --show-toplevel --git-common-dir".into(),
+                dir: self.dir.clone(),
+                stderr: format!("unexpected answer: {}", out.trim()),
+            });
+        };
+        let (top, common) = (PathBuf::from(top), PathBuf::from(common));
+        Git::new(&top).remember_common_dir(&common);
+        Ok((top, common))
+    }
+
+    fn common_dir_key(&self) -> (PathBuf, Vec<(String, String)>) {
+        (self.dir.clone(), self.env.clone())
+    }
+
+    fn known_common_dir(&self) -> Option<PathBuf> {
+        let key = self.common_dir_key();
+        COMMON_DIRS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v.clone())
+    }
+
+    fn remember_common_dir(&self, common: &Path) {
+        let key = self.common_dir_key();
+        let mut known = COMMON_DIRS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        known.retain(|(k, _)| *k != key);
+        // A step works in a handful of directories; the bound only keeps a long test process
+        // from collecting every temporary repository it made.
+        if known.len() >= 64 {
+            known.remove(0);
+        }
+        known.push((key, common.to_path_buf()));
     }
 
     /// The top of the working tree this directory belongs to.
@@ -306,6 +361,11 @@ impl Git {
         Ok(PathBuf::from(self.run_trim(["rev-parse", "--show-toplevel"])?))
     }
 }
+
+type CommonDirs = Vec<((PathBuf, Vec<(String, String)>), PathBuf)>;
+
+/// Common git directories already asked for, by directory and environment.
+static COMMON_DIRS: std::sync::Mutex<CommonDirs> = std::sync::Mutex::new(Vec::new());
 
 /// A command for a helper program (git, kustomize, sudo, useradd) with only the environment
 /// [`git_may_see`] allows: whatever else hyperloop was started with (a notification token under

@@ -137,11 +137,10 @@ impl Repo {
             )));
         }
         let probe = Git::new(path);
-        let root = probe
-            .toplevel()
+        let (root, common_dir) = probe
+            .toplevel_and_common_dir()
             .map_err(|_| Error::usage(format!("--path {}: not a git repository", path.display())))?;
         let git = Git::new(&root);
-        let common_dir = git.common_dir()?;
         Ok(Repo {
             cache: std::sync::Arc::default(),
             blobs: std::sync::Arc::default(),
@@ -277,6 +276,61 @@ impl Repo {
 
     fn task_cache_path(&self) -> PathBuf {
         self.common_dir.join("hyperloop-task-cache")
+    }
+
+    /// The content of the object a revision expression names (`<commit>:<path>`), or `None`
+    /// when it names nothing: one git process, where looking the id up and then reading it
+    /// would be two.
+    pub fn cat_object(&self, rev: &str) -> Result<Option<Vec<u8>>> {
+        if rev.contains(['\n', '\r']) {
+            // The batch protocol is one name a line.
+            return Ok(match self.git.rev_parse_object(rev)? {
+                Some(oid) => self.cat_blobs(std::iter::once(oid.as_str()))?.into_iter().next(),
+                None => None,
+            });
+        }
+        let mut child = crate::git::helper_command("git")
+            .current_dir(&self.root)
+            .args(["cat-file", "--batch"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| Error::Git {
+                args: "cat-file --batch".into(),
+                dir: self.root.clone(),
+                stderr: e.to_string(),
+            })?;
+        let fail = |e: std::io::Error| Error::Git {
+            args: format!("cat-file --batch ({rev})"),
+            dir: self.root.clone(),
+            stderr: e.to_string(),
+        };
+        if let Some(mut stdin) = child.stdin.take() {
+            // Dropped at the end of this block: git sees the end of its input.
+            stdin.write_all(format!("{rev}\n").as_bytes()).map_err(fail)?;
+        }
+        let mut out = Vec::new();
+        if let Some(mut stdout) = child.stdout.take() {
+            stdout.read_to_end(&mut out).map_err(fail)?;
+        }
+        let _ = child.wait();
+        // "<oid> <type> <size>\n<content>\n", or "<rev> missing" (or "ambiguous").
+        let Some(eol) = out.iter().position(|b| *b == b'\n') else {
+            return Ok(None);
+        };
+        let header = String::from_utf8_lossy(&out[..eol]).into_owned();
+        let fields: Vec<&str> = header.split(' ').collect();
+        let size = match fields.as_slice() {
+            [oid, _kind, size] if oid.len() >= 40 && oid.bytes().all(|b| b.is_ascii_hexdigit()) => size
+                .parse::<usize>()
+                .map_err(|_| Error::other(format!("git cat-file: unexpected answer for {rev}: {header}")))?,
+            _ => return Ok(None),
+        };
+        let body = out
+            .get(eol + 1..eol + 1 + size)
+            .ok_or_else(|| Error::other(format!("git cat-file: {rev} was cut short")))?;
+        Ok(Some(body.to_vec()))
     }
 
     /// Reads blobs by id with one `git cat-file --batch`.

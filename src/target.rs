@@ -55,7 +55,9 @@ impl Target {
             }
             config.target.repo = Some(r.clone());
         }
-        if config.target.repo.is_none() {
+        // The origin is only looked at when a GitHub credential is there to use (see
+        // `infer_repo`): without one, no git process for it.
+        if config.target.repo.is_none() && github_credential_set(crate::secrets::var) {
             let origin = repo
                 .git
                 .output(["config", "--get", "remote.origin.url"])
@@ -112,7 +114,7 @@ pub fn open_repo(global: &GlobalArgs) -> Result<Repo> {
 /// `insteadOf` rewrite to a mirror does not hide which repository it is.
 pub fn infer_repo(origin_url: Option<&str>, env: impl Fn(&str) -> Option<String>) -> Option<String> {
     let set = |k: &str| env(k).is_some_and(|v| !v.trim().is_empty());
-    if !(set("GITHUB_TOKEN") || set("GH_TOKEN") || set("HYPERLOOP_APP_ID")) {
+    if !github_credential_set(&env) {
         return None;
     }
     let (host, path) = split_remote_url(origin_url?.trim())?;
@@ -122,6 +124,13 @@ pub fn infer_repo(origin_url: Option<&str>, env: impl Fn(&str) -> Option<String>
     let path = path.trim_matches('/');
     let path = path.strip_suffix(".git").unwrap_or(path);
     valid_repo_slug(path).then(|| path.to_string())
+}
+
+/// Whether a GitHub credential is in the environment, without which an origin URL is not taken
+/// for a GitHub repository.
+fn github_credential_set(env: impl Fn(&str) -> Option<String>) -> bool {
+    let set = |k: &str| env(k).is_some_and(|v| !v.trim().is_empty());
+    set("GITHUB_TOKEN") || set("GH_TOKEN") || set("HYPERLOOP_APP_ID")
 }
 
 /// Host and path of a git remote URL: `scheme://[user@]host[:port]/path` or scp-like

@@ -103,6 +103,16 @@ pub fn task_branch(id: &str) -> String {
 
 /// Parses a task file's text. `file` is used in error messages and to check the id.
 pub fn parse(file: &Path, text: &str) -> Result<Task> {
+    parse_with(file, text, true)
+}
+
+/// [`parse`] with every front matter given to the YAML parser, to compare the fast reader with.
+#[cfg(test)]
+pub(crate) fn parse_slowly(file: &Path, text: &str) -> Result<Task> {
+    parse_with(file, text, false)
+}
+
+fn parse_with(file: &Path, text: &str, fast: bool) -> Result<Task> {
     if text.len() > MAX_TASK_FILE_BYTES {
         return Err(Error::invalid(
             file,
@@ -116,6 +126,8 @@ pub fn parse(file: &Path, text: &str) -> Result<Task> {
     let (front, first_line, body) = split(file, text)?;
     let value: Value = if front.trim().is_empty() {
         Value::Object(Map::new())
+    } else if let Some(map) = fast.then(|| crate::task::fast::front_matter(&front)).flatten() {
+        Value::Object(map)
     } else {
         serde_saphyr_value(file, &front, first_line)?
     };

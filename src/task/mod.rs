@@ -1,6 +1,7 @@
 //! Tasks: the unit of work, one Markdown file with YAML front matter per task under
 //! `<specs_dir>/tasks/`. [`file`] owns the on-disk format; [`store`] finds and writes the files.
 
+pub mod fast;
 pub mod file;
 pub mod store;
 

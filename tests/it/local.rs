@@ -1516,3 +1516,24 @@ fn agents_run_as_the_agent_user() {
     );
     assert!(!p.repo.path.join(".git/planted").exists());
 }
+
+#[test]
+fn a_task_file_that_only_looks_simple_is_read_as_yaml_reads_it() {
+    // The title goes on over an indented line, another ends in a comment, and a list is written
+    // in flow style without quotes: a reader of `key: value` lines alone would misread all three.
+    let p = Project::new("", "");
+    p.repo.write("specs/a.md", "# A\n");
+    p.repo.write(
+        "specs/tasks/task-001.md",
+        "---\nid: task-001\ntitle: Short\n  and continued\nspec_ref: specs/a.md\nstatus: complete\ndeps: []\n---\nBody.\n",
+    );
+    p.repo.write(
+        "specs/tasks/task-002.md",
+        "---\nid: task-002\ntitle: T # a comment\nspec_ref: specs/a.md\nstatus: complete\ndeps: [task-001]\n---\nBody.\n",
+    );
+    p.commit_all("tasks");
+    let t = p.status();
+    assert_eq!(t[0]["title"], "Short and continued", "{t:?}");
+    assert_eq!(t[1]["title"], "T", "{t:?}");
+    assert_eq!(t[1]["deps"], serde_json::json!(["task-001"]), "{t:?}");
+}

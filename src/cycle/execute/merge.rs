@@ -301,7 +301,9 @@ impl Stepper {
 
     /// Branches of complete tasks that a killed step merged but did not get to delete.
     pub(super) fn cleanup_merged_branches(&mut self) {
-        if !self.config.merge.delete_branch {
+        // Without a complete task that still names its branch there is nothing to look for.
+        let named = |t: &Task| t.status == Status::Complete && t.branch.is_some();
+        if !self.config.merge.delete_branch || !self.tasks.values().any(named) {
             return;
         }
         // One listing of hyperloop's branch namespace, whatever the number of tasks.
