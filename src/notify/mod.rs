@@ -1,6 +1,6 @@
 //! Notifications fed by events. The notifier's [`Listener`] sits in the subscriber beside the
 //! standard-error formatter and is handed each [`Notable`] event as a value when it is emitted;
-//! it picks those a chat room should hear about (the seed's Matrix column: high-signal events
+//! it picks those a chat room should hear about (hyperloop 0.9.2's Matrix column: high-signal events
 //! always, progress chatter only with `verbose`, noise never), turns each into a one-line
 //! [`Notice`], and hands it to a bounded queue without ever waiting. One background thread per process drains the
 //! queue in order into a [`Sink`] (the Matrix client in [`matrix`]). The cycle never waits on the
@@ -57,7 +57,7 @@ pub trait Sink: Send {
 /// `verbose`.
 pub fn wanted(event: &Notable, verbose: bool) -> bool {
     match event {
-        // A poll is noise (the seed never sends one), even a poll that found the gate cleared:
+        // A poll is noise (hyperloop 0.9.2 never sent one), even a poll that found the gate cleared:
         // the clearing itself follows as its own event, and is the news.
         Notable::GatePolled { .. } => false,
         Notable::GateCleared { .. } => true,
@@ -545,7 +545,7 @@ mod tests {
     }
 
     #[test]
-    fn policy_follows_the_seed_table() {
+    fn policy_follows_the_original_table() {
         let always = [
             reaped("t-1", "verifier", Verdict::Pass, 0, 1.0),
             looped("t-1", 1, ""),
