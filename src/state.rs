@@ -289,18 +289,7 @@ impl Repo {
                 None => None,
             });
         }
-        let mut child = crate::git::helper_command("git")
-            .current_dir(&self.root)
-            .args(["cat-file", "--batch"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| Error::Git {
-                args: "cat-file --batch".into(),
-                dir: self.root.clone(),
-                stderr: e.to_string(),
-            })?;
+        let mut child = self.cat_file_batch()?;
         let fail = |e: std::io::Error| Error::Git {
             args: format!("cat-file --batch ({rev})"),
             dir: self.root.clone(),
@@ -333,6 +322,22 @@ impl Repo {
         Ok(Some(body.to_vec()))
     }
 
+    /// A `git cat-file --batch` reading from and answering through pipes.
+    fn cat_file_batch(&self) -> Result<std::process::Child> {
+        crate::git::helper_command("git")
+            .current_dir(&self.root)
+            .args(["cat-file", "--batch"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| Error::Git {
+                args: "cat-file --batch".into(),
+                dir: self.root.clone(),
+                stderr: e.to_string(),
+            })
+    }
+
     /// Reads blobs by id with one `git cat-file --batch`.
     pub fn cat_blobs<'a>(&self, oids: impl Iterator<Item = &'a str>) -> Result<Vec<Vec<u8>>> {
         let oids: Vec<&str> = oids.collect();
@@ -344,14 +349,7 @@ impl Repo {
             dir: self.root.clone(),
             stderr: e.to_string(),
         };
-        let mut child = crate::git::helper_command("git")
-            .current_dir(&self.root)
-            .args(["cat-file", "--batch"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(fail)?;
+        let mut child = self.cat_file_batch()?;
         let mut input = String::with_capacity(oids.len() * 41);
         for oid in &oids {
             input.push_str(oid);

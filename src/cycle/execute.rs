@@ -714,7 +714,7 @@ impl Stepper {
         self.intake.failures = tree.intake_failures;
         self.intake.claim = tree.intake_claim;
         if self.mode != Mode::Step {
-            self.load_improver_files()?;
+            self.load_improver_files(&tree.task_blobs)?;
         }
         self.set_specs(tree.specs)
     }

@@ -988,13 +988,9 @@ fn work_and_record(p: &Project, items: &[Value]) -> (Vec<PathBuf>, Output, Value
     (dirs, out, report)
 }
 
-/// The process improver is a work item like any other: a failure `record` takes in waits,
-/// committed, for the next `plan`, which claims an improver run holding it; `work` runs the
-/// improver in a clone; `record` takes its changes to the prompts folder only and releases the
-/// lease. A replay of the output is refused, and the task then finishes as usual.
-#[test]
-fn the_process_improver_runs_as_a_work_item() {
-    let rules = r#"
+/// A verifier that fails round 0; an improver that, given that failure, writes an implementer
+/// overlay (and a file outside the prompts folder, which must not land).
+const IMPROVER_RULES: &str = r#"
   - role: verifier
     round: 0
     actions:
@@ -1004,7 +1000,14 @@ fn the_process_improver_runs_as_a_work_item() {
       - shell: "grep -q 'tests are missing' \"$HYPERLOOP_PROMPT_FILE\" && mkdir -p specs/prompts && printf 'prompt: |\\n  Remember the tests.\\n' > specs/prompts/implementer-overlay.yaml && echo stray > stray.txt && git add -A && git commit -qm improve"
       - verdict: {verdict: pass, detail: "overlay written"}
 "#;
-    let p = project(1, 600, rules);
+
+/// The process improver is a work item like any other: a failure `record` takes in waits,
+/// committed, for the next `plan`, which claims an improver run holding it; `work` runs the
+/// improver in a clone; `record` takes its changes to the prompts folder only and releases the
+/// lease. A replay of the output is refused, and the task then finishes as usual.
+#[test]
+fn the_process_improver_runs_as_a_work_item() {
+    let p = project(1, 600, IMPROVER_RULES);
     let pending = "specs/tasks/.improver-pending.json";
     let claim = "specs/tasks/.improver-claim.json";
     let exists = |path: &str| {
@@ -1089,17 +1092,7 @@ fn the_process_improver_runs_as_a_work_item() {
 /// and the next `plan` claims the improver anew (another item id); that run is recorded.
 #[test]
 fn an_improver_item_never_worked_is_reissued_after_its_lease() {
-    let rules = r#"
-  - role: verifier
-    round: 0
-    actions:
-      - verdict: {verdict: fail, findings: 1, detail: "tests are missing"}
-  - role: process-improver
-    actions:
-      - shell: "mkdir -p specs/prompts && printf 'prompt: |\\n  Remember the tests.\\n' > specs/prompts/implementer-overlay.yaml && git add -A && git commit -qm improve"
-      - verdict: {verdict: pass, detail: "overlay written"}
-"#;
-    let p = project(1, 6, rules);
+    let p = project(1, 6, IMPROVER_RULES);
     for _ in 0..2 {
         let items = plan(&p);
         let (_, _, report) = work_and_record(&p, &items);

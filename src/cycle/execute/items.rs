@@ -58,17 +58,22 @@ pub(super) struct ImproverPending {
     pub(super) failures: Vec<FailureNote>,
 }
 
-/// A JSON state file of the tasks folder at `commit`; `None` when there is none.
+/// A JSON state file of the tasks folder, found in the listing of the tasks folder a state read
+/// made (`blobs`: path → blob); `None` when there is none. No git process when there is none.
 pub(super) fn read_state_file<T: serde::de::DeserializeOwned>(
     repo: &Repo,
-    commit: &str,
+    blobs: &BTreeMap<String, String>,
     path: &str,
 ) -> Result<Option<T>> {
-    let Some(blob) = repo.git.rev_parse_object(&format!("{commit}:{path}"))? else {
+    let Some(blob) = blobs.get(path) else {
         return Ok(None);
     };
-    let text = repo.git.run(["cat-file", "blob", blob.as_str()])?;
-    serde_json::from_str(&text).map(Some).map_err(|e| {
+    let bytes = repo
+        .cat_blobs(std::iter::once(blob.as_str()))?
+        .into_iter()
+        .next()
+        .unwrap_or_default();
+    serde_json::from_slice(&bytes).map(Some).map_err(|e| {
         Error::invalid(path, "document", e.to_string())
             .with_hint("delete the file (commit the deletion) and run `hyperloop plan` again")
     })

@@ -617,13 +617,13 @@ impl Stepper {
         format!("{}/{file}", self.tasks_rel())
     }
 
-    /// Reads the fan-out's improver files at the state tip (`plan` and `record` only).
-    pub(super) fn load_improver_files(&mut self) -> Result<()> {
-        let tip = self.tip.clone();
+    /// Reads the fan-out's improver files of the state just read (`plan` and `record` only):
+    /// `blobs` is its listing of the tasks folder.
+    pub(super) fn load_improver_files(&mut self, blobs: &BTreeMap<String, String>) -> Result<()> {
         let pending: Option<ImproverPending> =
-            read_state_file(&self.repo, &tip, &self.improver_path(IMPROVER_PENDING))?;
+            read_state_file(&self.repo, blobs, &self.improver_path(IMPROVER_PENDING))?;
         self.improver.pending = pending.map(|p| p.failures).unwrap_or_default();
-        self.improver.claim = read_state_file(&self.repo, &tip, &self.improver_path(IMPROVER_CLAIM))?;
+        self.improver.claim = read_state_file(&self.repo, blobs, &self.improver_path(IMPROVER_CLAIM))?;
         Ok(())
     }
 

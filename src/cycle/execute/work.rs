@@ -268,7 +268,7 @@ pub async fn work(target: &Target, item: &str, out: &Path) -> Result<WorkReport>
         "{}/tasks/{IMPROVER_CLAIM}",
         config.target.specs_dir.trim_end_matches('/')
     );
-    let improver = read_state_file::<ImproverClaim>(repo, &tip, &improver_path)?
+    let improver = read_state_file::<ImproverClaim>(repo, &tree.task_blobs, &improver_path)?
         .filter(|l| l.claim.item.as_deref() == Some(item));
     let found = tree.tasks.into_iter().find_map(|t| {
         let c = t.claim.clone()?;
@@ -461,19 +461,15 @@ pub(super) async fn work_intake(
     lease: &IntakeClaim,
     base: &str,
 ) -> Result<WorkReport> {
-    let repo = &target.repo;
-    let config = &target.config;
-    let specs_dir = config.target.specs_dir.clone();
-    prepare_agents(target)?;
-    let defs = definitions::load(config, &repo.root)?;
-    let at_base = repo.read_tree_state(base, &specs_dir)?;
-    let overlay = read_role_overlay(repo, &specs_dir, base, &lease.claim.role)?;
-    let prompt_text = intake_prompt(config, &defs, at_base.tasks.iter(), &lease.process, overlay)?;
-    let run = Detached {
-        task_id: INTAKE_ID,
-        output_branch: INTAKE_OUTPUT_BRANCH,
-        spec_ref: specs_dir,
-        prompt: prompt_text,
+    let (repo, config) = (&target.repo, &target.config);
+    let run = |defs: &Definitions, overlay| {
+        let at_base = repo.read_tree_state(base, &config.target.specs_dir)?;
+        Ok(Detached {
+            task_id: INTAKE_ID,
+            output_branch: INTAKE_OUTPUT_BRANCH,
+            spec_ref: config.target.specs_dir.clone(),
+            prompt: intake_prompt(config, defs, at_base.tasks.iter(), &lease.process, overlay)?,
+        })
     };
     work_detached(target, item, out, &lease.claim, base, run).await
 }
@@ -487,31 +483,26 @@ pub(super) async fn work_improver(
     lease: &ImproverClaim,
     base: &str,
 ) -> Result<WorkReport> {
-    let repo = &target.repo;
     let config = &target.config;
-    let specs_dir = config.target.specs_dir.clone();
-    prepare_agents(target)?;
-    let defs = definitions::load(config, &repo.root)?;
-    let Some(agent) = defs.agent(&lease.claim.role) else {
-        return Err(Error::other(format!(
-            "no agent named `{}` for {item}",
-            lease.claim.role
-        )));
-    };
-    let overlay = read_role_overlay(repo, &specs_dir, base, &lease.claim.role)?;
-    let prompts_dir = format!("{}/prompts", specs_dir.trim_end_matches('/'));
-    let prompt_text = improver_prompt(
-        agent,
-        &lease.failures,
-        &prompts_dir,
-        &config.target.base_branch,
-        overlay,
-    );
-    let run = Detached {
-        task_id: IMPROVER_ID,
-        output_branch: IMPROVER_OUTPUT_BRANCH,
-        spec_ref: prompts_dir,
-        prompt: prompt_text,
+    let role = &lease.claim.role;
+    let run = |defs: &Definitions, overlay| {
+        let agent = defs
+            .agent(role)
+            .ok_or_else(|| Error::other(format!("no agent named `{role}` for {item}")))?;
+        let prompts_dir = format!("{}/prompts", config.target.specs_dir.trim_end_matches('/'));
+        let prompt = improver_prompt(
+            agent,
+            &lease.failures,
+            &prompts_dir,
+            &config.target.base_branch,
+            overlay,
+        );
+        Ok(Detached {
+            task_id: IMPROVER_ID,
+            output_branch: IMPROVER_OUTPUT_BRANCH,
+            spec_ref: prompts_dir,
+            prompt,
+        })
     };
     work_detached(target, item, out, &lease.claim, base, run).await
 }
@@ -526,14 +517,20 @@ pub(super) struct Detached {
     prompt: String,
 }
 
+/// Runs a detached item's agent at `base` and writes its output. `run` makes the run from the
+/// definitions and the role's overlay as committed at `base`.
 async fn work_detached(
     target: &Target,
     item: &str,
     out: &Path,
     claim: &Claim,
     base: &str,
-    run: Detached,
+    run: impl FnOnce(&Definitions, Option<String>) -> Result<Detached>,
 ) -> Result<WorkReport> {
+    prepare_agents(target)?;
+    let defs = definitions::load(&target.config, &target.repo.root)?;
+    let overlay = read_role_overlay(&target.repo, &target.config.target.specs_dir, base, &claim.role)?;
+    let run = run(&defs, overlay)?;
     let repo = &target.repo;
     let config = &target.config;
     let task_id = run.task_id;
